@@ -1,0 +1,182 @@
+"""The naive definition of MoBA: readable first, the correctness oracle of every test.
+
+Everything here is plain PyTorch, runs on any device, supports autograd and any floating dtype.
+It computes in ``promote(dtype, float32)`` (so float64 inputs give a float64 oracle) and materialises
+one ``[HQ, L, L]`` attention matrix per sequence: fine for tests and demos, not for long contexts.
+
+Semantics (per sequence of length L, per query token t and query head h):
+
+* blocks of ``block_size`` tokens from the sequence start; the last block may be partial;
+* centroid of block j = mean of its keys over the tokens it really has (per KV head);
+* gate ``s[t, h, j] = <q[t, h], centroid[j, h // (HQ // HKV)]>`` (no scale);
+* causal: the own block ``t // block_size`` is always selected and counts toward ``topk``; the other
+  ``topk - 1`` are the best-scoring blocks that end before the own block starts; a token-level causal
+  mask applies inside the own block;
+* non-causal: plain top-k over all blocks;
+* ties: the lower block index wins (a stable descending sort);
+* output = softmax(softmax_scale * q.k) @ v over the union of the selected blocks' keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "block_centroids",
+    "route_scores",
+    "route",
+    "attention",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _sequences(cu_seqlens: torch.Tensor):
+    bounds = cu_seqlens.tolist()
+    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+
+
+def block_centroids(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean key of every block of ONE sequence.
+
+    Args:
+        k: ``[L, HKV, D]`` keys of one sequence.
+        block_size: tokens per block; the last block may be partial and is averaged over its length.
+
+    Returns:
+        ``[ceil(L / block_size), HKV, D]`` in the compute dtype (float32 or float64).
+    """
+    L, HKV, D = k.shape
+    n = -(-L // block_size)
+    kc = k.to(_compute_dtype(k.dtype))
+    padded = kc.new_zeros(n * block_size, HKV, D)
+    padded[:L] = kc
+    sums = padded.view(n, block_size, HKV, D).sum(1)
+    lengths = torch.clamp(L - torch.arange(n, device=k.device) * block_size, max=block_size)
+    return sums / lengths.to(sums.dtype).view(n, 1, 1)
+
+
+def route_scores(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Gate scores of ONE sequence: ``[L, HQ, n_blocks]``, ``<q, centroid>`` in the compute dtype."""
+    HQ, HKV = q.shape[1], k.shape[1]
+    cent = block_centroids(k, block_size).repeat_interleave(HQ // HKV, dim=1)  # [n, HQ, D]
+    return torch.einsum("thd,nhd->thn", q.to(cent.dtype), cent)
+
+
+def _route_one(q, k, block_size, topk, causal):
+    """Selected blocks of one sequence as ``[L, HQ, topk]`` (ascending, -1 padded)."""
+    L, HQ = q.shape[0], q.shape[1]
+    scores = route_scores(q, k, block_size)
+    n = scores.shape[-1]
+    blocks = torch.arange(n, device=q.device)
+    own = torch.arange(L, device=q.device) // block_size  # [L]
+    if causal:
+        # Only blocks that end before the own block starts compete, for topk - 1 places.
+        eligible = (blocks[None, :] < own[:, None])[:, None, :].expand(L, HQ, n)
+        picks = topk - 1
+    else:
+        eligible = torch.ones(L, HQ, n, dtype=torch.bool, device=q.device)
+        picks = topk
+    masked = scores.masked_fill(~eligible, -math.inf)
+    picks = min(picks, n)
+    # Stable descending sort: among equal scores the lower block index comes first.
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :picks]
+    chosen_ok = torch.gather(eligible, -1, order)
+    chosen = torch.where(chosen_ok, order, torch.full_like(order, -1))
+    if causal:
+        chosen = torch.cat([chosen, own[:, None, None].expand(L, HQ, 1)], dim=-1)
+    # Ascending, with -1 padding at the end: sort with -1 mapped to +inf.
+    big = torch.iinfo(torch.int64).max
+    chosen = torch.where(chosen < 0, torch.full_like(chosen, big), chosen).sort(-1).values
+    chosen = torch.where(chosen == big, torch.full_like(chosen, -1), chosen)
+    out = torch.full((L, HQ, topk), -1, dtype=torch.int32, device=q.device)
+    out[..., : chosen.shape[-1]] = chosen.to(torch.int32)
+    return out
+
+
+def route(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    block_size: int,
+    topk: int,
+    causal: bool,
+) -> torch.Tensor:
+    """Selected key blocks of every query token and head.
+
+    Args:
+        q: ``[N, HQ, D]`` packed queries; k: ``[N, HKV, D]`` packed keys; cu_seqlens: ``[S + 1]``.
+
+    Returns:
+        ``[N, HQ, topk]`` int32 block ids local to each sequence, ascending, -1 padded at the end.
+    """
+    N, HQ, _ = q.shape
+    out = torch.full((N, HQ, topk), -1, dtype=torch.int32, device=q.device)
+    with torch.no_grad():
+        for a, b in _sequences(cu_seqlens):
+            if b > a:
+                out[a:b] = _route_one(q[a:b], k[a:b], block_size, topk, causal)
+    return out
+
+
+def _attend_one(q, k, v, sel, block_size, causal, scale):
+    """Dense masked attention of one sequence. q [L,HQ,D], k/v [L,HKV,D], sel [L,HQ,topk]."""
+    L, HQ, _ = q.shape
+    group = HQ // k.shape[1]
+    dt = _compute_dtype(q.dtype)
+    kx = k.to(dt).repeat_interleave(group, dim=1)
+    vx = v.to(dt).repeat_interleave(group, dim=1)
+    n = -(-L // block_size)
+    # allowed[t, h, j]: block j selected by (t, h); -1 padding is dropped via an extra column.
+    chosen = torch.zeros(L, HQ, n + 1, dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, torch.where(sel < 0, n, sel).long(), True)
+    key_block = torch.arange(L, device=q.device) // block_size
+    allowed = chosen[..., :n][:, :, key_block].permute(1, 0, 2)  # [HQ, Lq, Lk]
+    if causal:
+        pos = torch.arange(L, device=q.device)
+        allowed = allowed & (pos[None, :, None] >= pos[None, None, :])
+    logits = torch.einsum("thd,shd->hts", q.to(dt), kx) * scale
+    logits = logits.masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(logits, dim=-1)  # [HQ, L]
+    probs = torch.exp(logits - lse[..., None])
+    out = torch.einsum("hts,shd->thd", probs, vx)
+    return out, lse.transpose(0, 1)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    block_size: int,
+    topk: int,
+    causal: bool,
+    softmax_scale: float,
+    indices: torch.Tensor | None = None,
+):
+    """MoBA attention over packed sequences, differentiable in q, k, v (not through routing).
+
+    Args:
+        q: ``[N, HQ, D]``; k, v: ``[N, HKV, D]``; cu_seqlens: ``[S + 1]``.
+        indices: optional precomputed routing ``[N, HQ, topk]`` (from :func:`route`).
+
+    Returns:
+        ``(out [N, HQ, D] in q's dtype, lse [N, HQ] float32-or-wider natural-log sum-exp)``.
+    """
+    if indices is None:
+        indices = route(q.detach(), k.detach(), cu_seqlens, block_size, topk, causal)
+    N, HQ, D = q.shape
+    outs, lses = [], []
+    for a, b in _sequences(cu_seqlens):
+        if b > a:
+            o, l = _attend_one(q[a:b], k[a:b], v[a:b], indices[a:b], block_size, causal, softmax_scale)
+            outs.append(o)
+            lses.append(l)
+    dt = _compute_dtype(q.dtype)
+    if not outs:
+        return q.new_zeros(N, HQ, v.shape[-1]), q.new_zeros(N, HQ, dtype=dt)
+    return torch.cat(outs).to(q.dtype), torch.cat(lses)

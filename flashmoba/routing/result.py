@@ -1,0 +1,138 @@
+"""The routing result: which key blocks every query selected, and the inverse (block -> queries) view.
+
+Both views have static shapes (they depend only on tensor shapes, never on data), so building them needs
+no host synchronisation and can be captured in a CUDA graph or traced by torch.compile.
+
+Block numbering
+    Blocks are numbered globally over the packed batch: sequence ``s`` owns the global blocks
+    ``cu_blocks[s] .. cu_blocks[s + 1] - 1`` (``ceil(L_s / block_size)`` of them), and local block ``j``
+    of sequence ``s`` is global block ``cu_blocks[s] + j``. ``num_blocks_max = N // block_size + S`` bounds
+    the real count from the shapes alone; ``block_seq[g]`` is ``S`` for global blocks past the real ones.
+
+Query view (``indices``)
+    int32 ``[N, HQ, topk]``: local block ids, ascending, padded with -1 at the end.
+
+Block view (``BlockIndex``, a CSR over *segments*)
+    A segment is one (global block ``g``, query head ``h``) pair, numbered ``g * HQ + h``, so that the
+    segments of the query heads that share one KV head are adjacent. Its entries are *pair ids*
+    ``p = (t * HQ + h) * topk + slot`` (``indices[t, h, slot] == j``), in ascending order of the query
+    token ``t``; ``t = p // (HQ * topk)`` and ``slot = p % topk``. Segment ``i`` occupies
+    ``entries[offsets[i] : offsets[i + 1]]`` and holds ``counts[i]`` entries. ``entries`` has the static
+    length ``N * HQ * topk``; the tail past ``offsets[-1]`` is padding. In causal mode the own-block
+    queries of a block come first in each of its segments (they are the smallest tokens that select it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["BlockIndex", "MoBARouting", "block_layout", "build_block_index"]
+
+
+def block_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int):
+    """Global block bookkeeping of a packed batch, with static shapes.
+
+    Returns:
+        ``(cu_blocks int32 [S + 1], block_seq int32 [num_blocks_max], num_blocks_max)``.
+    """
+    num_seqs = cu_seqlens.numel() - 1
+    num_blocks_max = num_tokens // block_size + num_seqs
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    blocks = (lens + block_size - 1) // block_size
+    cu_blocks = torch.zeros(num_seqs + 1, dtype=torch.int64, device=cu_seqlens.device)
+    cu_blocks[1:] = torch.cumsum(blocks, 0)
+    g = torch.arange(num_blocks_max, device=cu_seqlens.device)
+    block_seq = torch.searchsorted(cu_blocks[1:], g, right=True)
+    return cu_blocks.to(torch.int32), block_seq.to(torch.int32), num_blocks_max
+
+
+@dataclass
+class BlockIndex:
+    """Block -> query view (CSR over segments ``g * HQ + h``); see the module docstring for the layout."""
+
+    offsets: torch.Tensor  # int64 [num_segments + 1]
+    counts: torch.Tensor  # int32 [num_segments]
+    entries: torch.Tensor  # int32 (int64 if N * HQ * topk >= 2**31) [N * HQ * topk]: pair ids
+    num_heads: int
+    topk: int
+
+    def tokens(self) -> torch.Tensor:
+        """Entries as query token ids (same layout as ``entries``)."""
+        return torch.div(self.entries, self.num_heads * self.topk, rounding_mode="floor")
+
+
+def build_block_index(
+    indices: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int
+) -> BlockIndex:
+    """Invert ``indices [N, HQ, topk]`` into the block view with a stable sort (no host sync).
+
+    The stable sort of pair ids by segment keeps each segment in ascending pair-id order, which for a
+    fixed head is ascending token order.
+    """
+    N, HQ, topk = indices.shape
+    device = indices.device
+    cu_blocks, _, num_blocks_max = block_layout(cu_seqlens, N, block_size)
+    num_segments = num_blocks_max * HQ
+    token_seq = torch.searchsorted(
+        cu_seqlens[1:].long(), torch.arange(N, device=device), right=True
+    )
+    g = cu_blocks.long()[token_seq].view(N, 1, 1) + indices.long()
+    head = torch.arange(HQ, device=device).view(1, HQ, 1)
+    key = torch.where(indices >= 0, g * HQ + head, num_segments).reshape(-1)
+    order = torch.sort(key, stable=True).indices
+    counts = torch.zeros(num_segments + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    offsets = torch.zeros(num_segments + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.cumsum(counts[:num_segments], 0)
+    entry_dtype = torch.int32 if N * HQ * topk < 2**31 else torch.int64
+    return BlockIndex(
+        offsets=offsets,
+        counts=counts[:num_segments].to(torch.int32),
+        entries=order.to(entry_dtype),
+        num_heads=HQ,
+        topk=topk,
+    )
+
+
+@dataclass
+class MoBARouting:
+    """What :func:`flashmoba.moba_route_varlen` returns.
+
+    Attributes:
+        indices: int32 ``[N, HQ, topk]``, selected local block ids, ascending, -1 padded.
+        cu_seqlens: the ``[S + 1]`` sequence boundaries the routing was computed for.
+        block_size, topk, causal: the routing parameters.
+        cu_blocks: int32 ``[S + 1]``, global block numbering (see the module docstring).
+        block_seq: int32 ``[num_blocks_max]``, the sequence of each global block (``S`` = padding).
+        num_blocks_max: static upper bound on the number of blocks.
+    """
+
+    indices: torch.Tensor
+    cu_seqlens: torch.Tensor
+    block_size: int
+    topk: int
+    causal: bool
+    cu_blocks: torch.Tensor
+    block_seq: torch.Tensor
+    num_blocks_max: int
+    _block_index: BlockIndex | None = field(default=None, repr=False)
+
+    @property
+    def block_index(self) -> BlockIndex:
+        """The block -> query view (built on first use when the backend did not provide it)."""
+        if self._block_index is None:
+            self._block_index = build_block_index(self.indices, self.cu_seqlens, self.block_size)
+        return self._block_index
+
+    def queries_of(self, seq: int, head: int, block: int) -> torch.Tensor:
+        """Query tokens (local to sequence ``seq``) that selected local block ``block`` in head ``head``.
+
+        A convenience for inspection (it reads device values on the host).
+        """
+        bi = self.block_index
+        g = int(self.cu_blocks[seq]) + block
+        seg = g * bi.num_heads + head
+        a, b = int(bi.offsets[seg]), int(bi.offsets[seg + 1])
+        return bi.tokens()[a:b] - int(self.cu_seqlens[seq])
