@@ -92,7 +92,8 @@ def _check_qkv(q, k, v, rank: int, layout: str):
     hq, hkv = q.shape[-2], k.shape[-2]
     if hkv < 1 or hq < 1 or hq % hkv != 0:
         raise ValueError(
-            f"the number of query heads ({hq}) must be a positive multiple of the number of KV heads ({hkv})"
+            f"q has {hq} heads and k has {hkv}: the number of query heads must be a positive multiple "
+            "of the number of KV heads"
         )
     if q.shape[-1] < 1:
         raise ValueError("head dim must be >= 1")
@@ -237,7 +238,7 @@ def moba_attn_varlen(
         topk: selected blocks per query and head (causal: the own block counts).
         causal: see :mod:`flashmoba.reference` for the exact rule.
         softmax_scale: defaults to ``D ** -0.5``.
-        return_lse: also return the natural-log sum-exp ``[N, HQ]`` (float32).
+        return_lse: also return the natural-log sum-exp ``[N, HQ]`` (float32; float64 for float64 inputs).
         backend: "auto" (Triton for CUDA tensors, reference otherwise), "reference" or "triton".
         deterministic: Triton only; bitwise reproducible forward and backward at the cost of
             ``N * HQ * topk * D`` float32 of scratch memory (the default accumulates with atomics).
