@@ -1,0 +1,258 @@
+"""The public API: every bad argument gets a clear error naming it; layouts and backend choice are right.
+
+Validation errors are checked for their type and for the argument they name, on all three entry points
+wherever the argument exists. None of these tests needs the Triton kernels: Triton-specific limits are
+checked before anything is launched.
+"""
+
+import math
+
+import pytest
+import torch
+
+import flashmoba
+from flashmoba import reference
+from factory import make_packed, rounding_bound
+
+VARLEN = flashmoba.moba_attn_varlen
+ROUTE = flashmoba.moba_route_varlen
+BATCHED = flashmoba.moba_attn
+
+
+def _varlen_args(hq=4, hkv=2, d=16, dtype=torch.float32, lens=(5, 0, 12)):
+    q, k, v, cu = make_packed(lens, hq, hkv, d, dtype=dtype)
+    return {"q": q, "k": k, "v": v, "cu_seqlens": cu, "block_size": 4, "topk": 2}
+
+
+def _call(fn, args):
+    """Call an entry point with a ``_varlen_args``-style dict (dropping what it does not take)."""
+    args = dict(args)
+    if fn is ROUTE:
+        args.pop("v")
+        for name in ("softmax_scale", "return_lse", "deterministic"):
+            args.pop(name, None)
+    if fn is BATCHED:
+        args.pop("cu_seqlens", None)
+        args.pop("max_seqlen", None)
+    q, k = args.pop("q"), args.pop("k")
+    positional = (q, k) if fn is ROUTE else (q, k, args.pop("v"))
+    if fn is not BATCHED:
+        positional = (*positional, args.pop("cu_seqlens"))
+    return fn(*positional, **args)
+
+
+def _batched_args(**kwargs):
+    args = _varlen_args(lens=(20,), **kwargs)
+    for name in ("q", "k", "v"):
+        args[name] = args[name].view(2, 10, *args[name].shape[1:])
+    return args
+
+
+def _with(**changes):
+    """A mutation of the valid varlen arguments."""
+    return lambda args: {**args, **changes}
+
+
+def _replace_tensor(name, make):
+    return lambda args: {**args, name: make(args[name])}
+
+
+def _replace_kv(make):
+    """Change k and v alike (so that the error is about k, not about v differing from k)."""
+    return lambda args: {**args, "k": make(args["k"]), "v": make(args["v"])}
+
+
+def _cu(values, dtype=torch.int32):
+    return _with(cu_seqlens=torch.tensor(values, dtype=dtype))
+
+
+# (id, mutation of valid varlen arguments, error type, pattern the message must contain)
+COMMON_ERRORS = [
+    ("q-rank", _replace_tensor("q", lambda t: t[0]), ValueError, r"\bq must have rank"),
+    ("k-rank", _replace_tensor("k", lambda t: t[None]), ValueError, r"\bk must have rank"),
+    ("q-not-tensor", _replace_tensor("q", lambda t: t.tolist()), TypeError, r"\bq must be a torch.Tensor"),
+    ("k-token-count", _replace_kv(lambda t: t[:-1]), ValueError, r"\bk must match q"),
+    ("k-head-dim", _replace_kv(lambda t: t[..., :8]), ValueError, r"\bk's head dim"),
+    ("heads-not-multiple", _replace_kv(lambda t: t.narrow(-2, 0, 1).repeat_interleave(3, dim=-2)), ValueError, r"\bq has 4 heads.*\bk has 3"),
+    ("head-dim-zero", lambda a: {**a, **{n: a[n][..., :0] for n in ("q", "k", "v")}}, ValueError, r"head dim must be >= 1"),
+    ("k-device", _replace_tensor("k", lambda t: t.to("meta")), ValueError, r"\bk is on meta"),
+    ("k-dtype", _replace_tensor("k", lambda t: t.double()), TypeError, r"\bk has dtype"),
+    ("integer-dtype", lambda a: {**a, "q": a["q"].int(), "k": a["k"].int(), "v": a["v"].int()}, TypeError, r"\bq must be a floating"),
+    ("block-size-zero", _with(block_size=0), ValueError, r"block_size must be >= 1"),
+    ("block-size-float", _with(block_size=4.0), TypeError, r"block_size must be an int"),
+    ("block-size-bool", _with(block_size=True), TypeError, r"block_size must be an int"),
+    ("topk-zero", _with(topk=0), ValueError, r"topk must be >= 1"),
+    ("topk-str", _with(topk="2"), TypeError, r"topk must be an int"),
+    ("causal-not-bool", _with(causal=1), TypeError, r"causal must be a bool"),
+    ("unknown-backend", _with(backend="cuda"), ValueError, r"backend must be one of"),
+]
+
+VARLEN_ONLY_ERRORS = [
+    ("cu-float", _cu([0.0, 5.0, 5.0, 17.0], torch.float32), TypeError, r"cu_seqlens must be int32 or int64"),
+    ("cu-int16", _cu([0, 5, 5, 17], torch.int16), TypeError, r"cu_seqlens must be int32 or int64"),
+    ("cu-2d", _cu([[0, 5], [5, 17]]), ValueError, r"cu_seqlens must be 1-D"),
+    ("cu-empty", _cu([]), ValueError, r"cu_seqlens must be 1-D with at least one"),
+    ("cu-not-tensor", _with(cu_seqlens=[0, 5, 5, 17]), TypeError, r"cu_seqlens must be a torch.Tensor"),
+    ("cu-device", _with(cu_seqlens=torch.tensor([0, 5, 5, 17], dtype=torch.int32, device="meta")), ValueError, r"cu_seqlens is on meta"),
+    ("cu-start", _cu([1, 5, 5, 17]), ValueError, r"cu_seqlens must start at 0"),
+    ("cu-decreasing", _cu([0, 9, 5, 17]), ValueError, r"cu_seqlens must be non-decreasing"),
+    ("cu-short-end", _cu([0, 5, 5, 16]), ValueError, r"cu_seqlens must end at the number of tokens"),
+    ("cu-long-end", _cu([0, 5, 5, 18], torch.int64), ValueError, r"cu_seqlens must end at the number of tokens"),
+    ("max-seqlen-small", _with(max_seqlen=11), ValueError, r"max_seqlen=11 is smaller"),
+    ("max-seqlen-float", _with(max_seqlen=12.0), TypeError, r"max_seqlen must be an int"),
+    ("max-seqlen-negative", _with(max_seqlen=-1), ValueError, r"max_seqlen must be >= 0"),
+]
+
+ATTENTION_ONLY_ERRORS = [
+    ("v-rank", _replace_tensor("v", lambda t: t[None]), ValueError, r"\bv must have rank"),
+    ("v-shape", _replace_tensor("v", lambda t: t[..., :8]), ValueError, r"\bv must have the shape of k"),
+    ("v-device", _replace_tensor("v", lambda t: t.to("meta")), ValueError, r"\bv is on meta"),
+    ("v-dtype", _replace_tensor("v", lambda t: t.half()), TypeError, r"\bv has dtype"),
+    ("scale-str", _with(softmax_scale="0.1"), TypeError, r"softmax_scale must be a float"),
+    ("scale-inf", _with(softmax_scale=math.inf), ValueError, r"softmax_scale must be finite"),
+    ("scale-nan", _with(softmax_scale=math.nan), ValueError, r"softmax_scale must be finite"),
+    ("deterministic-not-bool", _with(deterministic=None), TypeError, r"deterministic must be a bool"),
+]
+
+# Limits of the Triton backend (checked on the CPU under TRITON_INTERPRET=1, before any kernel runs).
+TRITON_ERRORS = [
+    ("float64", _with(backend="triton"), TypeError, r"dtype torch.float64 is not supported by backend='triton'"),
+    ("head-dim-12", lambda a: {**_varlen_args(d=12), "backend": "triton", "block_size": 16}, ValueError, r"head dim 12 .* backend='triton'"),
+    ("head-dim-264", lambda a: {**_varlen_args(d=264), "backend": "triton", "block_size": 16}, ValueError, r"head dim 264 .* backend='triton'"),
+    ("block-size-8", lambda a: {**_varlen_args(), "backend": "triton", "block_size": 8}, ValueError, r"block_size 8 .* backend='triton'"),
+    ("topk-65", lambda a: {**_varlen_args(), "backend": "triton", "block_size": 16, "topk": 65}, ValueError, r"topk 65 .* backend='triton'"),
+]
+
+
+def _cases(table, entry_points):
+    return [
+        pytest.param(fn, mutate, error, pattern, id=f"{fn.__name__}-{case_id}")
+        for case_id, mutate, error, pattern in table
+        for fn in entry_points
+    ]
+
+
+@pytest.mark.parametrize(
+    "fn, mutate, error, pattern",
+    _cases(COMMON_ERRORS, (VARLEN, ROUTE))
+    + _cases(VARLEN_ONLY_ERRORS, (VARLEN, ROUTE))
+    + _cases(ATTENTION_ONLY_ERRORS, (VARLEN,)),
+)
+def test_varlen_validation_errors(fn, mutate, error, pattern):
+    args = _varlen_args()
+    _call(fn, args)  # the unmutated arguments are valid
+    with pytest.raises(error, match=pattern):
+        _call(fn, mutate(args))
+
+
+@pytest.mark.parametrize(
+    "fn, mutate, error, pattern",
+    _cases(COMMON_ERRORS + ATTENTION_ONLY_ERRORS, (BATCHED,)),
+)
+def test_batched_validation_errors(fn, mutate, error, pattern):
+    args = _batched_args()
+    _call(fn, args)
+    with pytest.raises(error, match=pattern):
+        _call(fn, mutate(args))
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (lambda a: {**a, "q": a["q"][0]}, r"\bq must have rank 4"),
+        (lambda a: {**a, "k": a["k"].flatten(0, 1)}, r"\bk must have rank 4"),
+        (lambda a: {**a, "v": a["v"][None]}, r"\bv must have rank 4"),
+        (lambda a: {**a, "k": a["k"][:, :-1], "v": a["v"][:, :-1]}, r"\bk must match q"),
+    ],
+    ids=["q-rank", "k-rank", "v-rank", "k-sequence-length"],
+)
+def test_batched_shape_errors(args, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        _call(BATCHED, args(_batched_args()))
+
+
+@pytest.mark.parametrize("fn, mutate, error, pattern", _cases(TRITON_ERRORS, (VARLEN, ROUTE)))
+def test_triton_limits(monkeypatch, fn, mutate, error, pattern):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(error, match=pattern):
+        _call(fn, mutate(_varlen_args(dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("fn", [VARLEN, ROUTE, BATCHED], ids=lambda f: f.__name__)
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch, fn):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = _batched_args() if fn is BATCHED else _varlen_args()
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors"):
+        _call(fn, {**args, "backend": "triton"})
+
+
+def test_reference_rejects_float8():
+    args = _varlen_args()
+    float8 = {name: args[name].to(torch.float8_e4m3fn) for name in ("q", "k", "v")}
+    with pytest.raises(TypeError, match=r"float8_e4m3fn is not supported by backend='reference'"):
+        _call(VARLEN, {**args, **float8, "backend": "reference"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# layouts and backend choice
+
+
+def test_noncontiguous_inputs_give_the_contiguous_result():
+    lens, hq, hkv, d = (23, 0, 40), 4, 2, 16
+    q, k, v, cu = make_packed(lens, hq, hkv, d)
+    # Views with unusual strides: a head-major transpose, a strided head slice, a strided last dim.
+    q_view = q.transpose(0, 1).contiguous().transpose(0, 1)
+    k_view = torch.stack([k, torch.randn_like(k)], dim=2).flatten(1, 2)[:, ::2]
+    v_view = torch.stack([v, torch.randn_like(v)], dim=-1).flatten(-2)[..., ::2]
+    assert not any(x.is_contiguous() for x in (q_view, k_view, v_view))
+    assert all(torch.equal(a, b) for a, b in ((q, q_view), (k, k_view), (v, v_view)))
+
+    kwargs = {"block_size": 8, "topk": 3, "return_lse": True, "backend": "reference"}
+    out, lse = VARLEN(q, k, v, cu, **kwargs)
+    out_view, lse_view = VARLEN(q_view, k_view, v_view, cu, **kwargs)
+    out_bound, lse_bound = rounding_bound(q, k, v, cu, torch.float64)
+    torch.testing.assert_close(out_view, out, rtol=0, atol=2 * out_bound)
+    torch.testing.assert_close(lse_view, lse, rtol=0, atol=2 * lse_bound)
+    route_kwargs = {"block_size": 8, "topk": 3, "backend": "reference"}
+    assert torch.equal(ROUTE(q_view, k_view, cu, **route_kwargs).indices, ROUTE(q, k, cu, **route_kwargs).indices)
+
+    # Batched inputs that come from a [B, H, T, D] layout.
+    qb, kb, vb = (x[:40].view(2, 20, -1, d) for x in (q, k, v))
+    out_b = BATCHED(qb, kb, vb, block_size=8, topk=3, backend="reference")
+    views = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (qb, kb, vb))
+    torch.testing.assert_close(
+        BATCHED(*views, block_size=8, topk=3, backend="reference"), out_b, rtol=0, atol=2 * out_bound
+    )
+
+
+@pytest.mark.parametrize("fn", [VARLEN, BATCHED], ids=lambda f: f.__name__)
+def test_auto_uses_the_reference_on_cpu(monkeypatch, fn):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return reference_attention(*args, **kwargs)
+
+    reference_attention = reference.attention
+    monkeypatch.setattr(reference, "attention", spy)
+    args = _batched_args() if fn is BATCHED else _varlen_args()
+    out = _call(fn, {**args, "backend": "auto"})
+    assert calls == [1]
+    assert torch.equal(out, _call(fn, {**args, "backend": "reference"}))
+
+
+def test_route_result_echoes_its_parameters():
+    args = _varlen_args()
+    routing = ROUTE(args["q"], args["k"], args["cu_seqlens"], block_size=4, topk=2, causal=False, backend="reference")
+    assert isinstance(routing, flashmoba.MoBARouting)
+    assert routing.indices.dtype == torch.int32 and routing.indices.shape == (17, 4, 2)
+    assert (routing.block_size, routing.topk, routing.causal) == (4, 2, False)
+    assert torch.equal(routing.cu_seqlens, args["cu_seqlens"])
+
+
+def test_lse_dtype_and_shapes():
+    for dtype, lse_dtype in ((torch.float16, torch.float32), (torch.float64, torch.float64)):
+        args = _varlen_args(dtype=dtype)
+        out, lse = _call(VARLEN, {**args, "return_lse": True, "backend": "reference"})
+        assert out.dtype == dtype and out.shape == args["q"].shape
+        assert lse.dtype == lse_dtype and lse.shape == args["q"].shape[:2]
