@@ -1,0 +1,160 @@
+"""The routing result: global block numbering and the block -> query CSR view, the inverse of ``indices``.
+
+Expected values are rebuilt here with plain Python loops over tokens, heads and slots, independent of
+the vectorised code in :mod:`flashmoba.routing.result`.
+"""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flashmoba
+from flashmoba.routing import block_layout
+from factory import make_packed
+
+HEADS = [(1, 1), (2, 1), (4, 2), (3, 3), (4, 1)]  # (HQ, HKV): GQA groups 1, 2, 4
+
+
+def _route(lens, hq, hkv, block_size, topk, causal, generator=None):
+    q, k, _, cu = make_packed(lens, hq, hkv, 8, generator=generator)
+    return flashmoba.moba_route_varlen(
+        q, k, cu, block_size=block_size, topk=topk, causal=causal, backend="reference"
+    )
+
+
+def _expected_layout(lens, block_size):
+    """(cu_blocks, block_seq of the real blocks) by counting blocks sequence by sequence."""
+    cu_blocks, block_seq = [0], []
+    for s, n in enumerate(lens):
+        blocks = -(-n // block_size)
+        cu_blocks.append(cu_blocks[-1] + blocks)
+        block_seq += [s] * blocks
+    return cu_blocks, block_seq
+
+
+def _expected_segments(routing, lens):
+    """{segment g * HQ + h: [pair ids (t * HQ + h) * topk + slot in ascending order]} from ``indices``."""
+    indices = routing.indices.tolist()
+    num_heads, topk = routing.indices.shape[1], routing.topk
+    cu_blocks, _ = _expected_layout(lens, routing.block_size)
+    segments = {}
+    token = 0
+    for s, n in enumerate(lens):
+        for _ in range(n):
+            for h in range(num_heads):
+                for slot, j in enumerate(indices[token][h]):
+                    if j >= 0:
+                        segment = (cu_blocks[s] + j) * num_heads + h
+                        segments.setdefault(segment, []).append((token * num_heads + h) * topk + slot)
+            token += 1
+    return segments
+
+
+def _check_block_index(routing, lens):
+    bi = routing.block_index
+    num_heads, topk = routing.indices.shape[1], routing.topk
+    num_segments = routing.num_blocks_max * num_heads
+    offsets, counts, entries = bi.offsets.tolist(), bi.counts.tolist(), bi.entries.tolist()
+    assert bi.offsets.dtype == torch.int64 and bi.counts.dtype == torch.int32 and bi.entries.dtype == torch.int32
+    assert (bi.num_heads, bi.topk) == (num_heads, topk)
+    assert len(offsets) == num_segments + 1 and len(counts) == num_segments
+    assert len(entries) == sum(lens) * num_heads * topk  # static length; the tail is padding
+    assert offsets[0] == 0
+    assert all(offsets[i + 1] - offsets[i] == counts[i] for i in range(num_segments))
+    assert offsets[-1] == int((routing.indices >= 0).sum())
+
+    # Every (t, h, slot) with a valid block is in its segment, exactly once, in ascending token order.
+    expected = _expected_segments(routing, lens)
+    tokens = bi.tokens().tolist()
+    for segment in range(num_segments):
+        got = entries[offsets[segment] : offsets[segment + 1]]
+        assert got == expected.get(segment, []), f"segment {segment}"
+        seg_tokens = tokens[offsets[segment] : offsets[segment + 1]]
+        assert seg_tokens == [p // (num_heads * topk) for p in got]
+        assert all(a < b for a, b in zip(seg_tokens, seg_tokens[1:]))
+
+
+def _check_indices(routing, lens, num_blocks_of):
+    """Rows are ascending, distinct, -1 padded, and hold as many blocks as the rule allows."""
+    bs, topk = routing.block_size, routing.topk
+    rows = routing.indices.tolist()
+    token = 0
+    for n in lens:
+        for t in range(n):
+            for row in rows[token]:
+                valid = [j for j in row if j >= 0]
+                assert row == valid + [-1] * (topk - len(valid))
+                assert all(a < b for a, b in zip(valid, valid[1:]))
+                own = t // bs
+                if routing.causal:
+                    assert own in valid and max(valid) == own
+                    assert len(valid) == 1 + min(topk - 1, own)
+                else:
+                    assert len(valid) == min(topk, num_blocks_of(n)) and max(valid) < num_blocks_of(n)
+            token += 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lens=st.lists(st.integers(0, 40), min_size=1, max_size=4),
+    heads=st.sampled_from(HEADS),
+    block_size=st.integers(1, 9),
+    topk=st.integers(1, 6),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_block_index_is_the_inverse_of_indices(lens, heads, block_size, topk, causal, seed):
+    routing = _route(lens, *heads, block_size, topk, causal, torch.Generator().manual_seed(seed))
+    _check_indices(routing, lens, lambda n: -(-n // block_size))
+    _check_block_index(routing, lens)
+
+    cu_blocks, block_seq = _expected_layout(lens, block_size)
+    assert routing.cu_blocks.dtype == routing.block_seq.dtype == torch.int32
+    assert routing.cu_blocks.tolist() == cu_blocks
+    assert routing.num_blocks_max >= len(block_seq)
+    padding = [len(lens)] * (routing.num_blocks_max - len(block_seq))
+    assert routing.block_seq.tolist() == block_seq + padding
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lens=st.lists(st.integers(0, 30), min_size=1, max_size=3),
+    heads=st.sampled_from(HEADS),
+    block_size=st.integers(1, 6),
+    topk=st.integers(1, 4),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_queries_of(lens, heads, block_size, topk, causal, seed):
+    routing = _route(lens, *heads, block_size, topk, causal, torch.Generator().manual_seed(seed))
+    starts = [sum(lens[:s]) for s in range(len(lens))]
+    for s, n in enumerate(lens):
+        for h in range(heads[0]):
+            for j in range(-(-n // block_size)):
+                expected = [
+                    t for t in range(n) if j in routing.indices[starts[s] + t, h].tolist()
+                ]
+                assert routing.queries_of(s, h, j).tolist() == expected
+
+
+def test_own_block_queries_come_first_in_causal_mode():
+    lens, hq, block_size = (45, 0, 33), 4, 8
+    routing = _route(lens, hq, 2, block_size, 3, True)
+    for s, n in enumerate(lens):
+        for h in range(hq):
+            for j in range(-(-n // block_size)):
+                queries = routing.queries_of(s, h, j).tolist()
+                own = list(range(j * block_size, min((j + 1) * block_size, n)))
+                # Every token of block j selects it (forced); later tokens that route to it follow.
+                assert queries[: len(own)] == own
+                assert all(t >= (j + 1) * block_size for t in queries[len(own) :])
+
+
+def test_block_layout_by_hand():
+    # lens 0, 5, 16, 0, 17 with block_size 8: 0, 1, 2, 0 and 3 blocks -> cu_blocks 0 0 1 3 3 6.
+    # N = 38, S = 5: num_blocks_max = 38 // 8 + 5 = 9, the last 3 global blocks are padding (seq S = 5).
+    cu_seqlens = torch.tensor([0, 0, 5, 21, 21, 38], dtype=torch.int32)
+    cu_blocks, block_seq, num_blocks_max = block_layout(cu_seqlens, 38, 8)
+    assert cu_blocks.tolist() == [0, 0, 1, 3, 3, 6]
+    assert block_seq.tolist() == [1, 2, 2, 4, 4, 4, 5, 5, 5]
+    assert num_blocks_max == 9
