@@ -1,0 +1,27 @@
+"""Bookkeeping of packed variable-length batches shared by the layers: which sequence a token is in.
+
+All helpers build their results on the device with static shapes (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["uniform_cu_seqlens", "token_sequence_ids", "token_positions"]
+
+
+def uniform_cu_seqlens(batch_size: int, seq_len: int, device) -> torch.Tensor:
+    """int32 ``[B + 1]`` boundaries of ``B`` equal-length sequences laid end to end."""
+    return torch.arange(batch_size + 1, dtype=torch.int32, device=device) * seq_len
+
+
+def token_sequence_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """int64 ``[N]``: the sequence index ``s`` of every packed token (``cu[s] <= t < cu[s + 1]``)."""
+    tokens = torch.arange(num_tokens, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True)
+
+
+def token_positions(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """int64 ``[N]``: the position of every packed token inside its own sequence (0 at its start)."""
+    seq = token_sequence_ids(cu_seqlens, num_tokens)
+    return torch.arange(num_tokens, device=cu_seqlens.device) - cu_seqlens.long()[seq]
