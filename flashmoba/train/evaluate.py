@@ -1,0 +1,168 @@
+"""Evaluation: validation perplexity (overall and by position), needle retrieval, router SNR.
+
+* Perplexity: the validation documents cut into sequences of the evaluation context, packed, scored with
+  teacher forcing; also per bucket of the predicted token's position inside its sequence (does the model
+  use long context?).
+* Retrieval: the S-NIAH analogues of :mod:`flashmoba.train.needles` at each length (also past the
+  training context); a sample counts as correct when greedy decoding reproduces the whole answer; every
+  cell reports its counts and a Wilson 95% interval.
+* Router SNR per MoBA layer, from ``flashmoba.theory.measure_router_snr`` on needle sequences (skipped,
+  with the reason recorded, when that function does not exist).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from flashmoba.train.data import TokenizedCorpus
+from flashmoba.train.needles import TASKS, NeedleFactory, answer_correct
+from flashmoba.train.packing import PackedBatch, pack_sequences, sequence_chunks
+
+__all__ = ["EvalConfig", "wilson_interval", "perplexity", "needle_retrieval", "router_snr", "evaluate"]
+
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how much of it."""
+
+    context: int = 4096
+    ppl_tokens: int = 1_000_000
+    batch_tokens: int = 32768
+    tasks: tuple[str, ...] = tuple(TASKS)
+    lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768)
+    samples: int = 100
+    seed: int = 1234
+    snr: bool = True
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (well behaved at 0 and at ``trials``)."""
+    if trials <= 0 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials and trials > 0, got {successes}/{trials}")
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def _logits(model, batch: PackedBatch, device: torch.device) -> torch.Tensor:
+    """``[N, V]`` float32 logits of one packed row."""
+    batch = batch.to(device)
+    with _autocast(device):
+        out = model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens)
+    return out.logits[0].float()
+
+
+def _position_edges(context: int) -> list[int]:
+    """Bucket edges 0, 64, 128, ... (doubling) up to ``context``."""
+    edges, edge = [0], 64
+    while edge < context:
+        edges.append(edge)
+        edge *= 2
+    return edges + [context]
+
+
+@torch.no_grad()
+def perplexity(model, corpus: TokenizedCorpus, config: EvalConfig, device: torch.device) -> dict:
+    """Validation perplexity over sequences of ``config.context`` tokens.
+
+    Returns:
+        ``{"loss", "ppl", "tokens", "by_position": [{"start", "end", "loss", "ppl", "tokens"}]}``; a
+        token's position is its index inside its sequence (the first token of a sequence is never scored).
+    """
+    starts, lengths = sequence_chunks(corpus, config.context)
+    # A fixed random subset of sequences within the token budget, the same for every model.
+    order = np.random.default_rng(config.seed).permutation(len(starts))
+    budget = np.cumsum(lengths[order])
+    chosen = order[: max(1, int(np.searchsorted(budget, config.ppl_tokens, side="right")))]
+    sequences = [corpus.tokens[starts[c] : starts[c] + lengths[c]].astype(np.int64) for c in np.sort(chosen)]
+    edges = _position_edges(config.context)
+    nll_sum = np.zeros(len(edges) - 1)
+    counts = np.zeros(len(edges) - 1, dtype=np.int64)
+    for batch in tqdm(pack_sequences(sequences, config.batch_tokens), desc="perplexity", leave=False):
+        logits = _logits(model, batch, device)
+        ids = batch.input_ids[0].to(device)
+        cu = batch.cu_seqlens.to(device).long()
+        n = ids.shape[0]
+        seq = torch.searchsorted(cu[1:], torch.arange(n, device=device), right=True)
+        position = torch.arange(n, device=device) - cu[seq]
+        nll = torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")
+        scored = position[1:] > 0  # the target starts no new sequence
+        bucket = torch.bucketize(position[1:][scored], torch.tensor(edges[1:-1], device=device), right=True)
+        nll_sum += torch.zeros(len(counts), dtype=torch.float64, device=device).index_add_(
+            0, bucket, nll[scored].double()).cpu().numpy()
+        counts += torch.bincount(bucket, minlength=len(counts)).cpu().numpy()
+    total = float(nll_sum.sum() / counts.sum())
+    by_position = [
+        {"start": a, "end": b, "tokens": int(c), "loss": float(s / c), "ppl": math.exp(s / c)}
+        for a, b, s, c in zip(edges[:-1], edges[1:], nll_sum, counts) if c > 0
+    ]
+    return {"loss": total, "ppl": math.exp(total), "tokens": int(counts.sum()), "by_position": by_position}
+
+
+@torch.no_grad()
+def needle_retrieval(model, factory: NeedleFactory, config: EvalConfig, device: torch.device) -> list[dict]:
+    """Retrieval accuracy of every (task, length), with counts and Wilson 95% intervals."""
+    rows = []
+    cells = [(task, length) for task in config.tasks for length in config.lengths]
+    for task, length in tqdm(cells, desc="needles", leave=False):
+        samples = factory.eval_samples(task, length, config.samples, config.seed)
+        correct, cursor = 0, 0
+        for batch in pack_sequences([s.tokens for s in samples], max(config.batch_tokens, length)):
+            predicted = _logits(model, batch, device).argmax(-1).cpu().numpy()
+            cu = batch.cu_seqlens.tolist()
+            for a, b in zip(cu[:-1], cu[1:]):
+                correct += answer_correct(predicted[a:b], samples[cursor])
+                cursor += 1
+        low, high = wilson_interval(correct, len(samples))
+        rows.append({"task": task, "length": length, "correct": correct, "total": len(samples),
+                     "accuracy": correct / len(samples), "ci_low": low, "ci_high": high})
+    return rows
+
+
+def router_snr(model, factory: NeedleFactory, config: EvalConfig, device: torch.device) -> dict:
+    """Router SNR per MoBA layer on needle sequences of the evaluation context.
+
+    Returns:
+        ``{"layers": [...]}`` as ``flashmoba.theory.measure_router_snr`` reports them, or
+        ``{"layers": None, "note": why}`` when the measurement is unavailable.
+    """
+    try:
+        from flashmoba.theory import measure_router_snr
+    except ImportError as e:
+        return {"layers": None, "note": f"router SNR skipped: flashmoba.theory.measure_router_snr unavailable ({e})"}
+    samples = factory.eval_samples("niah_single_2", config.context, max(1, config.batch_tokens // config.context),
+                                   config.seed)
+    batch = pack_sequences([s.tokens for s in samples], config.batch_tokens)[0].to(device)
+    with torch.no_grad(), _autocast(device):
+        layers = measure_router_snr(model, input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens)
+    return {"layers": layers}
+
+
+def evaluate(model, val: TokenizedCorpus, factory: NeedleFactory, config: EvalConfig, device: torch.device) -> dict:
+    """All three evaluations of one model (in eval mode, on ``device``).
+
+    Returns:
+        ``{"perplexity": ..., "retrieval": [...], "router_snr": {...}, "config": {...}}``.
+    """
+    model.eval()
+    results = {
+        "perplexity": perplexity(model, val, config, device),
+        "retrieval": needle_retrieval(model, factory, config, device),
+        "router_snr": router_snr(model, factory, config, device) if config.snr else {"layers": None, "note": "off"},
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()},
+    }
+    return results
