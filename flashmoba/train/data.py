@@ -28,6 +28,8 @@ __all__ = ["CorpusSplits", "TokenizedCorpus", "python_source_corpus", "user_corp
 # Site-packages folders that sit inside the standard library folder; walked as their own root instead.
 _THIRD_PARTY_DIRS = ("site-packages", "dist-packages")
 _TEXT_FIELD = "text"
+# A folder holding any of these is a dataset for ``datasets.load_dataset``, not a folder of text files.
+_DATASET_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".arrow")
 
 
 @dataclass
@@ -93,29 +95,28 @@ def _python_roots() -> list[Path]:
     return roots
 
 
-def _package_files(roots: list[Path]) -> dict[str, list[Path]]:
-    """``*.py`` files grouped by top-level package name, each list in path order."""
-    packages: dict[str, list[Path]] = {}
+def _package_files(roots: list[Path]) -> dict[str, list[tuple[Path, str]]]:
+    """``(path, name relative to its root)`` of every ``*.py`` file, grouped by top-level package, in path order."""
+    packages: dict[str, list[tuple[Path, str]]] = {}
     for root in roots:
         nested_roots = {r for r in roots if r != root and root in r.parents}
         for dirpath, dirnames, filenames in os.walk(root):
             here = Path(dirpath)
             dirnames[:] = [d for d in dirnames if d not in _THIRD_PARTY_DIRS and here / d not in nested_roots]
             for name in filenames:
-                if not name.endswith(".py"):
-                    continue
-                path = here / name
-                top = path.relative_to(root).parts[0].removesuffix(".py")
-                packages.setdefault(top, []).append(path)
-    return {name: sorted(files) for name, files in sorted(packages.items())}
+                if name.endswith(".py"):
+                    relative = (here / name).relative_to(root)
+                    packages.setdefault(relative.parts[0].removesuffix(".py"), []).append(
+                        (here / name, relative.as_posix()))
+    return {name: sorted(files, key=lambda f: f[1]) for name, files in sorted(packages.items())}
 
 
-def _package_document(name: str, files: list[Path], root_of: dict[Path, Path], max_chars: int) -> str:
+def _package_document(files: list[tuple[Path, str]], max_chars: int) -> str:
     """One package's files back to back, each under a header line naming it; cut at ``max_chars``."""
     parts, size = [], 0
-    for path in files:
+    for path, relative in files:
         text = path.read_text(encoding="utf-8", errors="replace")
-        parts.append(f"# ==== {path.relative_to(root_of[path]).as_posix()} ====\n{text}\n")
+        parts.append(f"# ==== {relative} ====\n{text}\n")
         size += len(parts[-1])
         if size >= max_chars:
             break
@@ -148,12 +149,6 @@ def python_source_corpus(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     roots = _python_roots() if roots is None else [Path(r).resolve() for r in roots]
     packages = _package_files(roots)
-    root_of = {}
-    for root in sorted(roots, key=lambda r: len(r.parts)):  # deeper roots win for nested folders
-        for files in packages.values():
-            for path in files:
-                if root in path.parents:
-                    root_of[path] = root
     budgets = {"train": max_chars, "val": max(1, int(max_chars * val_fraction / (1 - val_fraction)))}
     splits: dict[str, list[str]] = {"train": [], "val": []}
     used = {"train": 0, "val": 0}
@@ -162,7 +157,7 @@ def python_source_corpus(
         if used[split] >= budgets[split]:
             continue
         limit = min(max_package_chars, budgets[split] - used[split])
-        document = _package_document(name, packages[name], root_of, limit)
+        document = _package_document(packages[name], limit)
         if document:
             splits[split].append(document)
             used[split] += len(document)
@@ -185,9 +180,10 @@ def user_corpus(source: str, *, text_field: str = _TEXT_FIELD, val_fraction: flo
     """User text: a folder of text files, a text file, jsonl, parquet, or a ``datasets`` name.
 
     Args:
-        source: a folder (every file under it, in path order, one document each, read as UTF-8), a
-            ``.txt`` file (one document), a ``.jsonl``/``.json``/``.parquet`` file or a ``datasets`` name /
-            local dataset folder with a ``text_field`` column (one row per document).
+        source: a folder of text files (every file under it, in path order, one document each, read as
+            UTF-8; a folder holding parquet/json/csv/arrow files is a dataset folder instead), a
+            ``.txt`` file (one document), a ``.jsonl``/``.json``/``.parquet`` file, or a ``datasets`` name /
+            dataset folder with a ``text_field`` column (one row per document).
         text_field: the column holding the text.
         val_fraction: without a "validation"/"test" split, documents whose text hashes below this fraction
             form the validation split.
@@ -199,7 +195,7 @@ def user_corpus(source: str, *, text_field: str = _TEXT_FIELD, val_fraction: flo
     if not isinstance(source, str) or not source:
         raise TypeError(f"source must be a non-empty str, got {source!r}")
     path = Path(source)
-    if path.is_dir() and not any(path.glob("*.parquet")) and not any(path.glob("*.jsonl")):
+    if path.is_dir() and not any(p.suffix.lower() in _DATASET_SUFFIXES for p in path.rglob("*")):
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(path.rglob("*")) if p.is_file()]
         named_splits = {}
     elif path.is_file() and path.suffix.lower() in (".txt", ".md", ".py", ""):
