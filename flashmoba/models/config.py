@@ -1,0 +1,139 @@
+"""MoBAHybridConfig: the configuration of the paper's hybrid decoder, with named presets.
+
+Layer layout (FlashMoBA section 5): counting layers from 1, the odd layers (1, 3, 5, ...; indices 0, 2,
+4, ... in ``model.layers``) use sliding-window attention with RoPE, the even layers (indices 1, 3, 5,
+...) use ``global_attn`` ("moba" or "dense") with no positional encoding and, if ``kconv_size > 0``, the
+key convolution. :attr:`MoBAHybridConfig.layer_attn_types` spells the layout out.
+
+Not in the paper (FlashMoBA digest, NOT FOUND): the number of KV heads (the presets use plain multi-head
+attention), the FFN and norm types (SwiGLU and RMSNorm here; the 340M FFN width 2816 is the SwiGLU
+width of a 4x MLP rounded up to 256, which supports SwiGLU there), tied embeddings (tied in every preset:
+that makes the 340M preset 341M parameters, 374M untied).
+
+Parameters of the presets, as ``model.num_parameters()`` counts them:
+
+========  ======  ======  =====  ==  ======  =====  ==========================================
+preset    layers  hidden  heads  kv  FFN     vocab  parameters
+========  ======  ======  =====  ==  ======  =====  ==========================================
+tiny      4       128     4x32   2   352     1024   0.87M
+small     8       512     8x64   8   1408    32000  42.1M (25.7M without the embedding)
+340m      24      1024    16x64  16  2816    32000  341M
+1b        24      2048    32x64  32  8192    32000  1.68B (a SwiGLU FFN of 8192 makes the paper's
+                                                    "1B" this large; the paper does not say its FFN type)
+========  ======  ======  =====  ==  ======  =====  ==========================================
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from flashmoba.api import BACKENDS
+
+__all__ = ["MoBAHybridConfig", "PRESETS", "GLOBAL_ATTN_TYPES"]
+
+GLOBAL_ATTN_TYPES = ("moba", "dense")
+
+PRESETS: dict[str, dict] = {
+    # CPU tests: short sequences still span several MoBA blocks and SWA windows.
+    "tiny": dict(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+                 intermediate_size=352, swa_window=32, moba_block_size=16, moba_topk=2,
+                 max_position_embeddings=512, tie_word_embeddings=True),
+    # Short GPU runs (issue 7): head dim 64 and the paper's routing at a few thousand tokens.
+    "small": dict(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64,
+                  intermediate_size=1408, tie_word_embeddings=True),
+    "340m": dict(vocab_size=32000, hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16, head_dim=64,
+                 intermediate_size=2816, tie_word_embeddings=True),
+    "1b": dict(vocab_size=32000, hidden_size=2048, num_layers=24, num_heads=32, num_kv_heads=32, head_dim=64,
+               intermediate_size=8192, tie_word_embeddings=True),
+}
+
+
+class MoBAHybridConfig(PretrainedConfig):
+    r"""Configuration of :class:`~flashmoba.models.MoBAHybridForCausalLM`.
+
+    Args:
+        vocab_size, hidden_size, intermediate_size: token vocabulary, model width, SwiGLU width.
+        num_layers: decoder layers (alias ``num_hidden_layers``).
+        num_heads / num_kv_heads: query / KV heads (aliases ``num_attention_heads`` /
+            ``num_key_value_heads``); ``num_kv_heads`` defaults to ``num_heads``. head_dim: D.
+        swa_window: keys per query of the sliding-window layers (the query included).
+        global_attn: "moba" or "dense", the attention of the even (1-based) layers.
+        moba_block_size, moba_topk: MoBA routing of the global layers (``topk`` counts the own block).
+        kconv_size: key-convolution width W on the global layers; 0 = off (the paper: 3 or 5).
+        max_position_embeddings: the training context (informational: RoPE is computed on the fly, so
+            longer inputs run, as in the paper's 64K evaluation of 8K-trained models).
+        rope_theta: RoPE base of the sliding-window layers.
+        rms_norm_eps: RMSNorm epsilon. initializer_range: std of the normal init of linear and embedding weights.
+        tie_word_embeddings: share the LM head with the input embedding.
+        attn_backend: "auto", "reference" or "triton" for MoBA and the key convolution ("reference" is the
+            fast choice on CPU).
+    """
+
+    model_type = "moba_hybrid"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "num_hidden_layers": "num_layers",
+        "num_attention_heads": "num_heads",
+        "num_key_value_heads": "num_kv_heads",
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    intermediate_size: int = 2816
+    num_layers: int = 24
+    num_heads: int = 16
+    num_kv_heads: int | None = None
+    head_dim: int = 64
+    swa_window: int = 256
+    global_attn: str = "moba"
+    moba_block_size: int = 128
+    moba_topk: int = 8
+    kconv_size: int = 0
+    max_position_embeddings: int = 8192
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    attn_backend: str = "auto"
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        self._check_fields()
+        super().__post_init__(**kwargs)
+
+    def _check_fields(self):
+        """ValueError / TypeError naming the field, for an architecture that cannot be built."""
+        minimum = {"kconv_size": 0}
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "swa_window", "moba_block_size", "moba_topk", "kconv_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < minimum.get(name, 1):
+                raise ValueError(f"{name} must be >= {minimum.get(name, 1)}, got {value}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (RoPE on the sliding-window layers), got {self.head_dim}")
+        if self.global_attn not in GLOBAL_ATTN_TYPES:
+            raise ValueError(f"global_attn must be one of {GLOBAL_ATTN_TYPES}, got {self.global_attn!r}")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise TypeError(f"tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
+
+    @property
+    def layer_attn_types(self) -> list[str]:
+        """Attention of every layer by index: "swa" at even indices, ``global_attn`` at odd ones."""
+        return ["swa" if i % 2 == 0 else self.global_attn for i in range(self.num_layers)]
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MoBAHybridConfig":
+        """A preset ("tiny", "small", "340m", "1b"; module docstring) with fields overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})

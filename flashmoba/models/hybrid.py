@@ -1,0 +1,327 @@
+"""The paper's hybrid decoder as a transformers model: MoBAHybridModel and MoBAHybridForCausalLM.
+
+Pre-norm decoder layers (RMSNorm, attention, RMSNorm, SwiGLU MLP, residuals); sliding-window attention
+with RoPE at even indices, MoBA or dense attention without positional encoding (optionally with the key
+convolution) at odd indices; see :mod:`flashmoba.models.config` for the layout and the presets.
+
+Inputs, three forms (the layers always see sequences that never attend to each other):
+
+* ``input_ids [B, T]``: B sequences of T tokens;
+* ``input_ids [1, N]`` + ``cu_seqlens [S + 1]``: packed documents; positions restart per document;
+* ``input_ids [B, T]`` + ``attention_mask [B, past + T]`` (0 = padding, as transformers' generate()
+  passes it): every row is the sequence of its real tokens in order, padding anywhere (right or left) is
+  skipped. At a padding position the outputs repeat those of the row's last real token before it (zeros
+  if none), so that ``logits[:, -1]`` is the next-token prediction of right-padded rows too.
+
+Labels are shifted inside the model: token t is trained to predict token t + 1 of the same sequence (the
+next real token with an attention mask); the last token of every sequence predicts nothing, so no loss
+crosses a document boundary; -100 is ignored.
+
+Generation keeps a :class:`MoBAHybridCache` (one :class:`~flashmoba.nn.KVCache` per layer, key-conv
+states included); ``use_cache`` defaults to False in ``forward`` and generate() turns it on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
+
+from flashmoba.api import _check_cu_seqlens
+from flashmoba.models.config import MoBAHybridConfig
+from flashmoba.nn import KeyConv, KVCache, MoBAAttention
+from flashmoba.nn.varlen import uniform_cu_seqlens
+
+__all__ = [
+    "MoBAHybridCache",
+    "MoBAHybridModelOutput",
+    "MoBAHybridPreTrainedModel",
+    "MoBAHybridModel",
+    "MoBAHybridForCausalLM",
+]
+
+
+class MoBAHybridCache:
+    """Generation cache of the hybrid model: one :class:`KVCache` per layer.
+
+    ``num_columns`` counts the input columns consumed so far, padding included; transformers reads it as
+    :meth:`get_seq_length` (the per-sequence token counts are in each layer's ``lengths``).
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, num_layers: int):
+        self.layers = [KVCache() for _ in range(num_layers)]
+        self.num_columns = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.num_columns
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: sequence ``i`` continues the old sequence ``beam_idx[i]``."""
+        for layer in self.layers:
+            layer.reorder(beam_idx)
+
+
+@dataclass
+class MoBAHybridModelOutput(BaseModelOutputWithPast):
+    """:class:`BaseModelOutputWithPast` plus the packed view the layers computed on.
+
+    Attributes:
+        last_hidden_state: ``[B, T, hidden]`` in the input's layout (``[1, N, hidden]`` for packed input).
+        packed_hidden_state: ``[N, hidden]`` the real tokens only, sequence after sequence.
+        cu_seqlens: ``[S + 1]`` the sequences of ``packed_hidden_state``.
+    """
+
+    packed_hidden_state: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# padding <-> packing
+
+
+def _real_tokens(attention_mask, input_ids):
+    """bool ``[B, T]`` real-token mask of this call's columns, or None when every column is real."""
+    if attention_mask is None:
+        return None
+    batch, seq_len = input_ids.shape
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
+        raise ValueError(
+            f"attention_mask must be [B, past + T] with B={batch}, T={seq_len}, got {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask[:, -seq_len:].bool()
+    return None if bool(mask.all()) else mask
+
+
+def _fill_from_packed(packed, mask):
+    """``[B, T, ...]`` from packed real tokens ``[N, ...]``: each padding position repeats the last real
+    token before it in its row (zeros if none)."""
+    seen = mask.long().cumsum(1)  # real tokens up to and including each position
+    row_start = F.pad(seen[:, -1].cumsum(0), (1, 0))[:-1]
+    index = row_start[:, None] + seen - 1
+    filled = packed[index.clamp(min=0)]
+    return torch.where((seen > 0).view(*seen.shape, *[1] * (packed.dim() - 1)), filled, 0)
+
+
+def _causal_lm_loss(logits, labels, cu_seqlens, num_items_in_batch=None):
+    """Next-token cross entropy of packed ``logits [N, V]`` against ``labels [N]``, never across sequences."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    ends_sequence = torch.zeros_like(labels, dtype=torch.bool)
+    ends_sequence[(cu_seqlens[1:] - 1)[lengths > 0].long()] = True
+    targets = labels.roll(-1).masked_fill(ends_sequence, -100)
+    total = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum().clamp(min=1)
+    return total / count
+
+
+# ----------------------------------------------------------------------------------------------------
+# modules
+
+
+class MoBAHybridMLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoBAHybridDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+
+    def __init__(self, config: MoBAHybridConfig, layer_idx: int):
+        super().__init__()
+        attn_type = config.layer_attn_types[layer_idx]
+        local = attn_type == "swa"
+        self.layer_idx = layer_idx
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = MoBAAttention(
+            config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+            attn_type=attn_type, block_size=config.moba_block_size, topk=config.moba_topk,
+            window=config.swa_window, kconv_size=0 if local else config.kconv_size, rope=local,
+            rope_theta=config.rope_theta, layer_idx=layer_idx, backend=config.attn_backend,
+        )
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MoBAHybridMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden_states, cu_seqlens=None, past_key_values: MoBAHybridCache | None = None):
+        cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cu_seqlens, cache)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MoBAHybridPreTrainedModel(PreTrainedModel):
+    """Weights init, checkpointing and cache conventions shared by the hybrid models."""
+
+    config_class = MoBAHybridConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoBAHybridDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, KeyConv):
+            init.zeros_(module.weight)  # the identity map (flashmoba.nn.keyconv)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The layers keep their own cache (per-sequence lengths, key-conv state): see MoBAHybridCache.
+        return False
+
+
+class MoBAHybridModel(MoBAHybridPreTrainedModel):
+    """Embedding, decoder layers and final norm (no LM head)."""
+
+    def __init__(self, config: MoBAHybridConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(MoBAHybridDecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        cu_seqlens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: MoBAHybridCache | None = None,
+        use_cache: bool | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> MoBAHybridModelOutput:
+        """Run the decoder.
+
+        Args:
+            input_ids: ``[B, T]``, or ``[1, N]`` with ``cu_seqlens``.
+            cu_seqlens: int32/int64 ``[S + 1]`` document boundaries of packed input.
+            attention_mask: ``[B, past + T]``, 1 = real token, 0 = padding (module docstring).
+            past_key_values: a :class:`MoBAHybridCache` from an earlier call: the new tokens continue
+                its sequences.
+            use_cache: return a cache (a new one if none was passed); default False.
+            position_ids, output_attentions, output_hidden_states: not supported (positions come from
+                ``cu_seqlens`` / ``attention_mask`` / the cache); passing them raises.
+
+        Returns:
+            :class:`MoBAHybridModelOutput`.
+        """
+        if position_ids is not None:
+            raise ValueError("position_ids is not supported: positions restart per sequence (cu_seqlens / "
+                             "attention_mask) and continue from the cache")
+        if output_attentions or output_hidden_states:
+            raise ValueError("output_attentions / output_hidden_states are not supported by MoBAHybridModel")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', input_ids)}")
+        if past_key_values is not None and not isinstance(past_key_values, MoBAHybridCache):
+            raise TypeError(f"past_key_values must be a MoBAHybridCache, got {type(past_key_values).__name__}")
+        batch, seq_len = input_ids.shape
+        mask = _real_tokens(attention_mask, input_ids)
+        if cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError("pass either cu_seqlens (packed documents) or attention_mask (padding), not both")
+            if batch != 1:
+                raise ValueError(f"with cu_seqlens, input_ids must be packed as [1, N], got {tuple(input_ids.shape)}")
+            _check_cu_seqlens(cu_seqlens, seq_len, input_ids.device, None)
+            hidden, layer_cu = self.embed_tokens(input_ids[0]), cu_seqlens
+        elif mask is not None:
+            hidden = self.embed_tokens(input_ids[mask])
+            layer_cu = F.pad(mask.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+        else:
+            hidden, layer_cu = self.embed_tokens(input_ids), None
+        if use_cache and past_key_values is None:
+            past_key_values = MoBAHybridCache(self.config.num_layers)
+        cache = past_key_values if use_cache or past_key_values is not None else None
+        for layer in self.layers:
+            hidden = layer(hidden, cu_seqlens=layer_cu, past_key_values=cache)
+        hidden = self.norm(hidden)
+        if cache is not None:
+            cache.num_columns += seq_len
+        packed = hidden.reshape(-1, hidden.shape[-1])
+        if mask is not None:
+            last_hidden = _fill_from_packed(packed, mask)
+        else:
+            last_hidden = hidden.view(batch, seq_len, -1)
+            layer_cu = layer_cu if layer_cu is not None else uniform_cu_seqlens(batch, seq_len, hidden.device)
+        return MoBAHybridModelOutput(
+            last_hidden_state=last_hidden,
+            past_key_values=cache if use_cache else None,
+            packed_hidden_state=packed,
+            cu_seqlens=layer_cu,
+        )
+
+
+class MoBAHybridForCausalLM(MoBAHybridPreTrainedModel, GenerationMixin):
+    """The hybrid decoder with an LM head; ``generate()`` works with its own cache."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoBAHybridConfig):
+        super().__init__(config)
+        self.model = MoBAHybridModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        cu_seqlens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: MoBAHybridCache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits, and the loss when ``labels`` are given.
+
+        Args:
+            input_ids, cu_seqlens, attention_mask, past_key_values, use_cache: as :meth:`MoBAHybridModel.forward`.
+            labels: like ``input_ids`` (-100 = ignore); shifted inside (module docstring).
+            logits_to_keep: return logits of the last ``logits_to_keep`` positions only (0 = all).
+            num_items_in_batch: divide the summed loss by this instead of the number of targets
+                (gradient accumulation, as transformers' Trainer passes it).
+
+        Returns:
+            :class:`CausalLMOutputWithPast`: ``logits [B, T or logits_to_keep, V]``, ``loss``, ``past_key_values``.
+        """
+        out = self.model(input_ids, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
+                         past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(labels.shape)}")
+            mask = _real_tokens(attention_mask, input_ids)
+            packed_labels = labels[mask] if mask is not None else labels.reshape(-1)
+            packed_logits = self.lm_head(out.packed_hidden_state)
+            loss = _causal_lm_loss(packed_logits, packed_labels, out.cu_seqlens, num_items_in_batch)
+            if mask is not None:
+                logits = _fill_from_packed(packed_logits, mask)[:, keep]
+            else:
+                logits = packed_logits.view(*input_ids.shape, -1)[:, keep]
+        else:
+            logits = self.lm_head(out.last_hidden_state[:, keep])
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
