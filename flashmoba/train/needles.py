@@ -13,7 +13,7 @@ Evaluation tasks (analogues of RULER's S-NIAH, :data:`TASKS`):
 * ``niah_single_3``: a UUID needle in real text.
 
 Training sequences (:meth:`NeedleFactory.training_sample`) plant 1-4 needles with distinct keys in real
-or repeated filler and query all of them at the end, in random order.
+(75%) or repeated filler, with number or UUID values, and query all of them at the end, in random order.
 """
 
 from __future__ import annotations
@@ -174,13 +174,18 @@ class NeedleFactory:
         return [self.eval_sample(task, length, (i + 0.5) / count, rng) for i in range(count)]
 
     def training_sample(self, length: int, rng: np.random.Generator) -> NeedleSample | None:
-        """1-4 needles (as many as fit in half of ``length``) in real or repeated filler, all queried at the end."""
+        """1-4 needles in real or repeated filler, all queried at the end, in random order.
+
+        As many of the wanted needles as fit in half of ``length`` (at least one, if it fits at all);
+        None when not even one needle and its query fit in ``length`` tokens.
+        """
         haystack = "corpus" if rng.random() < 0.75 else "repeated"
         value_kind = "number" if rng.random() < 0.5 else "uuid"
         wanted = int(rng.integers(1, MAX_TRAINING_NEEDLES + 1))
-        for count in range(wanted, 0, -1):
+        attempts = [(count, length // 2) for count in range(wanted, 0, -1)] + [(1, length)]
+        for count, max_structure in attempts:
             positions = lambda n, c=count: np.sort(rng.integers(0, n + 1, size=c))  # noqa: E731
-            sample = self._build(length, haystack, value_kind, count, positions, rng, max_structure=length // 2)
+            sample = self._build(length, haystack, value_kind, count, positions, rng, max_structure)
             if sample is not None:
                 return sample
         return None
@@ -194,8 +199,7 @@ class NeedleFactory:
         while left >= min_length:
             length = int(rng.integers(min_length, min(max_length, left) + 1))
             sample = self.training_sample(length, rng)
-            if sample is None:
-                break
-            sequences.append(sample.tokens)
+            if sample is not None:  # else these tokens go to corpus text
+                sequences.append(sample.tokens)
             left -= length
         return sequences
