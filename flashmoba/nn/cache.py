@@ -47,8 +47,9 @@ class KVCache:
         if self.keys is None:
             self.lengths = [0] * len(new_lengths)
             shape = (len(new_lengths), max(new_lengths, default=0), k.shape[1], k.shape[2])
-            self.keys = k.new_empty(shape)
-            self.values = v.new_empty(shape)
+            # Zeros, not empty: masked-out slots still enter the attention product (0 * NaN = NaN).
+            self.keys = k.new_zeros(shape)
+            self.values = v.new_zeros(shape)
         if len(new_lengths) != self.num_seqs:
             raise ValueError(f"the cache holds {self.num_seqs} sequences but the input has {len(new_lengths)}")
         needed = max((a + b for a, b in zip(self.lengths, new_lengths)), default=0)
