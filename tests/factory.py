@@ -38,8 +38,8 @@ class Case(NamedTuple):
         return make_packed(self.lens, self.hq, self.hkv, self.d, **kwargs)
 
     @property
-    def num_blocks_max(self) -> int:
-        """Blocks of the longest sequence (so ``topk >= num_blocks_max`` means every block fits)."""
+    def blocks_in_longest(self) -> int:
+        """Blocks of the longest sequence (so ``topk >= blocks_in_longest`` selects every block)."""
         return max((-(-n // self.block_size) for n in self.lens), default=0)
 
 

@@ -19,65 +19,60 @@ ROUTE = flashmoba.moba_route_varlen
 BATCHED = flashmoba.moba_attn
 
 
-def _varlen_args(hq=4, hkv=2, d=16, dtype=torch.float32, lens=(5, 0, 12)):
-    q, k, v, cu = make_packed(lens, hq, hkv, d, dtype=dtype)
+def _varlen_args(dtype=torch.float32):
+    """Valid arguments of the varlen entry points: 4 query heads over 2 KV heads, an empty sequence."""
+    q, k, v, cu = make_packed((5, 0, 12), 4, 2, 16, dtype=dtype)
     return {"q": q, "k": k, "v": v, "cu_seqlens": cu, "block_size": 4, "topk": 2}
 
 
+def _batched_args():
+    """Valid arguments of ``moba_attn``: the varlen ones without ``cu_seqlens``, as [B=2, T=10, H, D]."""
+    q, k, v, _ = make_packed((20,), 4, 2, 16, dtype=torch.float32)
+    q, k, v = (x.view(2, 10, *x.shape[1:]) for x in (q, k, v))
+    return {"q": q, "k": k, "v": v, "block_size": 4, "topk": 2}
+
+
 def _call(fn, args):
-    """Call an entry point with a ``_varlen_args``-style dict (dropping what it does not take)."""
+    """Call an entry point with an argument dict (``moba_route_varlen`` ignores ``v``)."""
     args = dict(args)
-    if fn is ROUTE:
-        args.pop("v")
-        for name in ("softmax_scale", "return_lse", "deterministic"):
-            args.pop(name, None)
-    if fn is BATCHED:
-        args.pop("cu_seqlens", None)
-        args.pop("max_seqlen", None)
-    q, k = args.pop("q"), args.pop("k")
-    positional = (q, k) if fn is ROUTE else (q, k, args.pop("v"))
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    tensors = (q, k) if fn is ROUTE else (q, k, v)
     if fn is not BATCHED:
-        positional = (*positional, args.pop("cu_seqlens"))
-    return fn(*positional, **args)
-
-
-def _batched_args(**kwargs):
-    args = _varlen_args(lens=(20,), **kwargs)
-    for name in ("q", "k", "v"):
-        args[name] = args[name].view(2, 10, *args[name].shape[1:])
-    return args
+        tensors = (*tensors, args.pop("cu_seqlens"))
+    return fn(*tensors, **args)
 
 
 def _with(**changes):
-    """A mutation of the valid varlen arguments."""
     return lambda args: {**args, **changes}
 
 
-def _replace_tensor(name, make):
-    return lambda args: {**args, name: make(args[name])}
-
-
-def _replace_kv(make):
-    """Change k and v alike (so that the error is about k, not about v differing from k)."""
-    return lambda args: {**args, "k": make(args["k"]), "v": make(args["v"])}
+def _replace(names: str, make):
+    """Apply ``make`` to the space-separated named tensors (change k and v together where the error is
+    about k, so that it is not reported as v differing from k)."""
+    return lambda args: {**args, **{name: make(args[name]) for name in names.split()}}
 
 
 def _cu(values, dtype=torch.int32):
     return _with(cu_seqlens=torch.tensor(values, dtype=dtype))
 
 
-# (id, mutation of valid varlen arguments, error type, pattern the message must contain)
+# (id, mutation of valid arguments, error type, pattern the message must contain)
 COMMON_ERRORS = [
-    ("q-rank", _replace_tensor("q", lambda t: t[0]), ValueError, r"\bq must have rank"),
-    ("k-rank", _replace_tensor("k", lambda t: t[None]), ValueError, r"\bk must have rank"),
-    ("q-not-tensor", _replace_tensor("q", lambda t: t.tolist()), TypeError, r"\bq must be a torch.Tensor"),
-    ("k-token-count", _replace_kv(lambda t: t[:-1]), ValueError, r"\bk must match q"),
-    ("k-head-dim", _replace_kv(lambda t: t[..., :8]), ValueError, r"\bk's head dim"),
-    ("heads-not-multiple", _replace_kv(lambda t: t.narrow(-2, 0, 1).repeat_interleave(3, dim=-2)), ValueError, r"\bq has 4 heads.*\bk has 3"),
-    ("head-dim-zero", lambda a: {**a, **{n: a[n][..., :0] for n in ("q", "k", "v")}}, ValueError, r"head dim must be >= 1"),
-    ("k-device", _replace_tensor("k", lambda t: t.to("meta")), ValueError, r"\bk is on meta"),
-    ("k-dtype", _replace_tensor("k", lambda t: t.double()), TypeError, r"\bk has dtype"),
-    ("integer-dtype", lambda a: {**a, "q": a["q"].int(), "k": a["k"].int(), "v": a["v"].int()}, TypeError, r"\bq must be a floating"),
+    ("q-rank", _replace("q", lambda t: t[0]), ValueError, r"\bq must have rank"),
+    ("k-rank", _replace("k", lambda t: t[None]), ValueError, r"\bk must have rank"),
+    ("q-not-tensor", _replace("q", lambda t: t.tolist()), TypeError, r"\bq must be a torch.Tensor"),
+    ("k-token-count", _replace("k v", lambda t: t[:-1]), ValueError, r"\bk must match q"),
+    ("k-head-dim", _replace("k v", lambda t: t[..., :8]), ValueError, r"\bk's head dim"),
+    (
+        "heads-not-multiple",
+        _replace("k v", lambda t: t.narrow(-2, 0, 1).repeat_interleave(3, dim=-2)),
+        ValueError,
+        r"\bq has 4 heads and k has 3",
+    ),
+    ("head-dim-zero", _replace("q k v", lambda t: t[..., :0]), ValueError, r"head dim must be >= 1"),
+    ("k-device", _replace("k", lambda t: t.to("meta")), ValueError, r"\bk is on meta"),
+    ("k-dtype", _replace("k", lambda t: t.double()), TypeError, r"\bk has dtype"),
+    ("integer-dtype", _replace("q k v", lambda t: t.int()), TypeError, r"\bq must be a floating"),
     ("block-size-zero", _with(block_size=0), ValueError, r"block_size must be >= 1"),
     ("block-size-float", _with(block_size=4.0), TypeError, r"block_size must be an int"),
     ("block-size-bool", _with(block_size=True), TypeError, r"block_size must be an int"),
@@ -93,7 +88,7 @@ VARLEN_ONLY_ERRORS = [
     ("cu-2d", _cu([[0, 5], [5, 17]]), ValueError, r"cu_seqlens must be 1-D"),
     ("cu-empty", _cu([]), ValueError, r"cu_seqlens must be 1-D with at least one"),
     ("cu-not-tensor", _with(cu_seqlens=[0, 5, 5, 17]), TypeError, r"cu_seqlens must be a torch.Tensor"),
-    ("cu-device", _with(cu_seqlens=torch.tensor([0, 5, 5, 17], dtype=torch.int32, device="meta")), ValueError, r"cu_seqlens is on meta"),
+    ("cu-device", _replace("cu_seqlens", lambda t: t.to("meta")), ValueError, r"cu_seqlens is on meta"),
     ("cu-start", _cu([1, 5, 5, 17]), ValueError, r"cu_seqlens must start at 0"),
     ("cu-decreasing", _cu([0, 9, 5, 17]), ValueError, r"cu_seqlens must be non-decreasing"),
     ("cu-short-end", _cu([0, 5, 5, 16]), ValueError, r"cu_seqlens must end at the number of tokens"),
@@ -104,23 +99,28 @@ VARLEN_ONLY_ERRORS = [
 ]
 
 ATTENTION_ONLY_ERRORS = [
-    ("v-rank", _replace_tensor("v", lambda t: t[None]), ValueError, r"\bv must have rank"),
-    ("v-shape", _replace_tensor("v", lambda t: t[..., :8]), ValueError, r"\bv must have the shape of k"),
-    ("v-device", _replace_tensor("v", lambda t: t.to("meta")), ValueError, r"\bv is on meta"),
-    ("v-dtype", _replace_tensor("v", lambda t: t.half()), TypeError, r"\bv has dtype"),
+    ("v-rank", _replace("v", lambda t: t[None]), ValueError, r"\bv must have rank"),
+    ("v-shape", _replace("v", lambda t: t[..., :8]), ValueError, r"\bv must have the shape of k"),
+    ("v-device", _replace("v", lambda t: t.to("meta")), ValueError, r"\bv is on meta"),
+    ("v-dtype", _replace("v", lambda t: t.half()), TypeError, r"\bv has dtype"),
     ("scale-str", _with(softmax_scale="0.1"), TypeError, r"softmax_scale must be a float"),
     ("scale-inf", _with(softmax_scale=math.inf), ValueError, r"softmax_scale must be finite"),
     ("scale-nan", _with(softmax_scale=math.nan), ValueError, r"softmax_scale must be finite"),
     ("deterministic-not-bool", _with(deterministic=None), TypeError, r"deterministic must be a bool"),
 ]
 
-# Limits of the Triton backend (checked on the CPU under TRITON_INTERPRET=1, before any kernel runs).
+# Limits of the Triton backend, as mutations of otherwise valid Triton arguments (block_size 16).
 TRITON_ERRORS = [
-    ("float64", _with(backend="triton"), TypeError, r"dtype torch.float64 is not supported by backend='triton'"),
-    ("head-dim-12", lambda a: {**_varlen_args(d=12), "backend": "triton", "block_size": 16}, ValueError, r"head dim 12 .* backend='triton'"),
-    ("head-dim-264", lambda a: {**_varlen_args(d=264), "backend": "triton", "block_size": 16}, ValueError, r"head dim 264 .* backend='triton'"),
-    ("block-size-8", lambda a: {**_varlen_args(), "backend": "triton", "block_size": 8}, ValueError, r"block_size 8 .* backend='triton'"),
-    ("topk-65", lambda a: {**_varlen_args(), "backend": "triton", "block_size": 16, "topk": 65}, ValueError, r"topk 65 .* backend='triton'"),
+    ("float64", _replace("q k v", lambda t: t.double()), TypeError, r"dtype torch.float64 .* backend='triton'"),
+    ("head-dim-12", _replace("q k v", lambda t: t[..., :12]), ValueError, r"head dim 12 .* backend='triton'"),
+    (
+        "head-dim-264",
+        _replace("q k v", lambda t: t.repeat(1, 1, 17)[..., :264]),
+        ValueError,
+        r"head dim 264 .* backend='triton'",
+    ),
+    ("block-size-8", _with(block_size=8), ValueError, r"block_size 8 .* backend='triton'"),
+    ("topk-65", _with(topk=65), ValueError, r"topk 65 .* backend='triton'"),
 ]
 
 
@@ -159,10 +159,10 @@ def test_batched_validation_errors(fn, mutate, error, pattern):
 @pytest.mark.parametrize(
     "args, pattern",
     [
-        (lambda a: {**a, "q": a["q"][0]}, r"\bq must have rank 4"),
-        (lambda a: {**a, "k": a["k"].flatten(0, 1)}, r"\bk must have rank 4"),
-        (lambda a: {**a, "v": a["v"][None]}, r"\bv must have rank 4"),
-        (lambda a: {**a, "k": a["k"][:, :-1], "v": a["v"][:, :-1]}, r"\bk must match q"),
+        (_replace("q", lambda t: t[0]), r"\bq must have rank 4"),
+        (_replace("k", lambda t: t.flatten(0, 1)), r"\bk must have rank 4"),
+        (_replace("v", lambda t: t[None]), r"\bv must have rank 4"),
+        (_replace("k v", lambda t: t[:, :-1]), r"\bk must match q"),
     ],
     ids=["q-rank", "k-rank", "v-rank", "k-sequence-length"],
 )
@@ -174,8 +174,9 @@ def test_batched_shape_errors(args, pattern):
 @pytest.mark.parametrize("fn, mutate, error, pattern", _cases(TRITON_ERRORS, (VARLEN, ROUTE)))
 def test_triton_limits(monkeypatch, fn, mutate, error, pattern):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_args = {**_varlen_args(), "block_size": 16, "backend": "triton"}
     with pytest.raises(error, match=pattern):
-        _call(fn, mutate(_varlen_args(dtype=torch.float64)))
+        _call(fn, mutate(triton_args))
 
 
 @pytest.mark.parametrize("fn", [VARLEN, ROUTE, BATCHED], ids=lambda f: f.__name__)
@@ -214,7 +215,8 @@ def test_noncontiguous_inputs_give_the_contiguous_result():
     torch.testing.assert_close(out_view, out, rtol=0, atol=2 * out_bound)
     torch.testing.assert_close(lse_view, lse, rtol=0, atol=2 * lse_bound)
     route_kwargs = {"block_size": 8, "topk": 3, "backend": "reference"}
-    assert torch.equal(ROUTE(q_view, k_view, cu, **route_kwargs).indices, ROUTE(q, k, cu, **route_kwargs).indices)
+    indices = ROUTE(q, k, cu, **route_kwargs).indices
+    assert torch.equal(ROUTE(q_view, k_view, cu, **route_kwargs).indices, indices)
 
     # Batched inputs that come from a [B, H, T, D] layout.
     qb, kb, vb = (x[:40].view(2, 20, -1, d) for x in (q, k, v))
@@ -228,12 +230,12 @@ def test_noncontiguous_inputs_give_the_contiguous_result():
 @pytest.mark.parametrize("fn", [VARLEN, BATCHED], ids=lambda f: f.__name__)
 def test_auto_uses_the_reference_on_cpu(monkeypatch, fn):
     calls = []
+    reference_attention = reference.attention
 
     def spy(*args, **kwargs):
         calls.append(1)
         return reference_attention(*args, **kwargs)
 
-    reference_attention = reference.attention
     monkeypatch.setattr(reference, "attention", spy)
     args = _batched_args() if fn is BATCHED else _varlen_args()
     out = _call(fn, {**args, "backend": "auto"})
@@ -243,16 +245,18 @@ def test_auto_uses_the_reference_on_cpu(monkeypatch, fn):
 
 def test_route_result_echoes_its_parameters():
     args = _varlen_args()
-    routing = ROUTE(args["q"], args["k"], args["cu_seqlens"], block_size=4, topk=2, causal=False, backend="reference")
+    routing = _call(ROUTE, {**args, "causal": False, "backend": "reference"})
     assert isinstance(routing, flashmoba.MoBARouting)
     assert routing.indices.dtype == torch.int32 and routing.indices.shape == (17, 4, 2)
     assert (routing.block_size, routing.topk, routing.causal) == (4, 2, False)
     assert torch.equal(routing.cu_seqlens, args["cu_seqlens"])
 
 
-def test_lse_dtype_and_shapes():
-    for dtype, lse_dtype in ((torch.float16, torch.float32), (torch.float64, torch.float64)):
-        args = _varlen_args(dtype=dtype)
-        out, lse = _call(VARLEN, {**args, "return_lse": True, "backend": "reference"})
-        assert out.dtype == dtype and out.shape == args["q"].shape
-        assert lse.dtype == lse_dtype and lse.shape == args["q"].shape[:2]
+@pytest.mark.parametrize(
+    "dtype, lse_dtype", [(torch.float16, torch.float32), (torch.float64, torch.float64)], ids=str
+)
+def test_lse_dtype_and_shapes(dtype, lse_dtype):
+    args = _varlen_args(dtype=dtype)
+    out, lse = _call(VARLEN, {**args, "return_lse": True, "backend": "reference"})
+    assert out.dtype == dtype and out.shape == args["q"].shape
+    assert lse.dtype == lse_dtype and lse.shape == args["q"].shape[:2]

@@ -92,7 +92,7 @@ def _sdpa_per_sequence(q, k, v, cu_seqlens, mask_of_length):
 @pytest.mark.parametrize("case", AWKWARD_CASES)
 def test_topk_covering_all_blocks_is_dense_attention(case, causal):
     q, k, v, cu = case.packed()
-    topk = max(case.num_blocks_max, 1)
+    topk = max(case.blocks_in_longest, 1)
     out, _ = _attn(q, k, v, cu, case.block_size, topk, causal)
     expected = _sdpa_per_sequence(q, k, v, cu, lambda n: (None, causal))
     out_bound, _ = rounding_bound(q, k, v, cu, torch.float64)
