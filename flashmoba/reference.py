@@ -177,6 +177,6 @@ def attention(
             outs.append(o)
             lses.append(l)
     dt = _compute_dtype(q.dtype)
-    if not outs:
-        return q.new_zeros(N, HQ, v.shape[-1]), q.new_zeros(N, HQ, dtype=dt)
+    if not outs:  # N == 0: empty outputs that stay connected to the graph
+        return q * 0, q.new_zeros(N, HQ, dtype=dt)
     return torch.cat(outs).to(q.dtype), torch.cat(lses)

@@ -1,0 +1,216 @@
+"""MoBA backward: key-block-parallel with recomputation (FlashAttention-2 style, gathered queries).
+
+One program per (key block, KV head, key tile of ``BLOCK_N`` keys). It holds its keys, values and their
+gradients on chip, walks the block -> query index of every query head that reads this KV head (so dK/dV are
+summed over the GQA group without copies or atomics), and for each gathered tile of queries recomputes
+``P = exp(s - lse)`` from the forward's row log-sum-exp:
+
+    dV += P^T dO        dP = dO V^T        dS = P * (dP - delta)        dK += dS^T Q        dQ += dS K
+
+``delta = rowsum(dO * O)`` comes from a small pre-pass. dQ rows receive one contribution per (selected
+block, key tile): added with float32 atomics, or (``DETERMINISTIC``) written to one row per (pair, key tile)
+and summed afterwards in a fixed order. The own block's tiles get the causal mask, as in the forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flashmoba.attention.forward import LOG2E
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    Out, DOut, Delta, num_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[r] = sum_d out[r, d] * dout[r, d] over rows r of the contiguous [N * HQ, D] views."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    mask = (r < num_rows)[:, None] & (d < HEAD_DIM)[None, :]
+    offs = r.to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
+    o = tl.load(Out + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOut + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + r, tl.sum(o * do, axis=1), mask=r < num_rows)
+
+
+@triton.jit
+def _attn_bwd_tile(
+    Q, DO, RowLse, Delta, DQ, Entries,
+    k, v, dk, dv, kpos, key_ok,
+    e_start, e_end, h, split,
+    stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
+    scale, scale_log2,
+    HQ: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_SPLITS: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One gathered tile of up to BLOCK_M queries against this program's key tile."""
+    e = e_start + tl.arange(0, BLOCK_M)
+    row_ok = e < e_end
+    pair = tl.load(Entries + e, mask=row_ok, other=0).to(tl.int64)
+    t = pair // (HQ * TOPK)
+    d = tl.arange(0, BLOCK_D)
+    io_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(Q + t[:, None] * stride_qn + h * stride_qh + d[None, :], mask=io_mask, other=0.0)
+    do = tl.load(DO + t[:, None] * stride_don + h * stride_doh + d[None, :], mask=io_mask, other=0.0)
+    lse = tl.load(RowLse + t * HQ + h, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + t * HQ + h, mask=row_ok, other=0.0)
+
+    # Transposed tiles ([BLOCK_N, BLOCK_M]) so that dV and dK come out of the dots without transposes.
+    s_t = tl.dot(k, tl.trans(q)) * scale_log2
+    allowed = key_ok[:, None] & row_ok[None, :]
+    if CAUSAL_MASK:
+        allowed = allowed & (kpos[:, None] <= t[None, :])
+    p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do)
+    dp_t = tl.dot(v, tl.trans(do))
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q)
+    dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
+    if DETERMINISTIC:
+        tl.store(DQ + (pair * KEY_SPLITS + split)[:, None] * HEAD_DIM + d[None, :], dq, mask=io_mask)
+    else:
+        tl.atomic_add(DQ + t[:, None] * stride_dqn + h * stride_dqh + d[None, :], dq,
+                      mask=io_mask, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_kernel(
+    Q, K, V, DO, RowLse, Delta, DQ, DK, DV, Entries, Offsets,
+    cu_seqlens, cu_blocks, block_seq,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+    num_seqs, scale, scale_log2,
+    HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, KEY_SPLITS: tl.constexpr, CAUSAL: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    g = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = tl.load(block_seq + g)
+    if seq >= num_seqs:
+        return
+    seq_end = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    block_start = tl.load(cu_seqlens + seq).to(tl.int64) + (g - tl.load(cu_blocks + seq)) * BLOCK_SIZE
+    block_end = tl.minimum(block_start + BLOCK_SIZE, seq_end)
+    tile_start = block_start + split * BLOCK_N
+    if tile_start >= block_end:  # a partial last block has fewer key tiles
+        return
+    if CAUSAL:
+        num_own = block_end - block_start
+    else:
+        num_own = 0
+
+    kpos = tile_start + tl.arange(0, BLOCK_N)
+    key_ok = kpos < block_end
+    d = tl.arange(0, BLOCK_D)
+    kv_mask = key_ok[:, None] & (d < HEAD_DIM)[None, :]
+    k = tl.load(K + kpos[:, None] * stride_kn + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + kpos[:, None] * stride_vn + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    for hh in range(GROUP):
+        h = kvh * GROUP + hh
+        seg = g.to(tl.int64) * HQ + h
+        seg_start = tl.load(Offsets + seg)
+        seg_end = tl.load(Offsets + seg + 1)
+        for e0 in range(seg_start, seg_start + num_own, BLOCK_M):
+            dk, dv = _attn_bwd_tile(
+                Q, DO, RowLse, Delta, DQ, Entries, k, v, dk, dv, kpos, key_ok,
+                e0, seg_start + num_own, h, split,
+                stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
+                scale, scale_log2, HQ, TOPK, HEAD_DIM, KEY_SPLITS, True, DETERMINISTIC,
+                BLOCK_M, BLOCK_D,
+            )
+        for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
+            dk, dv = _attn_bwd_tile(
+                Q, DO, RowLse, Delta, DQ, Entries, k, v, dk, dv, kpos, key_ok,
+                e0, seg_end, h, split,
+                stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
+                scale, scale_log2, HQ, TOPK, HEAD_DIM, KEY_SPLITS, False, DETERMINISTIC,
+                BLOCK_M, BLOCK_D,
+            )
+
+    tl.store(DK + kpos[:, None] * stride_dkn + kvh * stride_dkh + d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kpos[:, None] * stride_dvn + kvh * stride_dvh + d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+def _bwd_config(block_size: int, head_dim: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a block size and head dim."""
+    block_n = min(64 if head_dim > 128 else 128, max(16, triton.next_power_of_2(block_size)))
+    return 64, block_n, 8 if block_n * head_dim >= 128 * 128 else 4, 2
+
+
+def attn_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cu_blocks: torch.Tensor,
+    block_seq: torch.Tensor,
+    offsets: torch.Tensor,
+    entries: torch.Tensor,
+    topk: int,
+    block_size: int,
+    causal: bool,
+    scale: float,
+    deterministic: bool,
+):
+    """Gradients of MoBA attention (none through the routing).
+
+    Args:
+        dout, q, out: ``[N, HQ, D]``; k, v: ``[N, HKV, D]``; lse: float32 ``[N, HQ]`` (natural log).
+        Layout and index arguments as in :func:`flashmoba.attention.forward.attn_fwd`.
+
+    Returns:
+        ``(dq [N, HQ, D], dk [N, HKV, D], dv [N, HKV, D])`` in the input dtype.
+    """
+    N, HQ, D = q.shape
+    HKV = k.shape[1]
+    num_blocks_max = block_seq.numel()
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _bwd_config(block_size, D)
+    BLOCK_D = triton.next_power_of_2(D)
+    key_splits = triton.cdiv(block_size, BLOCK_N)
+    dout = dout.contiguous()
+    out = out.contiguous()
+
+    delta = torch.empty(N, HQ, dtype=torch.float32, device=q.device)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    if deterministic:
+        dq_acc = torch.zeros(N * HQ * topk * key_splits, D, dtype=torch.float32, device=q.device)
+    else:
+        dq_acc = torch.zeros(N, HQ, D, dtype=torch.float32, device=q.device)
+    if N > 0 and num_blocks_max > 0:
+        BLOCK_R = 64
+        _attn_bwd_delta_kernel[(triton.cdiv(N * HQ, BLOCK_R),)](
+            out, dout, delta, N * HQ, HEAD_DIM=D, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+        )
+        row_lse_log2 = (lse * LOG2E).contiguous()
+        _attn_bwd_kernel[(num_blocks_max, HKV, key_splits)](
+            q, k, v, dout, row_lse_log2, delta, dq_acc, dk, dv, entries, offsets,
+            cu_seqlens, cu_blocks, block_seq,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), HQ * D, D,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            cu_seqlens.numel() - 1, scale, scale * LOG2E,
+            HQ=HQ, GROUP=HQ // HKV, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size,
+            KEY_SPLITS=key_splits, CAUSAL=causal, DETERMINISTIC=deterministic,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    if deterministic:
+        dq_acc = dq_acc.view(N, HQ, topk * key_splits, D).sum(dim=2)
+    return dq_acc.to(q.dtype), dk, dv

@@ -1,0 +1,199 @@
+"""MoBA forward: key-block-centric "gather and densify" in two passes with an exact log-sum-exp merge.
+
+Schedule. One program per (key block, KV head). It walks the block -> query index (see
+:mod:`flashmoba.routing.result`) of the query heads that read this KV head, gathers ``BLOCK_M`` of those
+queries into a dense tile, and runs them against the block's keys on tensor cores. Every block has about
+``topk * block_size`` queries whatever the sequence length, so tiles stay full even at 512K tokens, where a
+query-block-centric schedule (the FlashMoBA paper's) gathers only a few rows per (query block, key block).
+
+Merge. A query's keys are spread over ``topk`` programs, so the softmax cannot be finished in one of them.
+* Pass 1 (``STAGE=0``) computes, for every (query, selected block) pair, the log-sum-exp of its scores
+  over that block (one float per pair, indexed by pair id).
+* The row log-sum-exp ``lse = logsumexp(pair lse)`` is then exact.
+* Pass 2 (``STAGE=1``) recomputes the scores, forms the final probabilities ``exp(s - lse)`` and adds
+  ``P @ V`` into a float32 output: with atomics, or (``DETERMINISTIC``) into one row per pair that is
+  summed afterwards in a fixed order.
+
+Masking. In causal mode a block's own queries are the first ``len(block)`` entries of each of its
+segments (they always select it, and segments are in token order); only those tiles get the token-level
+causal mask. Routed queries are strictly later than the block, so their tiles run unmasked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _attn_fwd_tile(
+    Q, K, V, Entries, PairLse, RowLse, Out,
+    e_start, e_end, h, kvh, block_start, block_end,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    scale_log2,
+    HQ: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    STAGE: tl.constexpr, CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One gathered tile of up to BLOCK_M queries against all keys of the block."""
+    e = e_start + tl.arange(0, BLOCK_M)
+    row_ok = e < e_end
+    pair = tl.load(Entries + e, mask=row_ok, other=0).to(tl.int64)
+    t = pair // (HQ * TOPK)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + t[:, None] * stride_qn + h * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if STAGE == 0:
+        m = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+        l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    else:
+        lse = tl.load(RowLse + t * HQ + h, mask=row_ok, other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for n0 in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
+        kpos = block_start + n0 + tl.arange(0, BLOCK_N)
+        key_ok = kpos < block_end
+        k = tl.load(K + kpos[:, None] * stride_kn + kvh * stride_kh + d[None, :],
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        allowed = key_ok[None, :]
+        if CAUSAL_MASK:
+            allowed = allowed & (kpos[None, :] <= t[:, None])
+        s = tl.where(allowed, s, -float("inf"))
+        if STAGE == 0:
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with no key yet
+            l = l * tl.exp2(m - m_ref) + tl.sum(tl.exp2(s - m_ref[:, None]), axis=1)
+            m = m_new
+        else:
+            p = tl.exp2(s - lse[:, None])
+            v = tl.load(V + kpos[:, None] * stride_vn + kvh * stride_vh + d[None, :],
+                        mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+
+    if STAGE == 0:
+        tl.store(PairLse + pair, m + tl.log2(l), mask=row_ok)
+    elif DETERMINISTIC:
+        tl.store(Out + pair[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        tl.atomic_add(Out + t[:, None] * stride_on + h * stride_oh + d[None, :], acc,
+                      mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Entries, Offsets, PairLse, RowLse, Out,
+    cu_seqlens, cu_blocks, block_seq,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    num_seqs, scale_log2,
+    HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr, STAGE: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    g = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq = tl.load(block_seq + g)
+    if seq >= num_seqs:  # past the real blocks (the grid is sized from shapes only)
+        return
+    seq_end = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    block_start = tl.load(cu_seqlens + seq).to(tl.int64) + (g - tl.load(cu_blocks + seq)) * BLOCK_SIZE
+    block_end = tl.minimum(block_start + BLOCK_SIZE, seq_end)
+    if CAUSAL:
+        num_own = block_end - block_start
+    else:
+        num_own = 0
+
+    for hh in range(GROUP):
+        h = kvh * GROUP + hh
+        seg = g.to(tl.int64) * HQ + h
+        seg_start = tl.load(Offsets + seg)
+        seg_end = tl.load(Offsets + seg + 1)
+        # the own block's queries: token-level causal mask
+        for e0 in range(seg_start, seg_start + num_own, BLOCK_M):
+            _attn_fwd_tile(
+                Q, K, V, Entries, PairLse, RowLse, Out,
+                e0, seg_start + num_own, h, kvh, block_start, block_end,
+                stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+                scale_log2, HQ, TOPK, HEAD_DIM, BLOCK_SIZE, STAGE, True, DETERMINISTIC,
+                BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+        # routed queries lie after the block: no mask
+        for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
+            _attn_fwd_tile(
+                Q, K, V, Entries, PairLse, RowLse, Out,
+                e0, seg_end, h, kvh, block_start, block_end,
+                stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+                scale_log2, HQ, TOPK, HEAD_DIM, BLOCK_SIZE, STAGE, False, DETERMINISTIC,
+                BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+
+
+def _fwd_config(block_size: int, head_dim: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a block size and head dim."""
+    block_n = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(block_size)))
+    return 64, block_n, 4, 2
+
+
+def attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cu_blocks: torch.Tensor,
+    block_seq: torch.Tensor,
+    offsets: torch.Tensor,
+    entries: torch.Tensor,
+    topk: int,
+    block_size: int,
+    causal: bool,
+    scale: float,
+    deterministic: bool,
+):
+    """MoBA forward from a routing.
+
+    Args:
+        q: ``[N, HQ, D]``; k, v: ``[N, HKV, D]`` (last dim contiguous).
+        cu_seqlens ``[S + 1]``, cu_blocks ``[S + 1]``, block_seq ``[G]``: sequence / block layout.
+        offsets ``[G * HQ + 1]``, entries ``[N * HQ * topk]``: the block -> query index.
+        topk: slots per (query, head); pair ids are ``(t * HQ + h) * topk + slot``.
+
+    Returns:
+        ``(out [N, HQ, D] in q's dtype, lse [N, HQ] float32 natural log)``.
+    """
+    N, HQ, D = q.shape
+    HKV = k.shape[1]
+    num_blocks_max = block_seq.numel()
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _fwd_config(block_size, D)
+    BLOCK_D = triton.next_power_of_2(D)
+    scale_log2 = scale * LOG2E
+
+    pair_lse = torch.full((N * HQ * topk,), -float("inf"), dtype=torch.float32, device=q.device)
+    if deterministic:
+        out_acc = torch.zeros(N * HQ * topk, D, dtype=torch.float32, device=q.device)
+    else:
+        out_acc = torch.zeros(N, HQ, D, dtype=torch.float32, device=q.device)
+    row_lse_log2 = torch.empty(N, HQ, dtype=torch.float32, device=q.device)
+    if N > 0 and num_blocks_max > 0:
+        for stage in (0, 1):
+            if stage == 1:
+                row_lse_log2 = torch.logsumexp(pair_lse.view(N, HQ, topk) / LOG2E, dim=-1) * LOG2E
+            _attn_fwd_kernel[(num_blocks_max, HKV)](
+                q, k, v, entries, offsets, pair_lse, row_lse_log2, out_acc,
+                cu_seqlens, cu_blocks, block_seq,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                HQ * D, D,
+                cu_seqlens.numel() - 1, scale_log2,
+                HQ=HQ, GROUP=HQ // HKV, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size, CAUSAL=causal,
+                STAGE=stage, DETERMINISTIC=deterministic,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                num_warps=num_warps, num_stages=num_stages,
+            )
+    if deterministic:
+        out_acc = out_acc.view(N, HQ, topk, D).sum(dim=2)
+    return out_acc.to(q.dtype), row_lse_log2 / LOG2E
