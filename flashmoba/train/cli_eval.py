@@ -25,11 +25,11 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, type=Path, help="run folder written by flashmoba train")
     parser.add_argument("--lengths", type=int, nargs="+",
-                        help="needle sequence lengths (default: 1/2 to 4x the training context on CPU, 1K-32K on GPU)")
-    parser.add_argument("--samples", type=int, help="samples per task and length (default 20 on CPU, 100 on GPU)")
+                        help="needle sequence lengths (default: 1/2 to 2x the training context on CPU, 1K-32K on GPU)")
+    parser.add_argument("--samples", type=int, help="samples per task and length (default 10 on CPU, 100 on GPU)")
     parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS))
     parser.add_argument("--context", type=int, help="perplexity context (default: the training context)")
-    parser.add_argument("--ppl-tokens", type=int, help="validation tokens scored (default 100K CPU, 1M GPU)")
+    parser.add_argument("--ppl-tokens", type=int, help="validation tokens scored (default 32K CPU, 1M GPU)")
     parser.add_argument("--batch-tokens", type=int, help="tokens per forward pass (default: the training batch)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--no-snr", action="store_true", help="skip the router SNR measurement")
@@ -45,12 +45,12 @@ def run(args: argparse.Namespace) -> int:
     context = stored["context"]
     config = EvalConfig(
         context=args.context or context,
-        ppl_tokens=args.ppl_tokens or (1_000_000 if on_gpu else 100_000),
+        ppl_tokens=args.ppl_tokens or (1_000_000 if on_gpu else 32_768),
         batch_tokens=args.batch_tokens or stored["batch_tokens"],
         tasks=tuple(args.tasks),
         lengths=tuple(args.lengths or ((1024, 2048, 4096, 8192, 16384, 32768) if on_gpu else
-                                       (context // 2, context, 2 * context, 4 * context))),
-        samples=args.samples or (100 if on_gpu else 20),
+                                       (context // 2, context, 2 * context))),
+        samples=args.samples or (100 if on_gpu else 10),
         seed=args.seed,
         snr=not args.no_snr,
     )

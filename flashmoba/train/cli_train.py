@@ -27,15 +27,15 @@ from flashmoba.train.tokenizer import save_tokenizer
 __all__ = ["PRESET_DEFAULTS", "add_arguments", "run"]
 
 PRESET_DEFAULTS = {
-    "tiny": dict(context=512, batch_tokens=4096, steps=300, vocab_size=2048, max_corpus_mb=8.0, lr=2e-3,
-                 warmup=30),
+    "tiny": dict(context=512, batch_tokens=2048, steps=200, vocab_size=1024, max_corpus_mb=4.0, lr=3e-3,
+                 warmup=20),
     "gpu": dict(context=4096, batch_tokens=32768, steps=1000, vocab_size=8192, max_corpus_mb=64.0, lr=1e-3,
                 warmup=50),
 }
 # Arguments that shape the model or the data; ``--resume`` takes them from run.json.
 _MODEL_OVERRIDES = {"global_attn": "global_attn", "block_size": "moba_block_size", "topk": "moba_topk",
-                    "kconv": "kconv_size", "backend": "backend"}
-VAL_LOSS_TOKENS = 65536
+                    "kconv": "kconv_size", "backend": "attn_backend"}
+VAL_LOSS_BATCHES = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +103,7 @@ def _model_config(args: argparse.Namespace, vocab_size: int):
             raise ValueError(f"--set takes KEY=VALUE items, got {item!r}")
         overrides[key] = _parse_value(value)
     overrides["vocab_size"] = -(-vocab_size // 64) * 64  # a multiple of 64 for tensor cores
+    overrides["max_position_embeddings"] = args.context
     return config_cls.from_preset(args.preset, **overrides)
 
 
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     starts, lengths = sequence_chunks(data.val, args.context)
     val_sequences = [data.val.tokens[s : s + n] for s, n in zip(starts, lengths)]
     # Every process scores the same few batches (FSDP needs all of them in every forward anyway).
-    val_batches = pack_sequences(val_sequences, args.batch_tokens)[: max(1, VAL_LOSS_TOKENS // args.batch_tokens)]
+    val_batches = pack_sequences(val_sequences, args.batch_tokens)[:VAL_LOSS_BATCHES]
 
     train(model, stream, config, args.out, where=where, resume=args.resume, stop_at_step=args.stop_at,
           val_batches=val_batches)
