@@ -19,14 +19,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from flashmoba.theory.simulate import RetrievalEstimate
 from flashmoba.train.data import TokenizedCorpus
 from flashmoba.train.needles import TASKS, NeedleFactory, answer_correct
 from flashmoba.train.packing import PackedBatch, pack_sequences, sequence_chunks
 
-__all__ = ["EvalConfig", "wilson_interval", "perplexity", "needle_retrieval", "router_snr", "evaluate"]
-
-Z_95 = 1.959963984540054  # two-sided 95% normal quantile
-
+__all__ = ["EvalConfig", "perplexity", "needle_retrieval", "router_snr", "evaluate"]
 
 @dataclass
 class EvalConfig:
@@ -40,17 +38,6 @@ class EvalConfig:
     samples: int = 100
     seed: int = 1234
     snr: bool = True
-
-
-def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (well behaved at 0 and at ``trials``)."""
-    if trials <= 0 or not 0 <= successes <= trials:
-        raise ValueError(f"need 0 <= successes <= trials and trials > 0, got {successes}/{trials}")
-    p = successes / trials
-    denominator = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denominator
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _autocast(device: torch.device):
@@ -127,7 +114,7 @@ def needle_retrieval(model, factory: NeedleFactory, config: EvalConfig, device: 
             for a, b in zip(cu[:-1], cu[1:]):
                 correct += answer_correct(predicted[a:b], samples[cursor])
                 cursor += 1
-        low, high = wilson_interval(correct, len(samples))
+        low, high = RetrievalEstimate(hits=correct, trials=len(samples)).interval()  # Wilson, 95%
         rows.append({"task": task, "length": length, "correct": correct, "total": len(samples),
                      "accuracy": correct / len(samples), "ci_low": low, "ci_high": high})
     return rows
