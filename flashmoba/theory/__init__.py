@@ -8,6 +8,7 @@ from flashmoba.theory.snr import (
     required_snr,
     retrieval_probability,
     router_snr,
+    snr_for_retrieval,
 )
 from flashmoba.theory.simulate import RetrievalEstimate, RoutingScenario, simulate_retrieval
 
@@ -18,6 +19,7 @@ __all__ = [
     "required_snr",
     "retrieval_probability",
     "router_snr",
+    "snr_for_retrieval",
     "RetrievalEstimate",
     "RoutingScenario",
     "simulate_retrieval",
