@@ -310,6 +310,8 @@ class MoBAAttention(nn.Module):
         x, cu_seqlens, batch_shape = self._flatten(hidden_states, cu_seqlens)
         num_tokens = x.shape[0]
         decoding = cache is not None and not cache.is_empty
+        if decoding and cu_seqlens.numel() - 1 != cache.num_seqs:
+            raise ValueError(f"the cache holds {cache.num_seqs} sequences but the input has {cu_seqlens.numel() - 1}")
         positions = token_positions(cu_seqlens, num_tokens)
         if decoding:
             positions = positions + cache.lengths_tensor(x.device)[token_sequence_ids(cu_seqlens, num_tokens)]

@@ -43,15 +43,13 @@ class KVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, new_lengths: list[int]) -> None:
         """Append packed ``k, v [N, HKV, D]`` (sequence ``s`` adds ``new_lengths[s]`` tokens, bounded by
-        ``cu_seqlens [S + 1]``) after each sequence's cached tokens."""
+        ``cu_seqlens [S + 1]``) after each sequence's cached tokens; ``S`` must match the cache's."""
         if self.keys is None:
             self.lengths = [0] * len(new_lengths)
             shape = (len(new_lengths), max(new_lengths, default=0), k.shape[1], k.shape[2])
             # Zeros, not empty: masked-out slots still enter the attention product (0 * NaN = NaN).
             self.keys = k.new_zeros(shape)
             self.values = v.new_zeros(shape)
-        if len(new_lengths) != self.num_seqs:
-            raise ValueError(f"the cache holds {self.num_seqs} sequences but the input has {len(new_lengths)}")
         needed = max((a + b for a, b in zip(self.lengths, new_lengths)), default=0)
         capacity = self.keys.shape[1]
         if needed > capacity:
