@@ -123,11 +123,10 @@ def route(
     return out
 
 
-def _attend_one(q, k, v, sel, block_size, causal, scale):
+def _attend_one(q, k, v, sel, block_size, causal, scale, dt):
     """Dense masked attention of one sequence. q [L,HQ,D], k/v [L,HKV,D], sel [L,HQ,topk]."""
     L, HQ, _ = q.shape
     group = HQ // k.shape[1]
-    dt = _compute_dtype(q.dtype)
     kx = k.to(dt).repeat_interleave(group, dim=1)
     vx = v.to(dt).repeat_interleave(group, dim=1)
     n = -(-L // block_size)
@@ -157,12 +156,15 @@ def attention(
     causal: bool,
     softmax_scale: float,
     indices: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ):
     """MoBA attention over packed sequences, differentiable in q, k, v (not through routing).
 
     Args:
         q: ``[N, HQ, D]``; k, v: ``[N, HKV, D]``; cu_seqlens: ``[S + 1]``.
         indices: optional precomputed routing ``[N, HQ, topk]`` (from :func:`route`).
+        compute_dtype: dtype of the products and softmax; defaults to ``promote(q.dtype, float32)``.
+            Tests pass the input dtype to measure the error of a low-precision computation.
 
     Returns:
         ``(out [N, HQ, D] in q's dtype, lse [N, HQ] float32-or-wider natural-log sum-exp)``.
@@ -170,13 +172,13 @@ def attention(
     if indices is None:
         indices = route(q.detach(), k.detach(), cu_seqlens, block_size, topk, causal)
     N, HQ, D = q.shape
+    dt = compute_dtype or _compute_dtype(q.dtype)
     outs, lses = [], []
     for a, b in _sequences(cu_seqlens):
         if b > a:
-            o, l = _attend_one(q[a:b], k[a:b], v[a:b], indices[a:b], block_size, causal, softmax_scale)
+            o, l = _attend_one(q[a:b], k[a:b], v[a:b], indices[a:b], block_size, causal, softmax_scale, dt)
             outs.append(o)
             lses.append(l)
-    dt = _compute_dtype(q.dtype)
     if not outs:  # N == 0: empty outputs that stay connected to the graph
         return q * 0, q.new_zeros(N, HQ, dtype=dt)
     return torch.cat(outs).to(q.dtype), torch.cat(lses)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashmoba.attention.forward import LOG2E
+from flashmoba.attention.forward import LOG2E, dot_precision
 
 
 @triton.jit
@@ -45,7 +45,7 @@ def _attn_bwd_tile(
     scale, scale_log2,
     HQ: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_SPLITS: tl.constexpr,
     CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One gathered tile of up to BLOCK_M queries against this program's key tile."""
     e = e_start + tl.arange(0, BLOCK_M)
@@ -60,16 +60,16 @@ def _attn_bwd_tile(
     delta = tl.load(Delta + t * HQ + h, mask=row_ok, other=0.0)
 
     # Transposed tiles ([BLOCK_N, BLOCK_M]) so that dV and dK come out of the dots without transposes.
-    s_t = tl.dot(k, tl.trans(q)) * scale_log2
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
     allowed = key_ok[:, None] & row_ok[None, :]
     if CAUSAL_MASK:
         allowed = allowed & (kpos[:, None] <= t[None, :])
     p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do)
-    dp_t = tl.dot(v, tl.trans(do))
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q)
-    dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * scale
     if DETERMINISTIC:
         tl.store(DQ + (pair * KEY_SPLITS + split)[:, None] * HEAD_DIM + d[None, :], dq, mask=io_mask)
     else:
@@ -88,7 +88,7 @@ def _attn_bwd_kernel(
     HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, KEY_SPLITS: tl.constexpr, CAUSAL: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     g = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -127,7 +127,7 @@ def _attn_bwd_kernel(
                 e0, seg_start + num_own, h, split,
                 stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
                 scale, scale_log2, HQ, TOPK, HEAD_DIM, KEY_SPLITS, True, DETERMINISTIC,
-                BLOCK_M, BLOCK_D,
+                BLOCK_M, BLOCK_D, PRECISION,
             )
         for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
             dk, dv = _attn_bwd_tile(
@@ -135,7 +135,7 @@ def _attn_bwd_kernel(
                 e0, seg_end, h, split,
                 stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
                 scale, scale_log2, HQ, TOPK, HEAD_DIM, KEY_SPLITS, False, DETERMINISTIC,
-                BLOCK_M, BLOCK_D,
+                BLOCK_M, BLOCK_D, PRECISION,
             )
 
     tl.store(DK + kpos[:, None] * stride_dkn + kvh * stride_dkh + d[None, :],
@@ -208,7 +208,7 @@ def attn_bwd(
             cu_seqlens.numel() - 1, scale, scale * LOG2E,
             HQ=HQ, GROUP=HQ // HKV, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size,
             KEY_SPLITS=key_splits, CAUSAL=causal, DETERMINISTIC=deterministic,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
     if deterministic:

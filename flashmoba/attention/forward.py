@@ -30,6 +30,11 @@ import triton.language as tl
 LOG2E = math.log2(math.e)
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get exact float32 products (Triton would use TF32); 16-bit ones are exact anyway."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 @triton.jit
 def _attn_fwd_tile(
     Q, K, V, Entries, PairLse, RowLse, Out,
@@ -38,7 +43,7 @@ def _attn_fwd_tile(
     scale_log2,
     HQ: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     STAGE: tl.constexpr, CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One gathered tile of up to BLOCK_M queries against all keys of the block."""
     e = e_start + tl.arange(0, BLOCK_M)
@@ -61,7 +66,7 @@ def _attn_fwd_tile(
         key_ok = kpos < block_end
         k = tl.load(K + kpos[:, None] * stride_kn + kvh * stride_kh + d[None, :],
                     mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         allowed = key_ok[None, :]
         if CAUSAL_MASK:
             allowed = allowed & (kpos[None, :] <= t[:, None])
@@ -75,10 +80,10 @@ def _attn_fwd_tile(
             p = tl.exp2(s - lse[:, None])
             v = tl.load(V + kpos[:, None] * stride_vn + kvh * stride_vh + d[None, :],
                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
 
     if STAGE == 0:
-        tl.store(PairLse + pair, m + tl.log2(l), mask=row_ok)
+        tl.store(PairLse + pair, m + tl.log2(tl.where(row_ok, l, 1.0)), mask=row_ok)
     elif DETERMINISTIC:
         tl.store(Out + pair[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
     else:
@@ -94,7 +99,7 @@ def _attn_fwd_kernel(
     num_seqs, scale_log2,
     HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr, STAGE: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     g = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -121,7 +126,7 @@ def _attn_fwd_kernel(
                 e0, seg_start + num_own, h, kvh, block_start, block_end,
                 stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
                 scale_log2, HQ, TOPK, HEAD_DIM, BLOCK_SIZE, STAGE, True, DETERMINISTIC,
-                BLOCK_M, BLOCK_N, BLOCK_D,
+                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
             )
         # routed queries lie after the block: no mask
         for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
@@ -130,7 +135,7 @@ def _attn_fwd_kernel(
                 e0, seg_end, h, kvh, block_start, block_end,
                 stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
                 scale_log2, HQ, TOPK, HEAD_DIM, BLOCK_SIZE, STAGE, False, DETERMINISTIC,
-                BLOCK_M, BLOCK_N, BLOCK_D,
+                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
             )
 
 
@@ -191,7 +196,7 @@ def attn_fwd(
                 cu_seqlens.numel() - 1, scale_log2,
                 HQ=HQ, GROUP=HQ // HKV, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size, CAUSAL=causal,
                 STAGE=stage, DETERMINISTIC=deterministic,
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
                 num_warps=num_warps, num_stages=num_stages,
             )
     if deterministic:

@@ -1,0 +1,101 @@
+"""Checks shared by the CPU (interpreter) and GPU tests of the Triton backend.
+
+* :func:`assert_routing_valid`: a Triton selection must be a correct top-k of the float64 scores; rows
+  whose k-th and (k+1)-th scores are closer than rounding may pick either block.
+* :func:`assert_attention_matches`: the FlashAttention test rule: the kernel's error against a float64
+  computation is at most 2x (output, lse) / 3x (gradients) the error of the same reference computed in
+  the input's low precision, on the kernel's own routing (so routing near-ties cannot blur the check).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import flashmoba
+from flashmoba import reference
+
+
+def assert_routing_valid(q, k, cu_seqlens, indices, block_size, topk, causal, score_tol):
+    """``indices`` (from the kernel) vs float64 scores, sequence by sequence, vectorised."""
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b == a:
+            continue
+        scores = reference.route_scores(q[a:b].double(), k[a:b].double(), block_size)  # [L, HQ, n]
+        L, HQ, n = scores.shape
+        dev = scores.device
+        sel = indices[a:b].long()
+        valid = sel >= 0
+        own = (torch.arange(L, device=dev) // block_size)[:, None, None]
+        blocks = torch.arange(n, device=dev)
+        eligible = (blocks < own) if causal else torch.ones(L, 1, n, dtype=torch.bool, device=dev)
+        eligible = eligible.expand(L, HQ, n)
+        picks = topk - 1 if causal else topk
+        # valid ids first, ascending and distinct
+        assert not (~valid[..., :-1] & valid[..., 1:]).any(), "-1 padding must come last"
+        assert ((sel[..., 1:] > sel[..., :-1]) | ~valid[..., 1:]).all(), "ids must be ascending"
+        routed = valid & ~(sel == own) if causal else valid
+        if causal:
+            assert ((sel == own) & valid).any(-1).all(), "the own block must be selected"
+        num_routed = routed.sum(-1)
+        assert torch.equal(num_routed, eligible.sum(-1).clamp(max=picks)), "wrong number of blocks"
+        safe = torch.where(routed, sel, 0)
+        assert torch.gather(eligible, -1, safe)[routed].all(), "an ineligible block was selected"
+        masked = scores.masked_fill(~eligible, -float("inf"))
+        ranked = masked.sort(dim=-1, descending=True).values
+        kth = torch.gather(ranked, -1, (num_routed - 1).clamp(min=0)[..., None])
+        chosen_scores = torch.gather(masked, -1, safe)
+        ok = (chosen_scores >= kth - score_tol) | ~routed
+        assert ok.all(), f"{int((~ok).sum())} selections are not in the top-k"
+
+
+def _max_row_norm(t):
+    return t.detach().double().norm(dim=-1).max().item() if t.numel() else 0.0
+
+
+def _magnitudes(q, k, v, dout):
+    """Upper bounds (by Cauchy-Schwarz per row) of |out|, |lse|, |dq|, |dk|, |dv| entries."""
+    scale = q.shape[-1] ** -0.5
+    nq, nk, nv, ndo = (_max_row_norm(t) for t in (q, k, v, dout))
+    ds = 2 * ndo * nv  # |p (dp - delta)| <= |dp| + |delta|
+    return {"out": nv, "lse": scale * nq * nk + math.log(max(q.shape[0], 2)), "dq": scale * ds * nk,
+            "dk": scale * ds * nq, "dv": ndo}
+
+
+def _errors(x, ref):
+    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
+
+
+def assert_attention_matches(q, k, v, cu_seqlens, dout, *, block_size, topk, causal, deterministic=False):
+    """Triton forward + backward vs the reference in float64 and in the input dtype (FA rule)."""
+    low = q.dtype
+    routing = flashmoba.moba_route_varlen(q, k, cu_seqlens, block_size=block_size, topk=topk,
+                                          causal=causal, backend="triton")
+    scale = q.shape[-1] ** -0.5
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = flashmoba.moba_attn_varlen(*leaves, cu_seqlens, block_size=block_size, topk=topk,
+                                          causal=causal, return_lse=True, backend="triton",
+                                          deterministic=deterministic)
+    out.backward(dout)
+    results = {}
+    for name, dtype in (("exact", torch.float64), ("low", low)):
+        ref_leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o, l = reference.attention(*ref_leaves, cu_seqlens, block_size, topk, causal, scale,
+                                   indices=routing.indices, compute_dtype=dtype)
+        o.backward(dout.to(dtype))
+        results[name] = (o, l, *[t.grad for t in ref_leaves])
+    exact, lowp = results["exact"], results["low"]
+    kernel = (out, lse, *[t.grad for t in leaves])
+    eps = torch.finfo(low).eps
+    for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+        factor = 2.0 if i < 2 else 3.0
+        err = _errors(kernel[i], exact[i])
+        ref_err = _errors(lowp[i], exact[i])
+        # A floor of one rounding of the quantity's natural magnitude, so that a structurally exact
+        # low-precision reference (e.g. a single key: dq == 0 exactly) does not demand the impossible.
+        floor = eps * _magnitudes(q, k, v, dout)[name]
+        assert err <= factor * ref_err + floor, f"{name}: error {err:.3g} > {factor} x {ref_err:.3g} + {floor:.3g}"
+        assert torch.isfinite(kernel[i]).all(), f"{name} has non-finite values"
+    return routing
