@@ -1,11 +1,11 @@
 """Monte-Carlo check of the SNR model: plant a signal key, run the project's real router, count hits.
 
 One trial is one query looking for its signal key among ``n`` blocks of ``B`` keys (no causal mask:
-plain top-k over all blocks). The dot products follow the paper's model exactly, so any gap between the
-measured hit rate and :func:`flashmoba.theory.snr.retrieval_probability` comes either from sampling
-noise or from an assumption the scenario breaks on purpose (heavy tails, correlated keys).
+plain top-k over all blocks). By default the dot products follow the paper's model exactly, so any gap
+between the measured hit rate and :func:`flashmoba.theory.snr.retrieval_probability` comes either from
+sampling noise or from an assumption the scenario breaks on purpose (heavy tails, correlated keys).
 
-How the vectors are built (query head ``h`` reads KV head ``h``, one head per trial group):
+How the vectors are built (every query head has its own KV head, ``HQ = HKV``):
 
 * Queries are unit basis vectors: the query of trial ``a`` is ``e_a``. Dot products do not depend on
   the basis, so this is any orthonormal set of ``d`` query directions seen in its own coordinates.
@@ -14,9 +14,10 @@ How the vectors are built (query head ``h`` reads KV head ``h``, one head per tr
   variance ``sigma^2 = 1 / d``: this is where the head dim enters. For trial ``a`` the signal key gets
   ``mu_signal`` and ``m - 1`` neighbouring keys of the same block get ``mu_cluster`` in coordinate
   ``a`` only.
-* Because the noise coordinates are independent, the ``d`` orthogonal queries of one sequence and head
-  are ``d`` independent trials over the same keys. The remaining tokens of the sequence carry zero
-  queries and are ignored: the router needs ``n * B`` keys, but only ``d`` of its queries are useful.
+* Because the noise coordinates are independent, the ``d`` orthogonal queries of one head are ``d``
+  independent trials over the same keys; a routing call batches many heads of one sequence. The
+  remaining tokens carry zero queries and are ignored: the router needs ``n * B`` keys, but only ``d``
+  of its queries per head are useful.
 
 Noise distributions (``z = (sqrt(1 - rho) * e + sqrt(rho) * b) / sqrt(d)``, ``b`` shared by a block):
 
@@ -139,10 +140,10 @@ class RetrievalEstimate:
         return max(0.0, center - half), min(1.0, center + half)
 
 
-def _sample_keys(scenario: RoutingScenario, num_seqs: int, heads: int, device) -> torch.Tensor:
-    """Noise keys ``[num_seqs, n, B, heads, d]`` plus ``mu_noise`` (no signal planted yet)."""
+def _sample_keys(scenario: RoutingScenario, heads: int, device) -> torch.Tensor:
+    """Noise keys ``[n, B, heads, d]`` plus ``mu_noise`` (no signal planted yet)."""
     s = scenario
-    shape = (num_seqs, s.num_blocks, s.block_size, heads, s.head_dim)
+    shape = (s.num_blocks, s.block_size, heads, s.head_dim)
     if s.tail_dof is None:
         e = torch.randn(shape, device=device)
     else:
@@ -150,50 +151,44 @@ def _sample_keys(scenario: RoutingScenario, num_seqs: int, heads: int, device) -
         e = torch.distributions.StudentT(dof).sample(shape) * math.sqrt((s.tail_dof - 2) / s.tail_dof)
     rho = s.block_correlation
     if rho > 0:
-        shared = torch.randn(num_seqs, s.num_blocks, 1, heads, s.head_dim, device=device)
+        shared = torch.randn(s.num_blocks, 1, heads, s.head_dim, device=device)
         e.mul_(math.sqrt(1 - rho)).add_(shared, alpha=math.sqrt(rho))
     return e.mul_(1 / math.sqrt(s.head_dim)).add_(s.mu_noise)
 
 
-def _run_batch(scenario: RoutingScenario, num_seqs: int, heads: int, device, backend: str) -> int:
-    """Route ``num_seqs * heads * min(n B, d)`` independent trials in one call; return the hits."""
+def _run_batch(scenario: RoutingScenario, heads: int, device, backend: str) -> int:
+    """Route ``heads * min(n B, d)`` independent trials (one sequence) in one call; return the hits."""
     s = scenario
     seq_len = s.num_blocks * s.block_size
     directions = min(seq_len, s.head_dim)
-    keys = _sample_keys(s, num_seqs, heads, device)
+    keys = _sample_keys(s, heads, device)
 
-    # Plant the signal and its cluster: trial (seq, head, a) owns coordinate a of its m keys.
-    trial_shape = (num_seqs, heads, directions)
-    signal_block = torch.randint(s.num_blocks, trial_shape, device=device)
-    start = torch.randint(s.block_size - s.cluster_size + 1, trial_shape, device=device)
+    # Plant the signal and its cluster: trial (head, a) owns coordinate a of its m keys.
+    signal_block = torch.randint(s.num_blocks, (heads, directions), device=device)
+    start = torch.randint(s.block_size - s.cluster_size + 1, (heads, directions), device=device)
     offsets = torch.arange(s.cluster_size, device=device)
     lift = torch.full((s.cluster_size,), float((s.mu_cluster or 0.0) - s.mu_noise), device=device)
     lift[0] = s.mu_signal - s.mu_noise
-    seq_ix = torch.arange(num_seqs, device=device).view(-1, 1, 1, 1)
-    head_ix = torch.arange(heads, device=device).view(1, -1, 1, 1)
-    dir_ix = torch.arange(directions, device=device).view(1, 1, -1, 1)
-    index = torch.broadcast_tensors(
-        seq_ix, signal_block[..., None], start[..., None] + offsets, head_ix, dir_ix
-    )
+    head_ix = torch.arange(heads, device=device).view(-1, 1, 1)
+    dir_ix = torch.arange(directions, device=device).view(1, -1, 1)
+    index = torch.broadcast_tensors(signal_block[..., None], start[..., None] + offsets, head_ix, dir_ix)
     keys.index_put_(index, lift.expand(index[0].shape), accumulate=True)
 
-    queries = torch.zeros(num_seqs, seq_len, heads, s.head_dim, device=device)
+    queries = torch.zeros(seq_len, heads, s.head_dim, device=device)
     token = torch.arange(directions, device=device)
-    queries[:, token, :, token] = 1.0  # token a of every sequence and head queries along e_a
+    queries[token, :, token] = 1.0  # token a queries along e_a in every head
 
-    cu_seqlens = torch.arange(num_seqs + 1, dtype=torch.int32, device=device) * seq_len
     routing = flashmoba.moba_route_varlen(
-        queries.view(-1, heads, s.head_dim),
-        keys.view(-1, heads, s.head_dim),
-        cu_seqlens,
+        queries,
+        keys.view(seq_len, heads, s.head_dim),
+        torch.tensor([0, seq_len], dtype=torch.int32, device=device),
         block_size=s.block_size,
         topk=s.topk,
         causal=False,
         backend=backend,
     )
-    chosen = routing.indices.view(num_seqs, seq_len, heads, s.topk)[:, :directions]  # [S, a, h, k]
-    hit = (chosen == signal_block.transpose(1, 2)[..., None]).any(-1)
-    return int(hit.sum())
+    chosen = routing.indices[:directions]  # [a, heads, topk]
+    return int((chosen == signal_block.T[..., None]).any(-1).sum())
 
 
 def simulate_retrieval(
@@ -226,11 +221,13 @@ def simulate_retrieval(
     _check_int("seed", seed, 0)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
+    # Each head of a call is `directions` trials; spread the heads needed evenly over the fewest calls.
     seq_keys = scenario.num_blocks * scenario.block_size * scenario.head_dim
     directions = min(scenario.num_blocks * scenario.block_size, scenario.head_dim)
-    heads = max(1, min(math.ceil(trials / directions), _KEYS_PER_CALL // seq_keys))
-    num_seqs = max(1, min(math.ceil(trials / (heads * directions)), _KEYS_PER_CALL // (seq_keys * heads)))
-    per_call = num_seqs * heads * directions
+    heads_needed = math.ceil(trials / directions)
+    calls = math.ceil(heads_needed / max(1, _KEYS_PER_CALL // seq_keys))
+    heads = math.ceil(heads_needed / calls)
+    per_call = heads * directions
 
     hits = done = 0
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
@@ -238,7 +235,7 @@ def simulate_retrieval(
         torch.manual_seed(seed)
         with tqdm(total=trials, disable=not progress, unit="trial", leave=False) as bar:
             while done < trials:
-                hits += _run_batch(scenario, num_seqs, heads, device, backend)
+                hits += _run_batch(scenario, heads, device, backend)
                 done += per_call
                 bar.update(min(per_call, trials - bar.n))
     return RetrievalEstimate(hits=hits, trials=done)
