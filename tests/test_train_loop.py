@@ -4,13 +4,12 @@ import math
 import os
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+from flashmoba.models import MoBAHybridConfig, MoBAHybridForCausalLM
 from flashmoba.train.data import TokenizedCorpus
 from flashmoba.train.loop import Distributed, TrainConfig, learning_rate, train
 from flashmoba.train.packing import PackedStream
@@ -18,35 +17,14 @@ from flashmoba.train.packing import PackedStream
 VOCAB = 64
 
 
-class TinyPackedLM(torch.nn.Module):
-    """Stand-in causal LM with the model contract: attention restricted to each cu_seqlens segment."""
-
-    def __init__(self, vocab=VOCAB, dim=32, dtype=torch.float32):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, dim, dtype=dtype)
-        self.qkv = torch.nn.Linear(dim, 3 * dim, dtype=dtype)
-        self.norm = torch.nn.LayerNorm(dim, dtype=dtype)
-        self.blocks = torch.nn.ModuleList([torch.nn.Linear(dim, dim, dtype=dtype) for _ in range(2)])
-        self.head = torch.nn.Linear(dim, vocab, dtype=dtype)
-
-    def gradient_checkpointing_enable(self):
-        pass
-
-    def forward(self, input_ids, cu_seqlens, labels=None):
-        ids = input_ids[0]
-        n = ids.shape[0]
-        seq = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(n), right=True)
-        pos = torch.arange(n)
-        allowed = (seq[:, None] == seq[None, :]) & (pos[:, None] >= pos[None, :])
-        x = self.embed(ids)
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        x = x + F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=allowed)[0]
-        for block in self.blocks:
-            x = x + torch.tanh(block(self.norm(x)))
-        logits = self.head(x)[None]
-        same_seq = seq[1:] == seq[:-1]  # never predict across a boundary
-        loss = F.cross_entropy(logits[0, :-1][same_seq], labels[0, 1:][same_seq])
-        return SimpleNamespace(loss=loss, logits=logits)
+def micro_model(dtype=torch.float32, global_attn="moba"):
+    """The real hybrid model (one sliding-window and one MoBA layer), small enough for CPU tests."""
+    config = MoBAHybridConfig.from_preset(
+        "tiny", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+        intermediate_size=64, swa_window=16, moba_block_size=8, moba_topk=2, global_attn=global_attn,
+        attn_backend="reference",
+    )
+    return MoBAHybridForCausalLM(config).to(dtype)
 
 
 def counting_corpus(num_docs, rng, max_len=200):
@@ -61,8 +39,8 @@ def counting_corpus(num_docs, rng, max_len=200):
 
 def make_run(tmp_path, steps, seed=0, dtype=torch.float32, **config):
     torch.manual_seed(seed)
-    model = TinyPackedLM(dtype=dtype)
-    cfg = TrainConfig(steps=steps, batch_tokens=256, max_seqlen=64, warmup_steps=2, lr=3e-3, seed=seed,
+    model = micro_model(dtype)
+    cfg = TrainConfig(steps=steps, batch_tokens=128, max_seqlen=48, warmup_steps=2, lr=3e-2, seed=seed,
                       checkpoint_every=1000, **config)
     corpus = counting_corpus(40, np.random.default_rng(seed))
     stream = PackedStream(corpus, cfg.batch_tokens, cfg.max_seqlen, seed=seed)
@@ -73,14 +51,15 @@ SINGLE = Distributed(rank=0, world_size=1, device=torch.device("cpu"))
 
 
 def test_learns_a_synthetic_task(tmp_path):
-    model, stream, cfg = make_run(tmp_path, steps=60)
+    model, stream, cfg = make_run(tmp_path, steps=25)
     records = train(model, stream, cfg, tmp_path, where=SINGLE)
     uniform = math.log(VOCAB)
     assert records[0]["loss"] > 0.8 * uniform  # starts near chance...
     # ...and ends far below: only the first token of a sequence is unpredictable.
     assert np.mean([r["loss"] for r in records[-5:]]) < 0.15 * uniform
-    assert [r["step"] for r in records] == list(range(1, 61))
-    assert records[-1]["tokens"] == 60 * cfg.batch_tokens
+    assert [r["step"] for r in records] == list(range(1, 26))
+    assert records[-1]["tokens"] == 25 * cfg.batch_tokens
+    assert (tmp_path / "model" / "config.json").exists()  # the final model, loadable with from_pretrained
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -92,7 +71,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     first = train(model, stream, cfg, tmp_path / "split", where=SINGLE, stop_at_step=3)
     # A new process would rebuild everything from scratch: a fresh model with a different init.
     model, stream, cfg = make_run(tmp_path, steps=8, seed=0)
-    torch.nn.init.normal_(model.head.weight)
+    torch.nn.init.normal_(model.lm_head.weight)
     second = train(model, stream, cfg, tmp_path / "split", where=SINGLE, resume=True)
 
     assert [r["loss"] for r in first + second] == [r["loss"] for r in full]
@@ -126,31 +105,37 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, run_dir, fsdp, results):
+def _worker(rank, world_size, port, run_dir, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)  # two processes share the CI machine's cores
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        model, stream, cfg = make_run(Path(run_dir), steps=4, dtype=torch.float64, fsdp=fsdp)
-        where = Distributed(rank=rank, world_size=world_size, device=torch.device("cpu"))
-        records = train(model, stream, cfg, Path(run_dir), where=where)
-        results[rank] = [r["loss"] for r in records]
+        for mode in ("ddp", "fsdp2"):
+            model, stream, cfg = make_run(None, steps=DISTRIBUTED_STEPS, dtype=torch.float64, fsdp=mode == "fsdp2")
+            where = Distributed(rank=rank, world_size=world_size, device=torch.device("cpu"))
+            records = train(model, stream, cfg, Path(run_dir) / mode, where=where)
+            results[(mode, rank)] = [r["loss"] for r in records]
     finally:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_processes_match_gradient_accumulation(tmp_path, fsdp):
-    """2 gloo processes x 1 micro-batch == 1 process x 2 accumulated micro-batches (same global data)."""
-    manager = torch.multiprocessing.get_context("spawn").Manager()
-    results = manager.dict()
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp"), fsdp, results), nprocs=2)
+DISTRIBUTED_STEPS = 3
 
-    model, stream, cfg = make_run(tmp_path, steps=4, dtype=torch.float64, grad_accum=2)
+
+def test_two_processes_match_gradient_accumulation(tmp_path):
+    """2 gloo processes x 1 micro-batch == 1 process x 2 accumulated micro-batches (same global data),
+    replicated (DDP) and sharded (FSDP2)."""
+    # fork: the workers inherit the imported modules instead of importing transformers again.
+    results = torch.multiprocessing.get_context("fork").Manager().dict()
+    torch.multiprocessing.start_processes(_worker, args=(2, _free_port(), str(tmp_path), results), nprocs=2,
+                                          start_method="fork")
+
+    model, stream, cfg = make_run(tmp_path, steps=DISTRIBUTED_STEPS, dtype=torch.float64, grad_accum=2)
     single = [r["loss"] for r in train(model, stream, cfg, tmp_path / "single", where=SINGLE)]
-
-    assert results[0] == results[1]
-    # fp64 throughout: only summation order differs, a few ulps per step through Adam's normalisation.
-    np.testing.assert_allclose(results[0], single, rtol=1e-10)
-    distributed = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)["model"]
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(distributed[name], value, rtol=1e-9, atol=1e-12)
+    for mode in ("ddp", "fsdp2"):
+        assert results[(mode, 0)] == results[(mode, 1)], mode
+        # fp64 throughout: only summation order differs, a few ulps per step through Adam's normalisation.
+        np.testing.assert_allclose(results[(mode, 0)], single, rtol=1e-10, err_msg=mode)
+        distributed = torch.load(tmp_path / mode / "checkpoint.pt", weights_only=False)["model"]
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(distributed[name], value, rtol=1e-9, atol=1e-12, msg=f"{mode} {name}")
