@@ -404,9 +404,16 @@ def test_snr_command_writes_table_and_plot(tmp_path, capsys):
                            "--breakdown-head-dim", "16", "--device", "cpu",
                            "--plot", str(plot), "--markdown", str(table)]) == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = [line for line in table.read_text().splitlines() if line.startswith("| m=")]
+    rows = [line.strip("|").split("|") for line in table.read_text().splitlines() if line.startswith("| m=")]
     # ideal: 2 clusterings x 1 head dim x 2 block sizes; broken: 2 clusterings x 2 distributions x 2
     assert len(rows) == 4 + 8
+    for keys, b, d, delta, snr, p_fail, _, predicted, *_ in rows[:4]:
+        # mu_signal 1 and the default cluster m = 4, mu_cluster = 0.5
+        assert float(delta) == (2.5 if keys.strip() == "m=4" else 1.0)
+        assert float(snr) == pytest.approx(float(delta) * math.sqrt(int(d) / (2 * int(b))), abs=5e-4)
+        # Cells have 3 decimals: 5e-4 of their own rounding plus the SNR's 5e-4 times a slope < 0.6.
+        assert float(p_fail) == pytest.approx(phi(-float(snr)), abs=1e-3)
+        assert float(predicted) == pytest.approx(retrieval_probability(float(snr), 16, 2), abs=1e-3)
     assert table.read_text() in capsys.readouterr().out
 
 
