@@ -18,6 +18,7 @@ from flashmoba.theory import (
     block_score_variance,
     effective_separation,
     failure_probability,
+    measure_router_snr,
     required_snr,
     retrieval_probability,
     router_snr,
@@ -25,7 +26,6 @@ from flashmoba.theory import (
     snr_for_retrieval,
 )
 from flashmoba.theory.cli import demo_summary
-from flashmoba.theory.measure import measure_router_snr
 
 BAND = 0.02  # the simulator must agree with the prediction within 2 percentage points ...
 BAND_SIGMAS = 4  # ... and that band must be at least 4 binomial standard deviations wide

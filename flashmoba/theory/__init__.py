@@ -1,6 +1,9 @@
-"""The statistical model of MoBA routing: closed forms, a Monte-Carlo check with the real router,
-and a measurement hook for trained models (FlashMoBA section 3, appendix B)."""
+"""The statistical model of MoBA routing (FlashMoBA section 3, appendix B): closed forms, a Monte-Carlo
+check with the real router, and a measurement hook for trained models. ``flashmoba snr`` and
+:func:`flashmoba.theory.cli.demo_summary` present them."""
 
+from flashmoba.theory.measure import RouterSNR, measure_router_snr
+from flashmoba.theory.simulate import RetrievalEstimate, RoutingScenario, simulate_retrieval
 from flashmoba.theory.snr import (
     block_score_variance,
     effective_separation,
@@ -10,7 +13,6 @@ from flashmoba.theory.snr import (
     router_snr,
     snr_for_retrieval,
 )
-from flashmoba.theory.simulate import RetrievalEstimate, RoutingScenario, simulate_retrieval
 
 __all__ = [
     "block_score_variance",
@@ -23,4 +25,6 @@ __all__ = [
     "RetrievalEstimate",
     "RoutingScenario",
     "simulate_retrieval",
+    "RouterSNR",
+    "measure_router_snr",
 ]

@@ -27,7 +27,7 @@ from flashmoba.theory.snr import failure_probability, required_snr
 __all__ = ["add_arguments", "run", "demo_summary"]
 
 DIFFERS_Z = 3.29  # two-sided 99.9 %: about 1 in 1000 ideal points is flagged by chance
-DEMO_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024)
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024)
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,6 @@ def _sweep(args) -> list[SweepPoint]:
     return points
 
 
-def _keys_label(point: SweepPoint) -> str:
-    s = point.scenario
-    return f"m={s.cluster_size}" if point.clustered else "m=1"
-
-
 def _measured_cell(point: SweepPoint) -> str:
     low, high = point.measured.interval()
     return f"{point.measured.rate:.3f} [{low:.3f}, {high:.3f}]"
@@ -105,7 +100,7 @@ def _ideal_table(points: list[SweepPoint], args) -> str:
         s = p.scenario
         snr = s.snr("paper")
         lines.append(
-            f"| {_keys_label(p)} | {s.block_size} | {s.head_dim} | {s.delta_mu_eff:.2f} | {snr:.3f} "
+            f"| m={s.cluster_size} | {s.block_size} | {s.head_dim} | {s.delta_mu_eff:.2f} | {snr:.3f} "
             f"| {failure_probability(snr):.3f} | {'reliable' if snr > threshold else 'unreliable'} "
             f"| {s.predicted_retrieval('exact'):.3f} | {_measured_cell(p)} "
             f"| {'**yes**' if p.differs('exact') else 'no'} |"
@@ -129,7 +124,7 @@ def _breakdown_table(points: list[SweepPoint], args) -> str:
             continue
         s = p.scenario
         lines.append(
-            f"| {_keys_label(p)} | {p.distribution} | {s.block_size} | {s.snr('paper'):.3f} "
+            f"| m={s.cluster_size} | {p.distribution} | {s.block_size} | {s.snr('paper'):.3f} "
             f"| {s.snr('exact'):.3f} | {s.predicted_retrieval('paper'):.3f} "
             f"| {s.predicted_retrieval('exact'):.3f} | {_measured_cell(p)} "
             f"| {'**yes**' if p.differs('paper') else 'no'} | {'**yes**' if p.differs('exact') else 'no'} |"
@@ -217,7 +212,7 @@ def _plot(points: list[SweepPoint], args, path: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``flashmoba snr``."""
     parser.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128, 256])
-    parser.add_argument("--block-sizes", type=int, nargs="+", default=list(DEMO_BLOCK_SIZES))
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=list(BLOCK_SIZES))
     parser.add_argument("--num-blocks", type=int, default=16, help="n, blocks competing per query")
     parser.add_argument("--topk", type=int, default=2, help="k, blocks selected per query")
     parser.add_argument("--mu-signal", type=float, default=1.0)
@@ -261,7 +256,7 @@ def demo_summary(trials: int = 1000, *, device=None, backend: str = "auto") -> s
         f"(m=4 clustered keys), {trials} trials per row",
         "     B    SNR  p_fail  predicted  measured [95% CI]",
     ]
-    for b in DEMO_BLOCK_SIZES:
+    for b in BLOCK_SIZES:
         scenario = dataclasses.replace(base, block_size=b)
         measured = simulate_retrieval(scenario, trials, device=device, backend=backend)
         low, high = measured.interval()
