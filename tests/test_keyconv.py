@@ -59,7 +59,7 @@ def _assert_close_fa(got, low, ref, dtype, terms):
 
 
 def _assert_same_keys(got, want, width):
-    """Equal up to reordering the W-term sums (the conv1d path may pick another algorithm per shape)."""
+    """Equal up to reordering the W-term sums (the backends need not sum in one order)."""
     torch.testing.assert_close(got, want, rtol=0, atol=width * torch.finfo(want.dtype).eps * _max_abs(want))
 
 

@@ -1,7 +1,7 @@
 """Torch modules built on MoBA: the key convolution, the attention layer and its KV cache.
 
 * :class:`KeyConv` / :func:`key_conv`: ``k' = k + SiLU(causal depthwise conv(k))`` (fused Triton kernels
-  on CUDA, ``F.conv1d`` elsewhere), varlen-aware, with a rolling decode state;
+  on CUDA, PyTorch elsewhere), varlen-aware, with a rolling decode state;
 * :class:`MoBAAttention`: q/k/v/o projections, GQA, optional key conv and RoPE, attention "moba" /
   "dense" / "swa", batched or packed inputs, generation with a :class:`KVCache`.
 """

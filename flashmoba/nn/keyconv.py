@@ -22,7 +22,7 @@ Conventions
 
 Backends (the names of :mod:`flashmoba.api`): "triton" runs one fused kernel for the forward and one for
 the backward (the weight gradient is reduced per tile and summed once, deterministically); "reference"
-is ``F.conv1d`` in PyTorch (any device and dtype); "auto" picks Triton for CUDA tensors. The naive
+is the same arithmetic in PyTorch (any device and dtype); "auto" picks Triton for CUDA tensors. The naive
 per-lag loop :func:`key_conv_naive` is the oracle of the tests.
 """
 
@@ -208,7 +208,8 @@ class _KeyConvTriton(torch.autograd.Function):
 
 
 def _keyconv_torch(k, weight, bias, cu_seqlens, seq_ids, state):
-    """``F.conv1d`` over the sequences laid end to end, each preceded by its ``W - 1`` context rows."""
+    """The convolution as ``W`` shifted multiply-adds over the sequences laid end to end, each preceded by
+    its ``W - 1`` context rows (measured faster than ``F.conv1d`` on CPU for these widths)."""
     num_tokens, num_channels = k.shape
     context = weight.shape[1] - 1
     num_seqs = cu_seqlens.numel() - 1
@@ -225,10 +226,13 @@ def _keyconv_torch(k, weight, bias, cu_seqlens, seq_ids, state):
     extended = extended.index_copy(0, token_slot, k).index_copy(
         0, context_slot, state.reshape(-1, num_channels).to(k.dtype)
     )
-    conv = F.conv1d(extended.t().unsqueeze(0), weight.unsqueeze(1).to(k.dtype),
-                    None if bias is None else bias.to(k.dtype), groups=num_channels)
-    # Output row r of the unpadded convolution belongs to extended slot r + context.
-    return k + F.silu(conv[0].t()[token_slot - context])
+    # Row r of `pre` is the pre-activation of extended slot r + context.
+    rows = extended.shape[0] - context
+    weight = weight.to(k.dtype)
+    pre = sum(weight[:, j] * extended[j : j + rows] for j in range(context + 1))
+    if bias is not None:
+        pre = pre + bias.to(k.dtype)
+    return k + F.silu(pre[token_slot - context])
 
 
 def _roll_state_(state, k, cu_seqlens):
