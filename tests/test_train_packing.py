@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -110,3 +111,25 @@ def test_pack_sequences_keeps_order_and_bounds():
     assert all(row.num_tokens <= 100 for row in rows)
     assert len(unpacked) == len(sequences) and all(np.array_equal(a, b) for a, b in zip(unpacked, sequences))
     assert [r.num_tokens for r in pack_sequences([np.arange(150)], max_tokens=100)] == [150]
+
+
+@pytest.mark.parametrize("global_attn", ["moba", "dense"])
+def test_packed_documents_do_not_see_each_other_in_the_model(global_attn):
+    """Logits of every sequence of a packed training batch equal those of the sequence run alone."""
+    from flashmoba.models import MoBAHybridConfig, MoBAHybridForCausalLM
+
+    config = MoBAHybridConfig.from_preset(
+        "tiny", vocab_size=DOC_STRIDE * 8, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+        intermediate_size=64, swa_window=8, moba_block_size=4, moba_topk=2, kconv_size=3,
+        global_attn=global_attn, attn_backend="reference",
+    )
+    model = MoBAHybridForCausalLM(config).double().eval()
+    stream = PackedStream(labelled_corpus([30, 7, 50, 19, 3, 41]), batch_tokens=96, max_seqlen=32, seed=1)
+    batch = stream.next_batch()
+    with torch.no_grad():
+        packed = model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens).logits[0]
+        cu = batch.cu_seqlens.tolist()
+        assert len(cu) > 3
+        for a, b in zip(cu[:-1], cu[1:]):
+            alone = model(input_ids=batch.input_ids[:, a:b], cu_seqlens=torch.tensor([0, b - a], dtype=torch.int32))
+            torch.testing.assert_close(packed[a:b], alone.logits[0], rtol=1e-12, atol=1e-12)
