@@ -118,6 +118,24 @@ def test_router_snr_is_skipped_with_a_reason_when_unavailable(factory, monkeypat
     assert result["layers"] is None and "measure_router_snr" in result["note"]
 
 
+def test_router_snr_of_a_moba_model_and_not_of_a_dense_one(factory):
+    from flashmoba.models import MoBAHybridConfig, MoBAHybridForCausalLM
+
+    measured = {}
+    for attn in ("moba", "dense"):
+        config = MoBAHybridConfig.from_preset(
+            "tiny", vocab_size=factory.tokenizer.get_vocab_size(), hidden_size=32, num_layers=2, num_heads=2,
+            num_kv_heads=1, head_dim=16, intermediate_size=64, moba_block_size=16, moba_topk=2, global_attn=attn,
+            attn_backend="reference")
+        model = MoBAHybridForCausalLM(config).eval()
+        measured[attn] = router_snr(model, factory, EvalConfig(context=300), torch.device("cpu"))
+    layers = measured["moba"]["layers"]
+    assert list(layers) == ["model.layers.1.self_attn"]  # the one MoBA layer
+    assert layers["model.layers.1.self_attn"]["block_size"] == 16 and layers["model.layers.1.self_attn"]["num_queries"] > 0
+    assert math.isfinite(layers["model.layers.1.self_attn"]["snr"])
+    assert measured["dense"]["layers"] is None and "no MoBA layer" in measured["dense"]["note"]
+
+
 def test_evaluate_bundles_everything(factory):
     config = EvalConfig(context=200, ppl_tokens=3000, batch_tokens=800, lengths=(300,), samples=3, snr=False)
     results = evaluate(PeekingLM(factory.tokenizer.get_vocab_size()), factory.haystack, factory, config,

@@ -7,13 +7,13 @@
   training context); a sample counts as correct when greedy decoding reproduces the whole answer; every
   cell reports its counts and a Wilson 95% interval.
 * Router SNR per MoBA layer, from ``flashmoba.theory.measure_router_snr`` on needle sequences (skipped,
-  with the reason recorded, when that function does not exist).
+  with the reason recorded, when it is unavailable or the model has no MoBA layer).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from flashmoba.theory.simulate import RetrievalEstimate
 from flashmoba.train.data import TokenizedCorpus
 from flashmoba.train.needles import TASKS, NeedleFactory, answer_correct
 from flashmoba.train.packing import PackedBatch, pack_sequences, sequence_chunks
+
+# Needle sequences of the evaluation context measured for the router SNR (it loops over sequences and heads).
+SNR_SEQUENCES = 2
 
 __all__ = ["EvalConfig", "perplexity", "needle_retrieval", "router_snr", "evaluate"]
 
@@ -121,22 +124,24 @@ def needle_retrieval(model, factory: NeedleFactory, config: EvalConfig, device: 
 
 
 def router_snr(model, factory: NeedleFactory, config: EvalConfig, device: torch.device) -> dict:
-    """Router SNR per MoBA layer on needle sequences of the evaluation context.
+    """Router SNR of every MoBA layer (``flashmoba.theory.measure_router_snr``) on needle sequences.
 
     Returns:
-        ``{"layers": [...]}`` as ``flashmoba.theory.measure_router_snr`` reports them, or
-        ``{"layers": None, "note": why}`` when the measurement is unavailable.
+        ``{"layers": {layer name: RouterSNR fields}}``, or ``{"layers": None, "note": why}`` when the
+        measurement is unavailable or does not apply (e.g. a dense model has no MoBA layer).
     """
     try:
         from flashmoba.theory import measure_router_snr
     except ImportError as e:
         return {"layers": None, "note": f"router SNR skipped: flashmoba.theory.measure_router_snr unavailable ({e})"}
-    samples = factory.eval_samples("niah_single_2", config.context, max(1, config.batch_tokens // config.context),
-                                   config.seed)
-    batch = pack_sequences([s.tokens for s in samples], config.batch_tokens)[0].to(device)
-    with torch.no_grad(), _autocast(device):
-        layers = measure_router_snr(model, input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens)
-    return {"layers": layers}
+    samples = factory.eval_samples("niah_single_2", config.context, SNR_SEQUENCES, config.seed)
+    batch = pack_sequences([s.tokens for s in samples], SNR_SEQUENCES * config.context)[0].to(device)
+    try:
+        with _autocast(device):
+            layers = measure_router_snr(model, batch.input_ids, cu_seqlens=batch.cu_seqlens)
+    except ValueError as e:  # no MoBA layer, or sequences too short for its blocks
+        return {"layers": None, "note": f"router SNR skipped: {e}"}
+    return {"layers": {name: asdict(stats) for name, stats in layers.items()}}
 
 
 def evaluate(model, val: TokenizedCorpus, factory: NeedleFactory, config: EvalConfig, device: torch.device) -> dict:
