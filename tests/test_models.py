@@ -147,6 +147,22 @@ def test_generate_on_a_padded_batch_equals_each_prompt_alone():
             assert torch.equal(batch[i, width:], alone[0, n:])
 
 
+def test_reordered_cache_continues_the_reordered_sequences():
+    """reorder_cache (beam search) keeps, repeats and permutes cached sequences, key-conv state included."""
+    model = _model(kconv_size=3)
+    ids, mask = _ids(3, 30), torch.ones(3, 30, dtype=torch.long)
+    mask[1, 21:] = 0  # sequences of different lengths
+    order = torch.tensor([2, 0, 0, 1])
+    nxt = _ids(4, 1)
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        cache.reorder_cache(order)
+        reordered_mask = torch.cat([mask[order], torch.ones(4, 1, dtype=torch.long)], 1)
+        step = model(nxt, attention_mask=reordered_mask, past_key_values=cache).logits[:, -1]
+        fresh = model(torch.cat([ids[order], nxt], 1), attention_mask=reordered_mask).logits[:, -1]
+    assert float((step - fresh).abs().max()) < _rounding_scale(model, ids, attention_mask=mask)
+
+
 def test_cache_is_returned_and_continued():
     model = _model(kconv_size=3)
     ids = _ids(2, 33)

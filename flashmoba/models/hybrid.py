@@ -194,7 +194,6 @@ class MoBAHybridModel(MoBAHybridPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(MoBAHybridDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.gradient_checkpointing = False
         self.post_init()
 
     @can_return_tuple
@@ -250,12 +249,11 @@ class MoBAHybridModel(MoBAHybridPreTrainedModel):
             hidden, layer_cu = self.embed_tokens(input_ids), None
         if use_cache and past_key_values is None:
             past_key_values = MoBAHybridCache(self.config.num_layers)
-        cache = past_key_values if use_cache or past_key_values is not None else None
         for layer in self.layers:
-            hidden = layer(hidden, cu_seqlens=layer_cu, past_key_values=cache)
+            hidden = layer(hidden, cu_seqlens=layer_cu, past_key_values=past_key_values)
         hidden = self.norm(hidden)
-        if cache is not None:
-            cache.num_columns += seq_len
+        if past_key_values is not None:
+            past_key_values.num_columns += seq_len
         packed = hidden.reshape(-1, hidden.shape[-1])
         if mask is not None:
             last_hidden = _fill_from_packed(packed, mask)
@@ -264,7 +262,7 @@ class MoBAHybridModel(MoBAHybridPreTrainedModel):
             layer_cu = layer_cu if layer_cu is not None else uniform_cu_seqlens(batch, seq_len, hidden.device)
         return MoBAHybridModelOutput(
             last_hidden_state=last_hidden,
-            past_key_values=cache if use_cache else None,
+            past_key_values=past_key_values if use_cache else None,
             packed_hidden_state=packed,
             cu_seqlens=layer_cu,
         )
