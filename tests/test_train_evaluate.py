@@ -142,3 +142,9 @@ def test_evaluate_bundles_everything(factory):
                        torch.device("cpu"))
     assert set(results) == {"perplexity", "retrieval", "router_snr", "config"}
     assert results["config"]["lengths"] == [300] and len(results["retrieval"]) == 3
+
+
+@pytest.mark.parametrize("field, value", [("samples", 0), ("context", -1), ("tasks", ("niah_multi",)), ("lengths", ())])
+def test_eval_config_names_bad_fields(field, value):
+    with pytest.raises(ValueError, match=field):
+        EvalConfig(**{field: value})

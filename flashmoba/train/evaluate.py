@@ -42,6 +42,17 @@ class EvalConfig:
     seed: int = 1234
     snr: bool = True
 
+    def __post_init__(self):
+        for name in ("context", "ppl_tokens", "batch_tokens", "samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"tasks must be a non-empty subset of {tuple(TASKS)}, got {self.tasks}")
+        if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.lengths):
+            raise ValueError(f"lengths must be positive ints, got {self.lengths}")
+
 
 def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -16,6 +16,7 @@ instead of replicating with DDP.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -151,8 +152,6 @@ def _wrap(model: torch.nn.Module, config: TrainConfig, where: Distributed) -> to
 
 def _gradient_sync(wrapped: torch.nn.Module, enabled: bool):
     """DDP: ``no_sync`` on all but the last micro-batch; FSDP2: ``set_requires_gradient_sync``."""
-    import contextlib
-
     if hasattr(wrapped, "set_requires_gradient_sync"):
         wrapped.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
