@@ -224,7 +224,7 @@ def _keyconv_torch(k, weight, bias, cu_seqlens, seq_ids, state):
     ).reshape(-1)
     extended = k.new_zeros(num_tokens + num_seqs * context, num_channels)
     extended = extended.index_copy(0, token_slot, k).index_copy(
-        0, context_slot, state.reshape(-1, num_channels).to(k.dtype)
+        0, context_slot, state.reshape(-1, num_channels)
     )
     # Row r of `pre` is the pre-activation of extended slot r + context.
     rows = extended.shape[0] - context
