@@ -232,7 +232,9 @@ class MoBAAttention(nn.Module):
         """Attention of new queries over the cache, which already holds their own keys and values.
 
         Exact layer semantics (causal; "swa" window; "moba" routing over the cached block centroids) as
-        one masked dense SDPA over ``[S, HQ, max(new_lengths), capacity]``. The place for sparse decode.
+        one masked dense SDPA over ``[S, HQ, max(new_lengths), capacity]``: it reads the whole cache and its
+        mask grows with new tokens x capacity, so it suits decoding a few tokens per step, not chunked
+        prefill of long prompts. The place for the sparse decode of :mod:`flashmoba.decode`.
 
         Args:
             q: ``[M, HQ, D]`` packed queries of the new tokens; cu_seqlens: ``[S + 1]`` their boundaries;
