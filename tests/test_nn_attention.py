@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flashmoba
-from factory import AWKWARD_CASES, make_packed, naive_attention, rounding_bound
+from factory import AWKWARD_CASES, naive_attention, rounding_bound
 from flashmoba.nn import KVCache, MoBAAttention, sliding_window_attention
 
 
