@@ -49,11 +49,11 @@ def test_interrupted_and_resumed_run_matches(trained, data_dir, tmp_path):
 
 
 def test_eval_writes_results_and_plots(trained):
-    assert main(["eval", "--run", str(trained), "--lengths", "400", "600", "--samples", "2", "--ppl-tokens", "2000",
+    assert main(["eval", "--run", str(trained), "--lengths", "400", "--samples", "2", "--ppl-tokens", "1000",
                  "--no-snr"]) == 0
     results = json.loads((trained / "eval.json").read_text())
-    assert results["perplexity"]["tokens"] > 1000
+    assert 500 < results["perplexity"]["tokens"] <= 1000
     cells = {(r["task"], r["length"]): r["total"] for r in results["retrieval"]}
-    assert cells == {(t, n): 2 for t in ("niah_single_1", "niah_single_2", "niah_single_3") for n in (400, 600)}
+    assert cells == {(t, 400): 2 for t in ("niah_single_1", "niah_single_2", "niah_single_3")}
     for png in ("retrieval.png", "perplexity_by_position.png", "loss.png"):
         assert (trained / png).read_bytes()[:4] == b"\x89PNG"

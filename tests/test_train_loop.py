@@ -63,14 +63,14 @@ def test_learns_a_synthetic_task(tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    model, stream, cfg = make_run(tmp_path, steps=8)
+    model, stream, cfg = make_run(tmp_path, steps=6)
     full = train(model, stream, cfg, tmp_path / "full", where=SINGLE)
     full_params = {k: v.clone() for k, v in model.state_dict().items()}
 
-    model, stream, cfg = make_run(tmp_path, steps=8)
+    model, stream, cfg = make_run(tmp_path, steps=6)
     first = train(model, stream, cfg, tmp_path / "split", where=SINGLE, stop_at_step=3)
     # A new process would rebuild everything from scratch: a fresh model with a different init.
-    model, stream, cfg = make_run(tmp_path, steps=8, seed=0)
+    model, stream, cfg = make_run(tmp_path, steps=6, seed=0)
     torch.nn.init.normal_(model.lm_head.weight)
     second = train(model, stream, cfg, tmp_path / "split", where=SINGLE, resume=True)
 
@@ -126,9 +126,11 @@ def test_two_processes_match_gradient_accumulation(tmp_path):
     """2 gloo processes x 1 micro-batch == 1 process x 2 accumulated micro-batches (same global data),
     replicated (DDP) and sharded (FSDP2)."""
     # fork: the workers inherit the imported modules instead of importing transformers again.
-    results = torch.multiprocessing.get_context("fork").Manager().dict()
-    torch.multiprocessing.start_processes(_worker, args=(2, _free_port(), str(tmp_path), results), nprocs=2,
-                                          start_method="fork")
+    with torch.multiprocessing.get_context("fork").Manager() as manager:
+        shared = manager.dict()
+        torch.multiprocessing.start_processes(_worker, args=(2, _free_port(), str(tmp_path), shared), nprocs=2,
+                                              start_method="fork")
+        results = dict(shared)
 
     model, stream, cfg = make_run(tmp_path, steps=DISTRIBUTED_STEPS, dtype=torch.float64, grad_accum=2)
     single = [r["loss"] for r in train(model, stream, cfg, tmp_path / "single", where=SINGLE)]
