@@ -337,3 +337,89 @@ def test_cache_refuses_to_overflow_and_bad_shapes():
         cache.append(kv[:, :2], kv[:, :2], lengths=torch.tensor([3, 0], device=DEVICE))
     with pytest.raises(ValueError, match="block_size must be >= 1"):
         MoBAKVCache(2, 10, 1, 8, block_size=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# on a GPU: long contexts at realistic head counts, bf16, a captured decode step (skipped without a GPU)
+
+needs_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (the H100 suite)")
+
+
+def _long_problem(lens, hq, hkv, d, block_size, new, dtype):
+    """A left-padded head-major (Hugging Face layout) cache of long sequences.
+
+    Each block's keys share a random offset, so that centroid scores are far apart compared with float32
+    rounding: the kernel (fp32 scores) and the float64 oracle then route alike, even over many blocks.
+    """
+    B = len(lens)
+    starts = torch.randint(0, 64, (B,), device=DEVICE, dtype=torch.int32)
+    S = int((starts + torch.tensor(lens, device=DEVICE)).max())
+    k = torch.randn(B, hkv, S, d, device=DEVICE)
+    local = (torch.arange(S, device=DEVICE)[None, :] - starts[:, None].long()).clamp(min=0) // block_size
+    offsets = 2 * torch.randn(B, hkv, int(local.max()) + 1, d, device=DEVICE)
+    k += torch.gather(offsets, 2, local[:, None, :, None].expand(B, hkv, S, d))
+    k_cache = k.to(dtype).transpose(1, 2)
+    v_cache = torch.randn(B, hkv, S, d, device=DEVICE, dtype=dtype).transpose(1, 2)
+    seqlens = torch.tensor(lens, device=DEVICE, dtype=torch.int32)
+    block_sums = torch.zeros(B, -(-S // block_size), hkv, d, device=DEVICE)
+    accumulate_block_sums(block_sums, k_cache, starts, torch.zeros_like(seqlens), seqlens, block_size, S)
+    q = torch.randn(B, new, hq, d, device=DEVICE, dtype=dtype)
+    return q, k_cache, v_cache, seqlens, starts, block_sums
+
+
+@needs_gpu
+@pytest.mark.parametrize("shared", [False, True], ids=["per-head", "shared-kv"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_decode_on_gpu_at_realistic_shapes(dtype, shared):
+    """The FlashAttention rule: the kernel's error against float64 is at most twice that of the reference
+    computed in the input dtype (on the same blocks), plus one rounding of the quantity's magnitude."""
+    from flashmoba.decode import reference
+
+    block_size, topk = 128, 8
+    q, k, v, seqlens, starts, sums = _long_problem((40_000, 5_000, 300), 32, 8, 128, block_size, 4, dtype)
+    out, lse = flashmoba.moba_decode(q, k, v, seqlens, sums, cache_starts=starts, block_size=block_size,
+                                     topk=topk, shared_kv_routing=shared, return_lse=True, backend="triton")
+    args = (seqlens, starts, sums, block_size, topk, shared, 128**-0.5)
+    exact = reference.decode(q.double(), k.double(), v.double(), *args)
+    low = reference.decode(q, k, v, *args, compute_dtype=dtype)
+    eps = torch.finfo(dtype).eps
+    for kernel, want, lowp, magnitude in ((out, exact[0], low[0], v.abs().max()),
+                                          (lse, exact[1], low[1], exact[1].abs().max())):
+        err = (kernel.double() - want).abs().max().item()
+        ref_err = (lowp.double() - want).abs().max().item()
+        assert err <= 2 * ref_err + eps * float(magnitude), f"error {err:.3g} vs reference error {ref_err:.3g}"
+
+
+@needs_gpu
+def test_a_captured_decode_step_replays_like_eager_steps():
+    """append + moba_decode captured once in a CUDA graph, replayed over new tokens, equals eager steps."""
+    B, hkv, d, block_size = 2, 8, 128, 128
+    caches = [MoBAKVCache(B, 4096, hkv, d, block_size=block_size, device=DEVICE) for _ in range(2)]
+    prompt = torch.randn(B, 2 * 3000, hkv, d, device=DEVICE, dtype=torch.bfloat16)
+    for cache in caches:
+        cache.append(prompt[:, :3000], prompt[:, 3000:])
+    q, k_new, v_new = (torch.randn(B, 1, h, d, device=DEVICE, dtype=torch.bfloat16) for h in (32, hkv, hkv))
+
+    def step(cache):
+        cache.append(k_new, v_new)
+        return flashmoba.moba_decode(q, cache.k, cache.v, cache.seqlens, cache.block_sums,
+                                     block_size=block_size, topk=8)
+
+    graphed, eager = caches
+    # Warm up (compiles the kernels) on a throw-away copy, then capture on the graphed cache.
+    spare = MoBAKVCache(B, 4096, hkv, d, block_size=block_size, device=DEVICE)
+    spare.append(prompt[:, :3000], prompt[:, 3000:])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(spare)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = step(graphed)
+    for _ in range(300):  # crosses block boundaries: 3001 .. 3300 tokens
+        for t in (q, k_new, v_new):
+            t.normal_()
+        graph.replay()
+        assert torch.equal(out_static, step(eager))
+    assert torch.equal(graphed.seqlens, eager.seqlens) and torch.equal(graphed.block_sums, eager.block_sums)

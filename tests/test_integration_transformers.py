@@ -158,9 +158,10 @@ def test_topk_covering_all_blocks_equals_sdpa(family):
 # generation
 
 
-def _generate(model, ids, mask, **kwargs):
+def _generate(model, ids, mask, new_tokens=8, **kwargs):
+    """Greedy generation (8 new tokens cross two blocks of 4) -> (sequences, logits [B, new, V] or None)."""
     kwargs = {"output_logits": True, **kwargs}
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=11, do_sample=False,
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                          return_dict_in_generate=True, pad_token_id=0, **kwargs)
     return out.sequences, torch.stack(out.logits, dim=1) if out.logits is not None else None
 
@@ -177,10 +178,11 @@ def test_generate_with_cache_equals_recomputing_the_prefix(family, dense_layers,
         tokens, logits = _generate(moba, ids, mask, past_key_values=cache)
     with torch.no_grad():
         tokens_full, logits_full = _generate(moba, ids, mask, use_cache=False)
-        _, logits_sdpa = _generate(sdpa, ids, mask, use_cache=False)
     if shared:  # shared routing is a decode-only approximation: the same pipeline, other selections
         _assert_differ(logits, logits_full)
         return
+    with torch.no_grad():
+        _, logits_sdpa = _generate(sdpa, ids, mask, use_cache=False)
     assert torch.equal(tokens, tokens_full)
     _assert_logits_close(logits, logits_full)
     _assert_differ(logits, logits_sdpa)
@@ -203,7 +205,7 @@ def test_generate_with_a_plain_cache_warns_and_matches():
 def test_beam_search_with_cache_equals_recomputing_the_prefix():
     (moba,) = _models(_config("llama"), "moba")
     ids, mask = _padded_batch((10, 15))
-    kwargs = dict(num_beams=3, num_return_sequences=2, output_logits=False)
+    kwargs = dict(num_beams=2, num_return_sequences=2, output_logits=False, new_tokens=6)
     with torch.no_grad():
         tokens, _ = _generate(moba, ids, mask, past_key_values=MoBACache(), **kwargs)
         tokens_full, _ = _generate(moba, ids, mask, use_cache=False, **kwargs)

@@ -43,8 +43,8 @@ def accumulate_block_sums(
     block boundaries, summed per block, and each sum is added once to its block.
 
     Args:
-        block_sums: ``[B, NB, HKV, D]`` running sums (see :func:`block_sums_dtype`), NB covering every
-            block that receives a token.
+        block_sums: contiguous ``[B, NB, HKV, D]`` running sums (see :func:`block_sums_dtype`), NB covering
+            every block that receives a token.
         k: ``[B, S, HKV, D]`` cache buffer holding the tokens (any strides).
         starts: int ``[B]``, the buffer row of each sequence's first token.
         begin, end: int ``[B]``, the local token range to add (``end - begin`` may be 0).
@@ -53,6 +53,8 @@ def accumulate_block_sums(
     """
     B, S, HKV, D = k.shape
     device = k.device
+    if not block_sums.is_contiguous():
+        raise ValueError("block_sums must be contiguous (it is updated through a flat view)")
     num_windows = (block_size - 1 + max_new + block_size - 1) // block_size  # blocks a range can touch
     begin, end, starts = begin.long(), end.long(), starts.long()
     first_block = torch.div(begin, block_size, rounding_mode="floor")
@@ -64,9 +66,10 @@ def accumulate_block_sums(
     window = torch.where(new[..., None, None], window, torch.zeros((), dtype=k.dtype, device=device))
     partial = window.view(B, num_windows, block_size, HKV, D).sum(2, dtype=block_sums.dtype)
     # Window blocks past the last real block hold zeros; clamping their index adds 0 to a real block.
-    blocks = (first_block[:, None] + torch.arange(num_windows, device=device)).clamp(max=block_sums.shape[1] - 1)
-    batch = torch.arange(B, device=device)[:, None].expand(B, num_windows)
-    block_sums.index_put_((batch, blocks), partial, accumulate=True)
+    num_blocks = block_sums.shape[1]
+    blocks = (first_block[:, None] + torch.arange(num_windows, device=device)).clamp(max=num_blocks - 1)
+    flat = (torch.arange(B, device=device)[:, None] * num_blocks + blocks).flatten()
+    block_sums.view(B * num_blocks, HKV, D).index_add_(0, flat, partial.flatten(0, 1))
 
 
 class MoBAKVCache:
@@ -119,6 +122,9 @@ class MoBAKVCache:
             k, v: ``[B, T, HKV, D]`` new keys and values.
             lengths: optional int ``[B]``: sequence ``b`` takes only its first ``lengths[b]`` rows (a
                 right-padded batch of prompts); default: all ``T`` rows. Passing it synchronises with the host.
+
+        Without ``lengths`` and inside a CUDA graph capture nothing synchronises, so a whole decode step
+        (append + :func:`flashmoba.moba_decode`) can be captured and replayed.
         """
         for name, t in (("k", k), ("v", v)):
             _check_tensor(name, t)
@@ -161,4 +167,4 @@ class MoBAKVCache:
         accumulate_block_sums(
             self.block_sums, self.k, torch.zeros_like(self.seqlens), self.seqlens, new_seqlens, self.block_size, T
         )
-        self.seqlens = new_seqlens
+        self.seqlens.copy_(new_seqlens)  # in place: a captured CUDA graph keeps reading the same tensor

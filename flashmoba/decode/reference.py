@@ -1,6 +1,8 @@
 """The naive definition of MoBA decoding over a KV cache: readable first, the oracle of the decode kernels.
 
-Plain PyTorch, any device, computed in ``promote(dtype, float32)`` (float64 inputs give a float64 oracle).
+Plain PyTorch, any device. Attention is computed in ``promote(dtype, float32)`` (float64 inputs give a
+float64 oracle) unless a ``compute_dtype`` is given; routing always in the precision of the block sums
+(or finer), as the kernels do, so that a low-precision reference attends the same blocks.
 
 For query ``i`` of the ``Tq`` newest tokens of sequence ``b`` (local position ``t = seqlens[b] - Tq + i``):
 
@@ -30,8 +32,9 @@ def _decode_one(q, k, v, block_sums, block_size, topk, shared_kv_routing, scale)
     own = pos // block_size
     n = -(-L // block_size)
     blocks = torch.arange(n, device=q.device)
-    centroids = (block_sums[:n].to(q.dtype) / block_size).repeat_interleave(group, dim=1)  # [n, HQ, D]
-    scores = torch.einsum("thd,nhd->thn", q, centroids)
+    route_dtype = torch.promote_types(q.dtype, block_sums.dtype)
+    centroids = (block_sums[:n].to(route_dtype) / block_size).repeat_interleave(group, dim=1)  # [n, HQ, D]
+    scores = torch.einsum("thd,nhd->thn", q.to(route_dtype), centroids)
     if shared_kv_routing:
         scores = scores.view(Tq, HKV, group, n).sum(2, keepdim=True).expand(Tq, HKV, group, n).reshape(Tq, HQ, n)
     eligible = (blocks[None, :] < own[:, None])[:, None, :].expand(Tq, HQ, n)
@@ -62,6 +65,7 @@ def decode(
     topk: int,
     shared_kv_routing: bool,
     softmax_scale: float,
+    compute_dtype: torch.dtype | None = None,
 ):
     """MoBA attention of the newest ``Tq`` tokens of every sequence against its cached keys and values.
 
@@ -71,11 +75,12 @@ def decode(
             the new tokens' keys and values included.
         cache_seqlens, cache_starts: int ``[B]``.
         block_sums: ``[B, NB, HKV, D]`` running key sums per block.
+        compute_dtype: the attention's arithmetic (default ``promote(q.dtype, float32)``).
 
     Returns:
         ``(out [B, Tq, HQ, D] in q's dtype, lse [B, Tq, HQ] in the compute dtype)``.
     """
-    dtype = torch.promote_types(q.dtype, torch.float32)
+    dtype = torch.promote_types(q.dtype, torch.float32) if compute_dtype is None else compute_dtype
     outs, lses = [], []
     for b, (length, start) in enumerate(zip(cache_seqlens.tolist(), cache_starts.tolist())):
         out, lse = _decode_one(
