@@ -27,7 +27,7 @@ from flashmoba.train.tokenizer import save_tokenizer
 __all__ = ["PRESET_DEFAULTS", "add_arguments", "run"]
 
 PRESET_DEFAULTS = {
-    "tiny": dict(context=512, batch_tokens=2048, steps=200, vocab_size=1024, max_corpus_mb=4.0, lr=3e-3,
+    "tiny": dict(context=512, batch_tokens=2048, steps=150, vocab_size=1024, max_corpus_mb=4.0, lr=3e-3,
                  warmup=20),
     "gpu": dict(context=4096, batch_tokens=32768, steps=1000, vocab_size=8192, max_corpus_mb=64.0, lr=1e-3,
                 warmup=50),

@@ -259,7 +259,8 @@ def train(
         resume: continue from ``run_dir/checkpoint.pt`` (its step, data position, optimizer and RNG).
         stop_at_step: end (with a checkpoint) after this step, as if interrupted; ``config.steps`` still
             defines the schedule.
-        val_batches: batches for the validation loss logged every ``config.eval_every`` steps (per rank).
+        val_batches: batches for the validation loss logged every ``config.eval_every`` steps (the same
+            batches on every rank).
 
     Returns:
         The log records of this call (one dict per logged step: step, loss, lr, grad_norm, tokens, ...).
@@ -312,7 +313,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         interval_tokens += tokens_per_step
-        if step % config.log_every == 0 or step == last_step:
+        if step % config.log_every == 0 or step == config.steps:  # the same steps whether or not interrupted
             elapsed = time.perf_counter() - interval_start
             record = {
                 "step": step,

@@ -106,6 +106,8 @@ class NeedleFactory:
         return [f"{_KEY_ADJECTIVES[p // len(_KEY_NOUNS)]}-{_KEY_NOUNS[p % len(_KEY_NOUNS)]}" for p in pairs]
 
     def _filler_tokens(self, kind: str, length: int, rng: np.random.Generator) -> np.ndarray:
+        """The repeated paragraph, or a random span of the corpus' token stream (it may run across a
+        document boundary: it is only filler)."""
         if kind == "repeated":
             return np.resize(self._filler, length)
         tokens = self.haystack.tokens
