@@ -28,11 +28,13 @@ import math
 import platform
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
 
 from flashmoba.train import cli_eval, cli_train
+from flashmoba.train.data import TokenizedCorpus
 from flashmoba.train.needles import TASKS
 from flashmoba.train.plots import plot_loss_curves, plot_position_perplexity, plot_retrieval
 from flashmoba.train.run import model_classes
@@ -93,11 +95,20 @@ def _train_and_evaluate(name: str, seed: int, setup: dict, work_dir: Path, scale
     return {
         "variant": name,
         "seed": seed,
+        "data": _data_fingerprint(work_dir / "data"),
         "model_config": model_config,
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "log": log,
         "eval": json.loads((run_dir / "eval.json").read_text()),
+    }
+
+
+def _data_fingerprint(data_dir: Path) -> dict:
+    """What identifies the training data, to check that runs made in separate calls saw the same."""
+    return {
+        "tokenizer_crc32": zlib.crc32((data_dir / "tokenizer" / "tokenizer.json").read_bytes()),
+        **{f"{split}_tokens": int(TokenizedCorpus.load(data_dir / f"{split}.npz").offsets[-1]) for split in ("train", "val")},
     }
 
 
@@ -130,6 +141,8 @@ def _markdown(results: dict) -> str:
         lines += [f"Setup: `{setup}`", ""]
     for env in sorted({json.dumps(r["environment"], sort_keys=True) for r in runs.values()}):
         lines += [f"Environment: `{env}`", ""]
+    for data in sorted({json.dumps(r.get("data"), sort_keys=True) for r in runs.values()}):
+        lines += [f"Data: `{data}`", ""]
     lines += [
         "## Language modelling, router statistics, cost", "",
         "Validation perplexity on held-out packages (natural text only; needle sequences are not scored here), "
@@ -189,6 +202,9 @@ def merge(paths: list[Path]) -> dict:
     runs = {}
     for path in paths:
         runs.update(json.loads(Path(path).read_text())["runs"])
+    fingerprints = {json.dumps(run.get("data"), sort_keys=True) for run in runs.values()}
+    if len(fingerprints) > 1:
+        print(f"warning: the merged runs were trained on different data: {sorted(fingerprints)}", file=sys.stderr)
     order = list(VARIANTS)
     return {"runs": dict(sorted(runs.items(), key=lambda item: (item[1]["seed"], order.index(item[1]["variant"]))))}
 
