@@ -132,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"--resume: {args.out} is not a run folder (no run.json)")
         args = _resumed_arguments(args)
     args = _fill_defaults(args)
+    if not 0 <= args.needle_fraction < 1:
+        raise ValueError(f"--needle-fraction must be in [0, 1), got {args.needle_fraction}")
     where = init_distributed(args.device)
     data_dir = args.data_dir or args.out / "data"
     recipe = dict(source=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
