@@ -49,7 +49,7 @@ VARIANTS = {
     "moba128_k8_kconv5": dict(global_attn="moba", block_size=128, topk=8, kconv=5),
 }
 GPU_SETUP = dict(preset="small", context=4096, batch_tokens=32768, steps=300, lr=1.5e-3, warmup=30, vocab_size=8192,
-                 max_corpus_mb=64.0, needle_fraction=0.25, lengths=[1024, 2048, 4096, 8192, 16384, 32768],
+                 max_corpus_mb=64.0, needle_fraction=0.4, lengths=[1024, 2048, 4096, 8192, 16384, 32768],
                  samples=50, ppl_tokens=500_000)
 # The whole pipeline in a few CPU minutes (tiny model, short sequences, block sizes scaled down by 8).
 CPU_SMOKE = dict(preset="tiny", context=512, batch_tokens=1024, steps=6, lr=3e-3, warmup=2, vocab_size=512,
