@@ -5,7 +5,6 @@ import re
 import numpy as np
 import pytest
 
-from flashmoba.train.data import TokenizedCorpus
 from flashmoba.train.needles import REPEATED_FILLER, TASKS, NeedleFactory, answer_correct
 from flashmoba.train.tokenizer import build_tokenizer, encode_corpus
 
