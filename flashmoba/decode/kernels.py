@@ -65,7 +65,7 @@ def _decode_route_kernel(
         scores = tl.dot(q, tl.trans(centroids), input_precision="ieee")  # [GROUP_P, BLOCK_NB] fp32
         if SHARED:
             scores = tl.sum(scores, axis=0, keep_dims=True)  # padded heads score 0
-            routes = kv_head + tl.arange(0, 1)
+            routes = kv_head + tl.zeros([1], dtype=tl.int32)
             route_ok = routes >= 0
         else:
             routes = kv_head * GROUP + g
@@ -112,12 +112,13 @@ def _decode_attend_kernel(
         valid = (sp[:, None] < tl.cdiv(own, ROUTE_NB)) & (kk[None, :] < KEEP)
         cand = tl.load(CAND_SCORE + offs, mask=valid, other=float("-inf"))
         cand_block = tl.load(CAND_BLOCK + offs, mask=valid, other=-1)
-        best = float("-inf")
-        pick = -1
-        for _ in range(slot + 1):  # take the best, ties to the lower block, slot + 1 times
+        # The best candidate (ties to the lower block), then slot times: drop it and take the next best.
+        best = tl.max(tl.max(cand, axis=1), axis=0)
+        pick = tl.min(tl.min(tl.where(cand == best, cand_block, 2147483647), axis=1), axis=0)
+        for _ in range(slot):
+            cand = tl.where(cand_block == pick, float("-inf"), cand)
             best = tl.max(tl.max(cand, axis=1), axis=0)
             pick = tl.min(tl.min(tl.where(cand == best, cand_block, 2147483647), axis=1), axis=0)
-            cand = tl.where(cand_block == pick, float("-inf"), cand)
         block = tl.where(best > float("-inf"), pick, -1)
     block_end = tl.where(slot == KEEP, pos + 1, (block + 1) * block_size)
     lo = block * block_size + (part % SUB) * chunk
