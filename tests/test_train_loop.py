@@ -152,3 +152,15 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
     assert model.is_gradient_checkpointing
     # Recomputation repeats the same float64 operations: equal up to summation-order ulps.
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-12)
+
+
+def test_bf16_autocast_trains_close_to_float32(tmp_path):
+    """The GPU default (bf16 autocast) on the CPU: the first loss is the float32 one up to bf16 rounding."""
+    first = {}
+    for bf16 in (False, True):
+        model, stream, cfg = make_run(tmp_path, steps=2, bf16=bf16)
+        first[bf16] = [r["loss"] for r in train(model, stream, cfg, tmp_path / str(bf16), where=SINGLE)]
+    assert all(math.isfinite(loss) for loss in first[True])
+    # Same weights and data at step 1; bf16 keeps 8 mantissa bits: a few units of 2**-8, relative.
+    assert first[True][0] == pytest.approx(first[False][0], rel=4 * 2**-8)
+    assert first[True][0] != first[False][0]  # autocast was on
