@@ -265,6 +265,16 @@ def test_register_refuses_bad_arguments():
         register(shared_kv_routing="yes")
 
 
+def test_padding_among_new_tokens_over_a_cache_is_refused():
+    (moba,) = _models(_config("llama"), "moba")
+    ids, mask = _padded_batch((20, 3))
+    cache = MoBACache()
+    with torch.no_grad():
+        moba(ids[:, :10], attention_mask=mask[:, :10], past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="must be real"):
+            moba(ids[:, 10:], attention_mask=mask, past_key_values=cache, use_cache=True)
+
+
 def test_generation_after_right_padding_is_refused():
     (moba,) = _models(_config("llama"), "moba")
     ids, mask = _padded_batch((12, 7), left=False)

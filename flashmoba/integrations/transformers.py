@@ -114,9 +114,7 @@ def _layer_settings(module) -> tuple[_Settings, bool]:
 class MoBAPadding:
     """What the "moba" mask function hands every attention layer in place of a 4-D mask.
 
-    Attributes:
-        mask: bool ``[B, Tk]``, True at real tokens (``Tk`` = cached + new tokens).
-        lengths: int32 ``[B]``, real tokens per row.
+    Attributes (``Tk`` = cached + new tokens):
         indices: int64 ``[N]``, flat ``b * Tk + t`` indices of the real tokens (to unpad a prefill).
         cu_seqlens: int32 ``[B + 1]``, sequence bounds of the unpadded tokens.
         max_seqlen: the longest row.
@@ -124,8 +122,6 @@ class MoBAPadding:
         starts_host: ``starts`` as a tuple of ints (None when ``starts`` is).
     """
 
-    mask: torch.Tensor
-    lengths: torch.Tensor
     indices: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
@@ -155,15 +151,19 @@ def moba_mask(
     lengths = mask.sum(1, dtype=torch.int32)
     starts = kv_length - lengths
     left_padded = bool((mask == (torch.arange(kv_length, device=mask.device)[None, :] >= starts[:, None])).all())
-    if kv_length > q_length and not left_padded:
-        raise ValueError(
-            "MoBA decoding over a cache needs left padding (every row: padding, then its tokens); got a mask "
-            "with padding after real tokens. Use tokenizer.padding_side = 'left' for generation."
-        )
+    if kv_length > q_length:
+        if not left_padded:
+            raise ValueError(
+                "MoBA decoding over a cache needs left padding (every row: padding, then its tokens); got a mask "
+                "with padding after real tokens. Use tokenizer.padding_side = 'left' for generation."
+            )
+        if int(lengths.min()) < q_length:
+            raise ValueError(
+                f"with cached tokens, all {q_length} new tokens of every row must be real (not padding); a row "
+                f"holds only {int(lengths.min())} real tokens"
+            )
     cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
     return MoBAPadding(
-        mask=mask,
-        lengths=lengths,
         indices=mask.flatten().nonzero().squeeze(1),
         cu_seqlens=cu_seqlens,
         max_seqlen=int(lengths.max()),
