@@ -4,7 +4,8 @@ Variants (FlashMoBA section 6, all MoBA variants at the same k * B = 1024 keys p
 MoBA-512/k2; MoBA-256/k4; MoBA-128/k8; MoBA-128/k8 + kconv3; MoBA-128/k8 + kconv5. Every variant gets
 the same data, tokens, seed and hyperparameters; only the global layers' attention differs.
 
-On an H100 (about 1.5-2 minutes per variant with the defaults; at most 10 minutes per call, so split):
+On an H100 (roughly 1.5-2 minutes per variant with the defaults, not measured yet; at most 10 minutes per
+call, so split; each variant prints its train and eval seconds):
 
     python benchmarks/experiments/moba_variants.py --out $OUT/a --variants dense moba512_k2 moba256_k4
     python benchmarks/experiments/moba_variants.py --out $OUT/b --variants moba128_k8 moba128_k8_kconv3 moba128_k8_kconv5
@@ -48,9 +49,9 @@ VARIANTS = {
     "moba128_k8_kconv3": dict(global_attn="moba", block_size=128, topk=8, kconv=3),
     "moba128_k8_kconv5": dict(global_attn="moba", block_size=128, topk=8, kconv=5),
 }
-GPU_SETUP = dict(preset="small", context=4096, batch_tokens=32768, steps=300, lr=1.5e-3, warmup=30, vocab_size=8192,
+GPU_SETUP = dict(preset="small", context=4096, batch_tokens=32768, steps=250, lr=1.5e-3, warmup=25, vocab_size=8192,
                  max_corpus_mb=64.0, needle_fraction=0.4, lengths=[1024, 2048, 4096, 8192, 16384, 32768],
-                 samples=50, ppl_tokens=500_000)
+                 samples=40, ppl_tokens=500_000)
 # The whole pipeline in a few CPU minutes (tiny model, short sequences, block sizes scaled down by 8).
 CPU_SMOKE = dict(preset="tiny", context=512, batch_tokens=1024, steps=6, lr=3e-3, warmup=2, vocab_size=512,
                  max_corpus_mb=0.5, needle_fraction=0.25, lengths=[512, 1024], samples=3, ppl_tokens=4096)
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             run["params"] = model_cls.from_pretrained(str(args.work_dir / f"{name}_s{seed}" / "model")).num_parameters()
             results["runs"][f"{name}_s{seed}"] = run
             write_outputs(results, args.out)  # after every run: an interrupted call keeps what it finished
+            print(f"=== {name} (seed {seed}): trained in {run['train_seconds']:.0f} s, evaluated in "
+                  f"{run['eval_seconds']:.0f} s ===", flush=True)
     print(f"results in {args.out}: {', '.join(RESULT_FILES)}")
     return 0
 
