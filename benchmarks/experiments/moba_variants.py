@@ -7,8 +7,8 @@ the same data, tokens, seed and hyperparameters; only the global layers' attenti
 On an H100 (roughly 1.5-2 minutes per variant with the defaults, not measured yet; at most 10 minutes per
 call, so split; each variant prints its train and eval seconds):
 
-    python benchmarks/experiments/moba_variants.py --out $OUT/a --variants dense moba512_k2 moba256_k4
-    python benchmarks/experiments/moba_variants.py --out $OUT/b --variants moba128_k8 moba128_k8_kconv3 moba128_k8_kconv5
+    PYTHONPATH=. python3 benchmarks/experiments/moba_variants.py --out $OUT/a --variants dense moba512_k2 moba256_k4
+    PYTHONPATH=. python3 benchmarks/experiments/moba_variants.py --out $OUT/b --variants moba128_k8 moba128_k8_kconv3 moba128_k8_kconv5
 
 then, on any machine, merge the parts into the tables and plots of docs/experiments.md:
 

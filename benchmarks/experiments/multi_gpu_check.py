@@ -3,7 +3,7 @@
 All three runs see the same global batches (``flashmoba/train/loop.py``), so their loss curves must agree
 up to bf16 noise. On a machine with two GPUs:
 
-    python benchmarks/experiments/multi_gpu_check.py --out $OUT/multi_gpu
+    PYTHONPATH=. python3 benchmarks/experiments/multi_gpu_check.py --out $OUT/multi_gpu
 
 writes ``multi_gpu.json`` (every run's log) and ``multi_gpu.md`` (largest loss difference to the 1-GPU run,
 tokens/s of each run). Run folders go to --work-dir. On a CPU (2 gloo processes), for a quick look:
