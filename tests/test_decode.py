@@ -259,6 +259,11 @@ def test_triton_decode_equals_the_oracle(case, dtype):
     rows = p["rows"].cpu()
     _assert_close(out.flatten(0, 1), naive_out[rows], out_bound)
     _assert_close(lse.flatten(0, 1), naive_lse[rows], lse_bound)
+    # ... and the torch reference decode on the same cache (it rounds only its output to dtype).
+    ref_out, ref_lse = _decode(p, case, backend="reference")
+    unit = torch.finfo(dtype).eps / 2
+    _assert_close(out, ref_out, out_bound + unit * float(p["v"].abs().max()))
+    _assert_close(lse, ref_lse, 2 * lse_bound)
 
 
 @pytest.mark.parametrize("case", [TRITON_CASES[0], TRITON_CASES[3]])
