@@ -27,8 +27,8 @@ from transformers import (
 )
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-import flashmoba
 from conftest import DEVICE
+from flashmoba import reference
 from flashmoba.integrations.transformers import MoBACache, MoBACacheLayer, register
 
 CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}
@@ -79,7 +79,7 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, *
         q_full = query.new_zeros(length, HQ, D)  # earlier queries do not influence later outputs
         q_full[position[Tk - Tq + torch.tensor(q_rows)]] = query[b, :, q_rows].transpose(0, 1)
         topk = length if dense else config.moba_topk
-        o, _ = flashmoba.reference.attention(
+        o, _ = reference.attention(
             q_full, key[b, :, real].transpose(0, 1), value[b, :, real].transpose(0, 1),
             torch.tensor([0, length]), config.moba_block_size, max(topk, 1), True, scaling,
         )
