@@ -41,7 +41,7 @@ def peak_gb(fn) -> float:
 
 
 def attended_keys(indices: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, causal: bool) -> int:
-    """Exact number of (query, key) pairs MoBA attends (the useful work)."""
+    """Exact number of (query, head, key) triples MoBA attends (the useful work)."""
     N = indices.shape[0]
     seq = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(N, device=indices.device), right=True)
     starts = cu_seqlens.long()[seq]
@@ -104,7 +104,7 @@ def run_moba(T, args, dtype, device):
                                                          bi.offsets, bi.entries, args.topk, args.block, True,
                                                          scale, False), rep)
         keys = attended_keys(idx, cu, args.block, True)
-    flop_fwd = 4.0 * H * D * keys  # QK^T and PV over the attended pairs
+    flop_fwd = 4.0 * D * keys  # QK^T and PV over the attended (query, head, key) triples
     row["useful_tflop_fwd"] = flop_fwd / 1e12
     row["fwd_tflops"] = flop_fwd / row["fwd_ms"] / 1e9
     row["fwd_bwd_tflops"] = 3.5 * flop_fwd / row["fwd_bwd_ms"] / 1e9

@@ -39,7 +39,7 @@ def _attn_bwd_delta_kernel(
 @triton.jit
 def _attn_bwd_tile(
     Q, DO, RowLse, Delta, DQ, Entries,
-    k, v, dk, dv, kpos, key_ok,
+    k, v, dk, dv, key_offset, key_ok, block_start,
     e_start, e_end, h, split,
     stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
     scale, scale_log2,
@@ -62,8 +62,8 @@ def _attn_bwd_tile(
     # Transposed tiles ([BLOCK_N, BLOCK_M]) so that dV and dK come out of the dots without transposes.
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
     allowed = key_ok[:, None] & row_ok[None, :]
-    if CAUSAL_MASK:
-        allowed = allowed & (kpos[:, None] <= t[None, :])
+    if CAUSAL_MASK:  # int32 offsets from the block start (an int64 tile costs 2x registers)
+        allowed = allowed & (key_offset[:, None] <= (t - block_start).to(tl.int32)[None, :])
     p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -107,7 +107,8 @@ def _attn_bwd_kernel(
     else:
         num_own = 0
 
-    kpos = tile_start + tl.arange(0, BLOCK_N)
+    key_offset = split * BLOCK_N + tl.arange(0, BLOCK_N)  # from the block start
+    kpos = block_start + key_offset
     key_ok = kpos < block_end
     d = tl.arange(0, BLOCK_D)
     kv_mask = key_ok[:, None] & (d < HEAD_DIM)[None, :]
@@ -123,7 +124,7 @@ def _attn_bwd_kernel(
         seg_end = tl.load(Offsets + seg + 1)
         for e0 in range(seg_start, seg_start + num_own, BLOCK_M):
             dk, dv = _attn_bwd_tile(
-                Q, DO, RowLse, Delta, DQ, Entries, k, v, dk, dv, kpos, key_ok,
+                Q, DO, RowLse, Delta, DQ, Entries, k, v, dk, dv, key_offset, key_ok, block_start,
                 e0, seg_start + num_own, h, split,
                 stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
                 scale, scale_log2, HQ, TOPK, HEAD_DIM, KEY_SPLITS, True, DETERMINISTIC,
@@ -131,7 +132,7 @@ def _attn_bwd_kernel(
             )
         for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
             dk, dv = _attn_bwd_tile(
-                Q, DO, RowLse, Delta, DQ, Entries, k, v, dk, dv, kpos, key_ok,
+                Q, DO, RowLse, Delta, DQ, Entries, k, v, dk, dv, key_offset, key_ok, block_start,
                 e0, seg_end, h, split,
                 stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
                 scale, scale_log2, HQ, TOPK, HEAD_DIM, KEY_SPLITS, False, DETERMINISTIC,
@@ -145,9 +146,15 @@ def _attn_bwd_kernel(
 
 
 def _bwd_config(block_size: int, head_dim: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a block size and head dim."""
-    block_n = min(64 if head_dim > 128 else 128, max(16, triton.next_power_of_2(block_size)))
-    return 64, block_n, 8 if block_n * head_dim >= 128 * 128 else 4, 2
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): dK and dV accumulators plus four score-sized tiles
+    live at once, so the key tile shrinks with the head dim (fewest spills under ptxas for sm_90)."""
+    if head_dim <= 64:
+        block_m, block_n = 64, 128
+    elif head_dim <= 128:
+        block_m, block_n = 64, 64
+    else:
+        block_m, block_n = 32, 64
+    return block_m, min(block_n, max(16, triton.next_power_of_2(block_size))), 8, 1
 
 
 def attn_bwd(

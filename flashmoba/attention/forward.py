@@ -37,58 +37,42 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def _attn_fwd_tile(
-    Q, K, V, Entries, PairLse, RowLse, Out,
-    e_start, e_end, h, kvh, block_start, block_end,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    Q, Entries, PairLse, RowLse, Out,
+    k, v, key_offset, key_ok, block_start,
+    e_start, e_end, h, split,
+    stride_qn, stride_qh, stride_on, stride_oh,
     scale_log2,
-    HQ: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HQ: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_SPLITS: tl.constexpr,
     STAGE: tl.constexpr, CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One gathered tile of up to BLOCK_M queries against all keys of the block."""
+    """One gathered tile of up to BLOCK_M queries against this program's key tile."""
     e = e_start + tl.arange(0, BLOCK_M)
     row_ok = e < e_end
     pair = tl.load(Entries + e, mask=row_ok, other=0).to(tl.int64)
     t = pair // (HQ * TOPK)
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    q = tl.load(Q + t[:, None] * stride_qn + h * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    io_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(Q + t[:, None] * stride_qn + h * stride_qh + d[None, :], mask=io_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    allowed = key_ok[None, :]
+    if CAUSAL_MASK:  # in int32 offsets from the block start: an int64 [M, N] tile would cost 2x registers
+        allowed = allowed & (key_offset[None, :] <= (t - block_start).to(tl.int32)[:, None])
+    s = tl.where(allowed, s, -float("inf"))
     if STAGE == 0:
-        m = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
-        l = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m = tl.max(s, axis=1)
+        m_ref = tl.where(m == -float("inf"), 0.0, m)  # rows with no visible key in this tile
+        lse = m_ref + tl.log2(tl.sum(tl.exp2(s - m_ref[:, None]), axis=1))
+        tl.store(PairLse + pair * KEY_SPLITS + split, lse, mask=row_ok)
     else:
-        lse = tl.load(RowLse + t * HQ + h, mask=row_ok, other=0.0)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    for n0 in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
-        kpos = block_start + n0 + tl.arange(0, BLOCK_N)
-        key_ok = kpos < block_end
-        k = tl.load(K + kpos[:, None] * stride_kn + kvh * stride_kh + d[None, :],
-                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        allowed = key_ok[None, :]
-        if CAUSAL_MASK:
-            allowed = allowed & (kpos[None, :] <= t[:, None])
-        s = tl.where(allowed, s, -float("inf"))
-        if STAGE == 0:
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with no key yet
-            l = l * tl.exp2(m - m_ref) + tl.sum(tl.exp2(s - m_ref[:, None]), axis=1)
-            m = m_new
+        row_lse = tl.load(RowLse + t * HQ + h, mask=row_ok, other=float("inf"))
+        p = tl.exp2(s - row_lse[:, None])
+        acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if DETERMINISTIC:
+            tl.store(Out + (pair * KEY_SPLITS + split)[:, None] * HEAD_DIM + d[None, :], acc, mask=io_mask)
         else:
-            p = tl.exp2(s - lse[:, None])
-            v = tl.load(V + kpos[:, None] * stride_vn + kvh * stride_vh + d[None, :],
-                        mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-
-    if STAGE == 0:
-        tl.store(PairLse + pair, m + tl.log2(tl.where(row_ok, l, 1.0)), mask=row_ok)
-    elif DETERMINISTIC:
-        tl.store(Out + pair[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
-    else:
-        tl.atomic_add(Out + t[:, None] * stride_on + h * stride_oh + d[None, :], acc,
-                      mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+            tl.atomic_add(Out + t[:, None] * stride_on + h * stride_oh + d[None, :], acc,
+                          mask=io_mask, sem="relaxed")
 
 
 @triton.jit
@@ -98,21 +82,38 @@ def _attn_fwd_kernel(
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     num_seqs, scale_log2,
     HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr, STAGE: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, KEY_SPLITS: tl.constexpr, CAUSAL: tl.constexpr, STAGE: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     g = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     seq = tl.load(block_seq + g)
     if seq >= num_seqs:  # past the real blocks (the grid is sized from shapes only)
         return
     seq_end = tl.load(cu_seqlens + seq + 1).to(tl.int64)
     block_start = tl.load(cu_seqlens + seq).to(tl.int64) + (g - tl.load(cu_blocks + seq)) * BLOCK_SIZE
     block_end = tl.minimum(block_start + BLOCK_SIZE, seq_end)
+    tile_start = block_start + split * BLOCK_N
+    if tile_start >= block_end:  # a partial last block has fewer key tiles
+        return
     if CAUSAL:
         num_own = block_end - block_start
     else:
         num_own = 0
+
+    # This program's keys (and values) stay on chip while it walks the gathered queries.
+    key_offset = split * BLOCK_N + tl.arange(0, BLOCK_N)  # from the block start
+    kpos = block_start + key_offset
+    key_ok = kpos < block_end
+    d = tl.arange(0, BLOCK_D)
+    kv_mask = key_ok[:, None] & (d < HEAD_DIM)[None, :]
+    k = tl.load(K + kpos[:, None] * stride_kn + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+    if STAGE == 1:
+        v = tl.load(V + kpos[:, None] * stride_vn + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+    else:
+        v = k  # unused
 
     for hh in range(GROUP):
         h = kvh * GROUP + hh
@@ -122,27 +123,26 @@ def _attn_fwd_kernel(
         # the own block's queries: token-level causal mask
         for e0 in range(seg_start, seg_start + num_own, BLOCK_M):
             _attn_fwd_tile(
-                Q, K, V, Entries, PairLse, RowLse, Out,
-                e0, seg_start + num_own, h, kvh, block_start, block_end,
-                stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-                scale_log2, HQ, TOPK, HEAD_DIM, BLOCK_SIZE, STAGE, True, DETERMINISTIC,
-                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+                Q, Entries, PairLse, RowLse, Out, k, v, key_offset, key_ok, block_start,
+                e0, seg_start + num_own, h, split,
+                stride_qn, stride_qh, stride_on, stride_oh, scale_log2,
+                HQ, TOPK, HEAD_DIM, KEY_SPLITS, STAGE, True, DETERMINISTIC, BLOCK_M, BLOCK_D, PRECISION,
             )
         # routed queries lie after the block: no mask
         for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
             _attn_fwd_tile(
-                Q, K, V, Entries, PairLse, RowLse, Out,
-                e0, seg_end, h, kvh, block_start, block_end,
-                stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-                scale_log2, HQ, TOPK, HEAD_DIM, BLOCK_SIZE, STAGE, False, DETERMINISTIC,
-                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+                Q, Entries, PairLse, RowLse, Out, k, v, key_offset, key_ok, block_start,
+                e0, seg_end, h, split,
+                stride_qn, stride_qh, stride_on, stride_oh, scale_log2,
+                HQ, TOPK, HEAD_DIM, KEY_SPLITS, STAGE, False, DETERMINISTIC, BLOCK_M, BLOCK_D, PRECISION,
             )
 
 
 def _fwd_config(block_size: int, head_dim: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a block size and head dim."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): 8 warps keep the [64, 128] score and output tiles
+    in registers (4 warps spill heavily; checked with ptxas for sm_90)."""
     block_n = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(block_size)))
-    return 64, block_n, 4, 2
+    return 64, block_n, 8, 2
 
 
 def attn_fwd(
@@ -176,29 +176,30 @@ def attn_fwd(
     num_blocks_max = block_seq.numel()
     BLOCK_M, BLOCK_N, num_warps, num_stages = _fwd_config(block_size, D)
     BLOCK_D = triton.next_power_of_2(D)
-    scale_log2 = scale * LOG2E
+    key_splits = triton.cdiv(block_size, BLOCK_N)
+    num_pairs = N * HQ * topk
 
-    pair_lse = torch.full((N * HQ * topk,), -float("inf"), dtype=torch.float32, device=q.device)
+    pair_lse = torch.full((num_pairs * key_splits,), -float("inf"), dtype=torch.float32, device=q.device)
     if deterministic:
-        out_acc = torch.zeros(N * HQ * topk, D, dtype=torch.float32, device=q.device)
+        out_acc = torch.zeros(num_pairs * key_splits, D, dtype=torch.float32, device=q.device)
     else:
         out_acc = torch.zeros(N, HQ, D, dtype=torch.float32, device=q.device)
     row_lse_log2 = torch.empty(N, HQ, dtype=torch.float32, device=q.device)
     if N > 0 and num_blocks_max > 0:
         for stage in (0, 1):
             if stage == 1:
-                row_lse_log2 = torch.logsumexp(pair_lse.view(N, HQ, topk) / LOG2E, dim=-1) * LOG2E
-            _attn_fwd_kernel[(num_blocks_max, HKV)](
+                row_lse_log2 = torch.logsumexp(pair_lse.view(N, HQ, -1) / LOG2E, dim=-1) * LOG2E
+            _attn_fwd_kernel[(num_blocks_max, HKV, key_splits)](
                 q, k, v, entries, offsets, pair_lse, row_lse_log2, out_acc,
                 cu_seqlens, cu_blocks, block_seq,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 HQ * D, D,
-                cu_seqlens.numel() - 1, scale_log2,
-                HQ=HQ, GROUP=HQ // HKV, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size, CAUSAL=causal,
-                STAGE=stage, DETERMINISTIC=deterministic,
+                cu_seqlens.numel() - 1, scale * LOG2E,
+                HQ=HQ, GROUP=HQ // HKV, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size,
+                KEY_SPLITS=key_splits, CAUSAL=causal, STAGE=stage, DETERMINISTIC=deterministic,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
                 num_warps=num_warps, num_stages=num_stages,
             )
     if deterministic:
-        out_acc = out_acc.view(N, HQ, topk, D).sum(dim=2)
+        out_acc = out_acc.view(N, HQ, topk * key_splits, D).sum(dim=2)
     return out_acc.to(q.dtype), row_lse_log2 / LOG2E

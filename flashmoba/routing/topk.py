@@ -119,15 +119,18 @@ def _route_topk_kernel(
             best = tl.where(better[:, None] & (best == worst[:, None]), top[:, None], best)
             keys = tl.where(keys == top[:, None], _INVALID_KEY, keys)
 
-    # Block ids of the picks plus the own block, sorted ascending by rank (ids are distinct).
+    # Block ids of the picks plus the own block, ascending: repeated minimum extraction (ids are
+    # distinct; empty slots hold distinct ids >= NONE and end up as the -1 padding).
     NONE: tl.constexpr = 2**30
     picked = (col[None, :] < PICKS) & (best > _INVALID_KEY + K_PAD)
     ids = tl.where(picked, -best.to(tl.int32) + _LOW_WORD, NONE + col[None, :])
     if CAUSAL:
         ids = tl.where(col[None, :] == PICKS, own[:, None], ids)
-    rank = tl.sum((ids[:, None, :] < ids[:, :, None]).to(tl.int32), axis=2)
-    ordered = tl.sum(tl.where(rank[:, :, None] == col[None, None, :], ids[:, :, None], 0), axis=1)
-    ordered = tl.where(ordered >= NONE, -1, ordered)
+    ordered = tl.full([BLOCK_M, K_PAD], -1, dtype=tl.int32)
+    for i in range(TOPK):
+        smallest = tl.min(ids, axis=1)
+        ordered = tl.where((col[None, :] == i) & (smallest < NONE)[:, None], smallest[:, None], ordered)
+        ids = tl.where(ids == smallest[:, None], _LOW_WORD, ids)
     tl.store(Indices + rows[:, None] * stride_in + h * stride_ih + col[None, :], ordered,
              mask=row_ok[:, None] & (col[None, :] < TOPK))
 
