@@ -139,6 +139,69 @@ def run_sdpa(T, args, dtype, device, backend_name):
     return row
 
 
+def run_flex(T, args, dtype, device, variant):
+    """FlexAttention with MoBA-like block sparsity (batch and heads as configured).
+
+    ``tile``: every 128-query tile shares one list (its own diagonal block + topk - 1 random past
+    blocks): no gather, the block-sparse speed-of-light for this density (not MoBA semantics).
+    ``exact``: token-level MoBA from our own routing through a mask_mod; the BlockMask is the union of
+    the blocks the tile's queries selected.
+    """
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    B, H, D, BS, K = args.batch, args.heads, args.dim, args.block, args.topk
+    if BS != 128:
+        raise ValueError("the Flex baselines use 128-token tiles: --block must be 128")
+    nb = T // BS
+    q = torch.randn(B, H, T, D, dtype=dtype, device=device, requires_grad=True)
+    k = torch.randn_like(q, requires_grad=True)
+    v = torch.randn_like(q, requires_grad=True)
+    do = torch.randn_like(q)
+    tiles = torch.arange(nb, device=device)
+    diag = tiles.view(1, 1, nb, 1).expand(B, H, nb, 1).to(torch.int32)
+    causal = lambda b, h, qi, ki: qi >= ki  # noqa: E731
+    if variant == "tile":
+        # random distinct past blocks per tile: argsort of random keys restricted to blocks < tile
+        r = torch.rand(B, H, nb, nb, device=device).masked_fill(tiles[None, None, None, :] >= tiles[None, None, :, None], 2.0)
+        past = r.argsort(dim=-1)[..., : K - 1].to(torch.int32)
+        full_num = torch.clamp(tiles, max=K - 1).view(1, 1, nb).expand(B, H, nb).to(torch.int32).contiguous()
+        full_idx = torch.cat([past, torch.zeros(B, H, nb, nb - (K - 1), dtype=torch.int32, device=device)], -1)
+        part_idx = torch.cat([diag, torch.zeros(B, H, nb, nb - 1, dtype=torch.int32, device=device)], -1)
+        mask = BlockMask.from_kv_blocks(torch.ones(B, H, nb, dtype=torch.int32, device=device), part_idx,
+                                        full_num, full_idx.contiguous(), BLOCK_SIZE=BS, mask_mod=causal)
+    else:
+        qp = q.detach().transpose(1, 2).reshape(B * T, H, D)
+        kp = k.detach().transpose(1, 2).reshape(B * T, H, D)
+        cu = torch.arange(B + 1, dtype=torch.int32, device=device) * T
+        idx = flashmoba.moba_route_varlen(qp, kp, cu, block_size=BS, topk=K).indices.view(B, T, H, K)
+        sel = torch.zeros(B, H, T, nb + 1, dtype=torch.bool, device=device)
+        sel.scatter_(-1, torch.where(idx < 0, nb, idx).long().permute(0, 2, 1, 3), True)
+        sel = sel[..., :nb].contiguous()
+        union = sel.view(B, H, nb, BS, nb).any(dim=3)  # blocks any query of the tile selected
+        num = union.sum(-1).to(torch.int32)
+        order = torch.sort((~union).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+
+        def moba_mod(b, h, qi, ki):
+            return sel[b, h, qi, ki // BS] & (qi >= ki)
+
+        mask = BlockMask.from_kv_blocks(num, order, BLOCK_SIZE=BS, mask_mod=moba_mod)
+    flex = torch.compile(flex_attention)
+    row = {"T": T, "impl": f"flex-{variant}", "D": D, "H": H}
+
+    def fwd():
+        return flex(q, k, v, block_mask=mask)
+
+    def fwd_bwd():
+        fwd().backward(do)
+
+    fwd_bwd()  # compile
+    rep = 200.0 if T <= 32768 else 40.0
+    row["fwd_ms"] = bench_ms(fwd, rep)
+    row["fwd_bwd_ms"] = bench_ms(fwd_bwd, rep)
+    row["peak_gb"] = peak_gb(fwd_bwd)
+    return row
+
+
 def to_markdown(rows) -> str:
     cols = ["T", "impl", "route_ms", "fwd_ms", "fwd_bwd_ms", "peak_gb", "centroids_ms", "topk_ms",
             "block_index_ms", "attn_fwd_ms", "attn_bwd_ms", "fwd_tflops", "fwd_bwd_tflops", "route_tflops"]
@@ -162,7 +225,8 @@ def main():
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--baselines", nargs="*", default=["cudnn", "flash"], choices=["cudnn", "flash"])
+    p.add_argument("--baselines", nargs="*", default=["cudnn", "flash", "flex-tile", "flex-exact"],
+                   choices=["cudnn", "flash", "flex-tile", "flex-exact"])
     p.add_argument("--baseline-max-t", type=int, default=65536)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -176,7 +240,14 @@ def main():
         torch.cuda.empty_cache()
         if T <= args.baseline_max_t:
             for b in args.baselines:
-                rows.append(run_sdpa(T, args, dtype, device, b))
+                try:
+                    if b.startswith("flex-"):
+                        rows.append(run_flex(T, args, dtype, device, b[5:]))
+                    else:
+                        rows.append(run_sdpa(T, args, dtype, device, b))
+                except torch.cuda.OutOfMemoryError as e:
+                    rows.append({"T": T, "impl": b, "error": f"OOM: {e}"[:120]})
+                print(f"T={T} {b} done", flush=True)
                 torch.cuda.empty_cache()
     md = to_markdown(rows)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

@@ -62,7 +62,9 @@ def _attn_fwd_tile(
     if STAGE == 0:
         m = tl.max(s, axis=1)
         m_ref = tl.where(m == -float("inf"), 0.0, m)  # rows with no visible key in this tile
-        lse = m_ref + tl.log2(tl.sum(tl.exp2(s - m_ref[:, None]), axis=1))
+        l = tl.sum(tl.exp2(s - m_ref[:, None]), axis=1)
+        # -inf when this key tile holds no visible key (a query before the tile, blocks > BLOCK_N)
+        lse = tl.where(l > 0, m_ref + tl.log2(tl.where(l > 0, l, 1.0)), -float("inf"))
         tl.store(PairLse + pair * KEY_SPLITS + split, lse, mask=row_ok)
     else:
         row_lse = tl.load(RowLse + t * HQ + h, mask=row_ok, other=float("inf"))
