@@ -43,7 +43,7 @@ def _attn_bwd_tile(
     e_start, e_end, h, split,
     stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
     scale, scale_log2,
-    HQ: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_SPLITS: tl.constexpr,
+    HQ, TOPK, HEAD_DIM: tl.constexpr, KEY_SPLITS,
     CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -85,8 +85,8 @@ def _attn_bwd_kernel(
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
     num_seqs, scale, scale_log2,
-    HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, KEY_SPLITS: tl.constexpr, CAUSAL: tl.constexpr,
+    HQ, GROUP, TOPK, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE, KEY_SPLITS, CAUSAL: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):

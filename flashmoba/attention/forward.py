@@ -42,7 +42,7 @@ def _attn_fwd_tile(
     e_start, e_end, h, split,
     stride_qn, stride_qh, stride_on, stride_oh,
     scale_log2,
-    HQ: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_SPLITS: tl.constexpr,
+    HQ, TOPK, HEAD_DIM: tl.constexpr, KEY_SPLITS,
     STAGE: tl.constexpr, CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -83,8 +83,8 @@ def _attn_fwd_kernel(
     cu_seqlens, cu_blocks, block_seq,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     num_seqs, scale_log2,
-    HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, KEY_SPLITS: tl.constexpr, CAUSAL: tl.constexpr, STAGE: tl.constexpr,
+    HQ, GROUP, TOPK, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE, KEY_SPLITS, CAUSAL: tl.constexpr, STAGE: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):

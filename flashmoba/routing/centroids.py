@@ -21,7 +21,7 @@ def _block_centroids_kernel(
     stride_cg, stride_ch,
     num_seqs,
     HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
