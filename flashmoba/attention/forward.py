@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flashmoba.attention.atomics import accumulate_rows, vector_atomics_supported
+
 LOG2E = math.log2(math.e)
 
 
@@ -44,7 +46,7 @@ def _attn_fwd_tile(
     scale_log2,
     HQ, TOPK, HEAD_DIM: tl.constexpr, KEY_SPLITS,
     STAGE: tl.constexpr, CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, VECTOR_RED: tl.constexpr,
 ):
     """One gathered tile of up to BLOCK_M queries against this program's key tile."""
     e = e_start + tl.arange(0, BLOCK_M)
@@ -73,8 +75,7 @@ def _attn_fwd_tile(
         if DETERMINISTIC:
             tl.store(Out + (pair * KEY_SPLITS + split)[:, None] * HEAD_DIM + d[None, :], acc, mask=io_mask)
         else:
-            tl.atomic_add(Out + t[:, None] * stride_on + h * stride_oh + d[None, :], acc,
-                          mask=io_mask, sem="relaxed")
+            accumulate_rows(Out + t * stride_on + h * stride_oh, row_ok, acc, HEAD_DIM, BLOCK_D, VECTOR_RED)
 
 
 @triton.jit
@@ -87,6 +88,7 @@ def _attn_fwd_kernel(
     BLOCK_SIZE, KEY_SPLITS, CAUSAL: tl.constexpr, STAGE: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    VECTOR_RED: tl.constexpr,
 ):
     g = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -128,7 +130,7 @@ def _attn_fwd_kernel(
                 Q, Entries, PairLse, RowLse, Out, k, v, key_offset, key_ok, block_start,
                 e0, seg_start + num_own, h, split,
                 stride_qn, stride_qh, stride_on, stride_oh, scale_log2,
-                HQ, TOPK, HEAD_DIM, KEY_SPLITS, STAGE, True, DETERMINISTIC, BLOCK_M, BLOCK_D, PRECISION,
+                HQ, TOPK, HEAD_DIM, KEY_SPLITS, STAGE, True, DETERMINISTIC, BLOCK_M, BLOCK_D, PRECISION, VECTOR_RED,
             )
         # routed queries lie after the block: no mask
         for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
@@ -136,7 +138,7 @@ def _attn_fwd_kernel(
                 Q, Entries, PairLse, RowLse, Out, k, v, key_offset, key_ok, block_start,
                 e0, seg_end, h, split,
                 stride_qn, stride_qh, stride_on, stride_oh, scale_log2,
-                HQ, TOPK, HEAD_DIM, KEY_SPLITS, STAGE, False, DETERMINISTIC, BLOCK_M, BLOCK_D, PRECISION,
+                HQ, TOPK, HEAD_DIM, KEY_SPLITS, STAGE, False, DETERMINISTIC, BLOCK_M, BLOCK_D, PRECISION, VECTOR_RED,
             )
 
 
@@ -200,6 +202,7 @@ def attn_fwd(
                 HQ=HQ, GROUP=HQ // HKV, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size,
                 KEY_SPLITS=key_splits, CAUSAL=causal, STAGE=stage, DETERMINISTIC=deterministic,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
+                VECTOR_RED=vector_atomics_supported(q.device),
                 num_warps=num_warps, num_stages=num_stages,
             )
     if deterministic:
