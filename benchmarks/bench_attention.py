@@ -6,7 +6,8 @@ locality: every query picks its own random blocks).
 
     python benchmarks/bench_attention.py --seqlens 8192 32768 65536 --out docs/results/attention.json
 
-Prints a markdown table; ``--out`` also writes the JSON (the table goes next to it as .md).
+Prints a markdown table; ``--out`` also writes the JSON, the table (.md) and a plot of latency and memory
+vs T (.png) next to it; ``--plot-from results.json`` redraws the plot only.
 """
 
 from __future__ import annotations
@@ -202,6 +203,40 @@ def run_flex(T, args, dtype, device, variant):
     return row
 
 
+# Official FlashMoBA (CUDA, v2.0.0) on an H100 80GB HBM3, same config, measured 2026-11-26 by the team
+# (shared/anchors.md): forward+backward ms and peak GB, drawn as a reference line in the plot.
+FLASHMOBA_ANCHORS = {8192: (5.62, 0.64), 32768: (25.7, 2.54), 65536: (63.2, 5.08), 131072: (173, 10.2),
+                     262144: (508, 20.3), 524288: (1573, 40.6)}
+
+
+def plot(rows, path: Path) -> None:
+    """Latency and peak memory of forward+backward vs sequence length, one line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    impls = sorted({r["impl"] for r in rows if "fwd_bwd_ms" in r}, key=lambda x: (x != "flashmoba", x))
+    for impl in impls:
+        pts = sorted((r["T"], r["fwd_bwd_ms"], r["peak_gb"]) for r in rows if r["impl"] == impl and "fwd_bwd_ms" in r)
+        ts = [p[0] for p in pts]
+        ax_t.plot(ts, [p[1] for p in pts], "o-", label=impl)
+        ax_m.plot(ts, [p[2] for p in pts], "o-", label=impl)
+    ts = sorted(FLASHMOBA_ANCHORS)
+    ax_t.plot(ts, [FLASHMOBA_ANCHORS[t][0] for t in ts], "k--", label="official FlashMoBA (anchor)")
+    ax_m.plot(ts, [FLASHMOBA_ANCHORS[t][1] for t in ts], "k--", label="official FlashMoBA (anchor)")
+    for ax, ylabel in ((ax_t, "forward + backward (ms)"), (ax_m, "peak memory (GB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T (batch 2, 16 heads, D 128, bf16, block 128, top-8)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def to_markdown(rows) -> str:
     cols = ["T", "impl", "route_ms", "fwd_ms", "fwd_bwd_ms", "peak_gb", "centroids_ms", "topk_ms",
             "block_index_ms", "attn_fwd_ms", "attn_bwd_ms", "fwd_tflops", "fwd_bwd_tflops", "route_tflops"]
@@ -229,7 +264,11 @@ def main():
                    choices=["cudnn", "flash", "flex-tile", "flex-exact"])
     p.add_argument("--baseline-max-t", type=int, default=65536)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--plot-from", type=Path, default=None, help="only redraw the PNG from a saved JSON")
     args = p.parse_args()
+    if args.plot_from:
+        plot(json.loads(args.plot_from.read_text())["rows"], args.plot_from.with_suffix(".png"))
+        return
     dtype = getattr(torch, args.dtype)
     device = "cuda"
     rows = []
@@ -257,6 +296,7 @@ def main():
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         args.out.with_suffix(".md").write_text(md + "\n")
+        plot(rows, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
