@@ -246,21 +246,15 @@ def moba_attn_varlen(
     Returns:
         ``out [N, HQ, D]`` in q's dtype, or ``(out, lse)`` when ``return_lse``.
     """
-    return _moba_attn_varlen(
-        q, k, v, cu_seqlens, max_seqlen=max_seqlen, block_size=block_size, topk=topk, causal=causal,
-        softmax_scale=softmax_scale, return_lse=return_lse, backend=backend,
-        deterministic=deterministic, check_cu_seqlens=True,
-    )
-
-
-def _moba_attn_varlen(
-    q, k, v, cu_seqlens, *, max_seqlen, block_size, topk, causal, softmax_scale, return_lse,
-    backend, deterministic, check_cu_seqlens,
-):
     _check_qkv(q, k, v, 3, "[N, H, D]")
     _check_common(block_size, topk, causal, softmax_scale)
-    if check_cu_seqlens:
-        _check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+    _check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+    return _attend(q, k, v, cu_seqlens, block_size, topk, causal, softmax_scale, return_lse, backend,
+                   deterministic)
+
+
+def _attend(q, k, v, cu_seqlens, block_size, topk, causal, softmax_scale, return_lse, backend, deterministic):
+    """Packed inputs whose shapes and sequence boundaries are checked -> the chosen backend."""
     backend = _resolve_backend(backend, q.device)
     _check_backend_support(backend, q, block_size, topk)
     if not isinstance(deterministic, bool):
@@ -305,20 +299,10 @@ def moba_attn(
     _check_qkv(q, k, v, 4, "[B, T, H, D]")
     B, T, HQ, D = q.shape
     cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=q.device) * T
-    res = _moba_attn_varlen(
-        q.reshape(B * T, HQ, D),
-        k.reshape(B * T, k.shape[2], D),
-        v.reshape(B * T, v.shape[2], D),
-        cu_seqlens,
-        max_seqlen=T,
-        block_size=block_size,
-        topk=topk,
-        causal=causal,
-        softmax_scale=softmax_scale,
-        return_lse=return_lse,
-        backend=backend,
-        deterministic=deterministic,
-        check_cu_seqlens=False,
+    _check_common(block_size, topk, causal, softmax_scale)
+    res = _attend(
+        q.reshape(B * T, HQ, D), k.reshape(B * T, k.shape[2], D), v.reshape(B * T, v.shape[2], D),
+        cu_seqlens, block_size, topk, causal, softmax_scale, return_lse, backend, deterministic,
     )
     if return_lse:
         out, lse = res

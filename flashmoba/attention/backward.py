@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashmoba.attention.forward import LOG2E, dot_precision
+from flashmoba.attention.forward import LOG2E, dot_precision, key_tile_of_program
 
 
 @triton.jit
@@ -93,23 +93,12 @@ def _attn_bwd_kernel(
     g = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    seq = tl.load(block_seq + g)
-    if seq >= num_seqs:
+    active, block_start, key_offset, key_ok, num_own = key_tile_of_program(
+        g, split, cu_seqlens, cu_blocks, block_seq, num_seqs, BLOCK_SIZE, BLOCK_N, CAUSAL)
+    if not active:
         return
-    seq_end = tl.load(cu_seqlens + seq + 1).to(tl.int64)
-    block_start = tl.load(cu_seqlens + seq).to(tl.int64) + (g - tl.load(cu_blocks + seq)) * BLOCK_SIZE
-    block_end = tl.minimum(block_start + BLOCK_SIZE, seq_end)
-    tile_start = block_start + split * BLOCK_N
-    if tile_start >= block_end:  # a partial last block has fewer key tiles
-        return
-    if CAUSAL:
-        num_own = block_end - block_start
-    else:
-        num_own = 0
 
-    key_offset = split * BLOCK_N + tl.arange(0, BLOCK_N)  # from the block start
     kpos = block_start + key_offset
-    key_ok = kpos < block_end
     d = tl.arange(0, BLOCK_D)
     kv_mask = key_ok[:, None] & (d < HEAD_DIM)[None, :]
     k = tl.load(K + kpos[:, None] * stride_kn + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)

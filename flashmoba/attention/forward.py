@@ -79,6 +79,32 @@ def _attn_fwd_tile(
 
 
 @triton.jit
+def key_tile_of_program(g, split, cu_seqlens, cu_blocks, block_seq, num_seqs, BLOCK_SIZE,
+                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """The keys of program (global block ``g``, key tile ``split``), shared by forward and backward.
+
+    Returns ``(active, block_start, key_offset, key_ok, num_own)``: ``active`` is false for programs past
+    the real blocks (the grid is sized from shapes only) and past the end of a partial last block;
+    ``key_offset`` [BLOCK_N] counts from the block start; ``num_own`` is the number of the block's own
+    queries at the head of each of its segments (causal) or 0.
+    """
+    seq = tl.load(block_seq + g)
+    active = seq < num_seqs
+    seq = tl.where(active, seq, 0)
+    seq_end = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    block_start = tl.load(cu_seqlens + seq).to(tl.int64) + (g - tl.load(cu_blocks + seq)) * BLOCK_SIZE
+    block_end = tl.minimum(block_start + BLOCK_SIZE, seq_end)
+    active = active & (block_start + split * BLOCK_N < block_end)
+    key_offset = split * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = block_start + key_offset < block_end
+    if CAUSAL:
+        num_own = block_end - block_start
+    else:
+        num_own = tl.zeros_like(block_end)
+    return active, block_start, key_offset, key_ok, num_own
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Entries, Offsets, PairLse, RowLse, Out,
     cu_seqlens, cu_blocks, block_seq,
@@ -92,24 +118,13 @@ def _attn_fwd_kernel(
     g = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    seq = tl.load(block_seq + g)
-    if seq >= num_seqs:  # past the real blocks (the grid is sized from shapes only)
+    active, block_start, key_offset, key_ok, num_own = key_tile_of_program(
+        g, split, cu_seqlens, cu_blocks, block_seq, num_seqs, BLOCK_SIZE, BLOCK_N, CAUSAL)
+    if not active:
         return
-    seq_end = tl.load(cu_seqlens + seq + 1).to(tl.int64)
-    block_start = tl.load(cu_seqlens + seq).to(tl.int64) + (g - tl.load(cu_blocks + seq)) * BLOCK_SIZE
-    block_end = tl.minimum(block_start + BLOCK_SIZE, seq_end)
-    tile_start = block_start + split * BLOCK_N
-    if tile_start >= block_end:  # a partial last block has fewer key tiles
-        return
-    if CAUSAL:
-        num_own = block_end - block_start
-    else:
-        num_own = 0
 
     # This program's keys (and values) stay on chip while it walks the gathered queries.
-    key_offset = split * BLOCK_N + tl.arange(0, BLOCK_N)  # from the block start
     kpos = block_start + key_offset
-    key_ok = kpos < block_end
     d = tl.arange(0, BLOCK_D)
     kv_mask = key_ok[:, None] & (d < HEAD_DIM)[None, :]
     k = tl.load(K + kpos[:, None] * stride_kn + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
