@@ -5,6 +5,8 @@
 * :func:`assert_attention_matches`: the FlashAttention test rule: the kernel's error against a float64
   computation is at most 2x (output, lse) / 3x (gradients) the error of the same reference computed in
   the input's low precision, on the kernel's own routing (so routing near-ties cannot blur the check).
+* :func:`assert_block_index_inverse`: the block -> query index is the exact inverse of ``indices``,
+  rebuilt with plain loops.
 """
 
 from __future__ import annotations
@@ -99,3 +101,56 @@ def assert_attention_matches(q, k, v, cu_seqlens, dout, *, block_size, topk, cau
         assert err <= factor * ref_err + floor, f"{name}: error {err:.3g} > {factor} x {ref_err:.3g} + {floor:.3g}"
         assert torch.isfinite(kernel[i]).all(), f"{name} has non-finite values"
     return routing
+
+
+def expected_layout(lens, block_size):
+    """(cu_blocks, block_seq of the real blocks) by counting blocks sequence by sequence."""
+    cu_blocks, block_seq = [0], []
+    for s, n in enumerate(lens):
+        blocks = -(-n // block_size)
+        cu_blocks.append(cu_blocks[-1] + blocks)
+        block_seq += [s] * blocks
+    return cu_blocks, block_seq
+
+
+def _expected_segments(routing, lens):
+    """{segment g * HQ + h: [pair ids (t * HQ + h) * topk + slot in ascending order]} from ``indices``."""
+    indices = routing.indices.tolist()
+    num_heads, topk = routing.indices.shape[1], routing.topk
+    cu_blocks, _ = expected_layout(lens, routing.block_size)
+    segments = {}
+    token = 0
+    for s, n in enumerate(lens):
+        for _ in range(n):
+            for h in range(num_heads):
+                for slot, j in enumerate(indices[token][h]):
+                    if j >= 0:
+                        segment = (cu_blocks[s] + j) * num_heads + h
+                        segments.setdefault(segment, []).append((token * num_heads + h) * topk + slot)
+            token += 1
+    return segments
+
+
+def assert_block_index_inverse(routing, lens):
+    """The block index of ``routing`` is the exact inverse of its ``indices`` (rebuilt with plain loops)."""
+    bi = routing.block_index
+    num_heads, topk = routing.indices.shape[1], routing.topk
+    num_segments = routing.num_blocks_max * num_heads
+    offsets, counts, entries = bi.offsets.tolist(), bi.counts.tolist(), bi.entries.tolist()
+    assert bi.offsets.dtype == torch.int64 and bi.counts.dtype == torch.int32 and bi.entries.dtype == torch.int32
+    assert (bi.num_heads, bi.topk) == (num_heads, topk)
+    assert len(offsets) == num_segments + 1 and len(counts) == num_segments
+    assert len(entries) == sum(lens) * num_heads * topk  # static length; the tail is padding
+    assert offsets[0] == 0
+    assert all(offsets[i + 1] - offsets[i] == counts[i] for i in range(num_segments))
+    assert offsets[-1] == int((routing.indices >= 0).sum())
+
+    # Every (t, h, slot) with a valid block is in its segment, exactly once, in ascending token order.
+    expected = _expected_segments(routing, lens)
+    tokens = bi.tokens().tolist()
+    for segment in range(num_segments):
+        got = entries[offsets[segment] : offsets[segment + 1]]
+        assert got == expected.get(segment, []), f"segment {segment}"
+        seg_tokens = tokens[offsets[segment] : offsets[segment + 1]]
+        assert seg_tokens == [p // (num_heads * topk) for p in got]
+        assert all(a < b for a, b in zip(seg_tokens, seg_tokens[1:]))

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import flashmoba
 from flashmoba.routing import block_layout
 from factory import make_packed
+from kernel_checks import assert_block_index_inverse, expected_layout
 
 HEADS = [(1, 1), (2, 1), (4, 2), (3, 3), (4, 1)]  # (HQ, HKV): GQA groups 1, 2, 4
 
@@ -20,58 +21,6 @@ def _route(lens, hq, hkv, block_size, topk, causal, generator=None):
     return flashmoba.moba_route_varlen(
         q, k, cu, block_size=block_size, topk=topk, causal=causal, backend="reference"
     )
-
-
-def _expected_layout(lens, block_size):
-    """(cu_blocks, block_seq of the real blocks) by counting blocks sequence by sequence."""
-    cu_blocks, block_seq = [0], []
-    for s, n in enumerate(lens):
-        blocks = -(-n // block_size)
-        cu_blocks.append(cu_blocks[-1] + blocks)
-        block_seq += [s] * blocks
-    return cu_blocks, block_seq
-
-
-def _expected_segments(routing, lens):
-    """{segment g * HQ + h: [pair ids (t * HQ + h) * topk + slot in ascending order]} from ``indices``."""
-    indices = routing.indices.tolist()
-    num_heads, topk = routing.indices.shape[1], routing.topk
-    cu_blocks, _ = _expected_layout(lens, routing.block_size)
-    segments = {}
-    token = 0
-    for s, n in enumerate(lens):
-        for _ in range(n):
-            for h in range(num_heads):
-                for slot, j in enumerate(indices[token][h]):
-                    if j >= 0:
-                        segment = (cu_blocks[s] + j) * num_heads + h
-                        segments.setdefault(segment, []).append((token * num_heads + h) * topk + slot)
-            token += 1
-    return segments
-
-
-def _check_block_index(routing, lens):
-    bi = routing.block_index
-    num_heads, topk = routing.indices.shape[1], routing.topk
-    num_segments = routing.num_blocks_max * num_heads
-    offsets, counts, entries = bi.offsets.tolist(), bi.counts.tolist(), bi.entries.tolist()
-    assert bi.offsets.dtype == torch.int64 and bi.counts.dtype == torch.int32 and bi.entries.dtype == torch.int32
-    assert (bi.num_heads, bi.topk) == (num_heads, topk)
-    assert len(offsets) == num_segments + 1 and len(counts) == num_segments
-    assert len(entries) == sum(lens) * num_heads * topk  # static length; the tail is padding
-    assert offsets[0] == 0
-    assert all(offsets[i + 1] - offsets[i] == counts[i] for i in range(num_segments))
-    assert offsets[-1] == int((routing.indices >= 0).sum())
-
-    # Every (t, h, slot) with a valid block is in its segment, exactly once, in ascending token order.
-    expected = _expected_segments(routing, lens)
-    tokens = bi.tokens().tolist()
-    for segment in range(num_segments):
-        got = entries[offsets[segment] : offsets[segment + 1]]
-        assert got == expected.get(segment, []), f"segment {segment}"
-        seg_tokens = tokens[offsets[segment] : offsets[segment + 1]]
-        assert seg_tokens == [p // (num_heads * topk) for p in got]
-        assert all(a < b for a, b in zip(seg_tokens, seg_tokens[1:]))
 
 
 def _check_indices(routing, lens, num_blocks_of):
@@ -106,9 +55,9 @@ def _check_indices(routing, lens, num_blocks_of):
 def test_block_index_is_the_inverse_of_indices(lens, heads, block_size, topk, causal, seed):
     routing = _route(lens, *heads, block_size, topk, causal, torch.Generator().manual_seed(seed))
     _check_indices(routing, lens, lambda n: -(-n // block_size))
-    _check_block_index(routing, lens)
+    assert_block_index_inverse(routing, lens)
 
-    cu_blocks, block_seq = _expected_layout(lens, block_size)
+    cu_blocks, block_seq = expected_layout(lens, block_size)
     assert routing.cu_blocks.dtype == routing.block_seq.dtype == torch.int32
     assert routing.cu_blocks.tolist() == cu_blocks
     assert routing.num_blocks_max >= len(block_seq)
