@@ -45,15 +45,15 @@ def main():
     def bwd():
         return backward.attn_bwd(do, q, k, v, out, lse, *common)
 
-    fwd_configs = [forward._fwd_config(args.block, D), (64, 128, 8, 2), (128, 64, 8, 2)]
-    bwd_configs = [backward._bwd_config(args.block, D), (32, 128, 8, 2), (64, 64, 8, 2)]
+    fwd_configs = [forward._fwd_config(args.block, D, q.dtype), (64, 128, 8, 2), (128, 64, 8, 2)]
+    bwd_configs = [backward._bwd_config(args.block, D, q.dtype), (32, 128, 8, 2), (64, 64, 8, 2)]
     for fc, bc in itertools.zip_longest(fwd_configs, bwd_configs):
         line = ""
         if fc:
-            with mock.patch.object(forward, "_fwd_config", lambda bs, hd, c=fc: c):
+            with mock.patch.object(forward, "_fwd_config", lambda bs, hd, dt, c=fc: c):
                 line += f"fwd{fc}: {triton.testing.do_bench(fwd, warmup=50, rep=300):7.2f} ms   "
         if bc:
-            with mock.patch.object(backward, "_bwd_config", lambda bs, hd, c=bc: c):
+            with mock.patch.object(backward, "_bwd_config", lambda bs, hd, dt, c=bc: c):
                 line += f"bwd{bc}: {triton.testing.do_bench(bwd, warmup=50, rep=300):7.2f} ms"
         print(line, flush=True)
 

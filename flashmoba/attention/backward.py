@@ -134,15 +134,17 @@ def _attn_bwd_kernel(
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-def _bwd_config(block_size: int, head_dim: int):
+def _bwd_config(block_size: int, head_dim: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). A 128-key tile halves the gathers and dQ merges of a
     64-key one and measured 1.7x faster on an H100 at D=128 despite its register spills
-    (benchmarks/tune_attention.py)."""
-    if head_dim <= 128:
-        block_m, block_n, stages = 64, 128, 2
+    (benchmarks/tune_attention.py). float32 inputs need 32-row tiles to fit in shared memory."""
+    if dtype == torch.float32:
+        block_m, block_n, warps, stages = 32, 32, 4, 1
+    elif head_dim <= 128:
+        block_m, block_n, warps, stages = 64, 128, 8, 2
     else:
-        block_m, block_n, stages = 32, 64, 1
-    return block_m, min(block_n, max(16, triton.next_power_of_2(block_size))), 8, stages
+        block_m, block_n, warps, stages = 32, 64, 8, 1
+    return block_m, min(block_n, max(16, triton.next_power_of_2(block_size))), warps, stages
 
 
 def attn_bwd(
@@ -175,7 +177,7 @@ def attn_bwd(
     N, HQ, D = q.shape
     HKV = k.shape[1]
     num_blocks_max = block_seq.numel()
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _bwd_config(block_size, D)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _bwd_config(block_size, D, q.dtype)
     BLOCK_D = triton.next_power_of_2(D)
     key_splits = triton.cdiv(block_size, BLOCK_N)
     dout = dout.contiguous()

@@ -156,9 +156,12 @@ def _attn_fwd_kernel(
             )
 
 
-def _fwd_config(block_size: int, head_dim: int):
+def _fwd_config(block_size: int, head_dim: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), measured on an H100 (benchmarks/tune_attention.py):
-    128-query tiles beat 64 (14.3 vs 17.2 ms at 64K, D=128); 8 warps keep the tiles in registers."""
+    128-query tiles beat 64 (14.3 vs 17.2 ms at 64K, D=128); 8 warps keep the tiles in registers.
+    float32 inputs (exact products, a correctness path) need 32-row tiles to fit in shared memory."""
+    if dtype == torch.float32:
+        return 32, min(32, max(16, triton.next_power_of_2(block_size))), 4, 1
     block_n = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(block_size)))
     return (128 if head_dim <= 128 else 64), block_n, 8, 2
 
@@ -192,7 +195,7 @@ def attn_fwd(
     N, HQ, D = q.shape
     HKV = k.shape[1]
     num_blocks_max = block_seq.numel()
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _fwd_config(block_size, D)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _fwd_config(block_size, D, q.dtype)
     BLOCK_D = triton.next_power_of_2(D)
     key_splits = triton.cdiv(block_size, BLOCK_N)
     num_pairs = N * HQ * topk

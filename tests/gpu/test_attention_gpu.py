@@ -116,3 +116,12 @@ def test_torch_compile_fullgraph_forward_backward():
     torch.testing.assert_close(loss_c, loss_e)
     for a, b in zip(grads_c, grads_e):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("lens, hq, hkv, d, block_size, topk", [SHAPES[0], SHAPES[3]])
+def test_float32_inputs(lens, hq, hkv, d, block_size, topk):
+    """float32 runs exact (IEEE) products in smaller tiles: a correctness path, checked like the others."""
+    q, k, v, cu = make_packed(lens, hq, hkv, d, dtype=torch.float32, device="cuda")
+    dout = torch.randn_like(q)
+    routing = assert_attention_matches(q, k, v, cu, dout, block_size=block_size, topk=topk, causal=True)
+    assert_routing_valid(q, k, cu, routing.indices, block_size, topk, True, score_tol=1e-3)
