@@ -198,7 +198,9 @@ def moba_route_varlen(
     else:
         from flashmoba.routing import route_triton
 
-        indices, block_index = route_triton(q, k, cu_seqlens, block_size, topk, causal)
+        indices, block_index = route_triton(
+            q, k, cu_seqlens, block_size, topk, causal, (cu_blocks, block_seq, num_blocks_max)
+        )
     return MoBARouting(
         indices=indices,
         cu_seqlens=cu_seqlens,

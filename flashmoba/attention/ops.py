@@ -32,8 +32,9 @@ def moba_attn_fwd_op(
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out [N, HQ, D], lse float32 [N, HQ], block offsets, block entries)."""
-    indices, block_index = route_triton(q, k, cu_seqlens, block_size, topk, causal)
-    cu_blocks, block_seq, _ = block_layout(cu_seqlens, q.shape[0], block_size)
+    layout = block_layout(cu_seqlens, q.shape[0], block_size)
+    _, block_index = route_triton(q, k, cu_seqlens, block_size, topk, causal, layout)
+    cu_blocks, block_seq, _ = layout
     out, lse = attn_fwd(
         q, k, v, cu_seqlens, cu_blocks, block_seq, block_index.offsets, block_index.entries,
         topk, block_size, causal, scale, deterministic,

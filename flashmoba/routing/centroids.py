@@ -47,20 +47,21 @@ def _block_centroids_kernel(
     tl.store(C + g.to(tl.int64) * stride_cg + h * stride_ch + d, acc, mask=d_ok)
 
 
-def block_centroids(k: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
+def block_centroids(k: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, layout=None) -> torch.Tensor:
     """Mean key of every block of every sequence.
 
     Args:
         k: ``[N, HKV, D]`` packed keys (fp16/bf16/fp32; the last dim contiguous).
         cu_seqlens: int32/int64 ``[S + 1]``.
         block_size: tokens per block.
+        layout: ``block_layout(cu_seqlens, N, block_size)`` if the caller has it already.
 
     Returns:
         float32 ``[num_blocks_max, HKV, D]`` indexed by global block id (see
         :mod:`flashmoba.routing.result`); rows past the real blocks are left at zero.
     """
     N, HKV, D = k.shape
-    cu_blocks, block_seq, num_blocks_max = block_layout(cu_seqlens, N, block_size)
+    cu_blocks, block_seq, num_blocks_max = layout or block_layout(cu_seqlens, N, block_size)
     centroids = torch.zeros(num_blocks_max, HKV, D, dtype=torch.float32, device=k.device)
     if num_blocks_max == 0 or N == 0:
         return centroids

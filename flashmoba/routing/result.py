@@ -64,16 +64,16 @@ class BlockIndex:
 
 
 def build_block_index(
-    indices: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int
+    indices: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, layout=None
 ) -> BlockIndex:
     """Invert ``indices [N, HQ, topk]`` into the block view with a stable sort (no host sync).
 
     The stable sort of pair ids by segment keeps each segment in ascending pair-id order, which for a
-    fixed head is ascending token order.
+    fixed head is ascending token order. ``layout``: ``block_layout(...)`` if the caller has it already.
     """
     N, HQ, topk = indices.shape
     device = indices.device
-    cu_blocks, _, num_blocks_max = block_layout(cu_seqlens, N, block_size)
+    cu_blocks, _, num_blocks_max = layout or block_layout(cu_seqlens, N, block_size)
     num_segments = num_blocks_max * HQ
     token_seq = torch.searchsorted(
         cu_seqlens[1:].long(), torch.arange(N, device=device), right=True
@@ -123,7 +123,8 @@ class MoBARouting:
     def block_index(self) -> BlockIndex:
         """The block -> query view (built on first use when the backend did not provide it)."""
         if self._block_index is None:
-            self._block_index = build_block_index(self.indices, self.cu_seqlens, self.block_size)
+            layout = (self.cu_blocks, self.block_seq, self.num_blocks_max)
+            self._block_index = build_block_index(self.indices, self.cu_seqlens, self.block_size, layout)
         return self._block_index
 
     def queries_of(self, seq: int, head: int, block: int) -> torch.Tensor:

@@ -142,11 +142,13 @@ def route_topk(
     block_size: int,
     topk: int,
     causal: bool,
+    layout=None,
 ) -> torch.Tensor:
     """Top-k blocks of every query token from precomputed centroids.
 
     Args:
         q: ``[N, HQ, D]``; centroids: float32 ``[num_blocks_max, HKV, D]`` from :func:`block_centroids`.
+        layout: ``block_layout(cu_seqlens, N, block_size)`` if the caller has it already.
 
     Returns:
         int32 ``[N, HQ, topk]``: local block ids, ascending, -1 padded.
@@ -161,7 +163,7 @@ def route_topk(
     BLOCK_M = 64 if K_PAD <= 16 else 32
     BLOCK_N = max(64, K_PAD)
     BLOCK_D = triton.next_power_of_2(D)
-    cu_blocks, _, _ = block_layout(cu_seqlens, N, block_size)
+    cu_blocks, _, _ = layout or block_layout(cu_seqlens, N, block_size)
     cu_tiles, tile_seq, num_tiles_max = block_layout(cu_seqlens, N, BLOCK_M)
     _route_topk_kernel[(num_tiles_max, HQ)](
         q, centroids, indices,
@@ -184,15 +186,19 @@ def route_triton(
     block_size: int,
     topk: int,
     causal: bool,
+    layout=None,
 ) -> tuple[torch.Tensor, BlockIndex]:
     """The three routing stages: centroids, fused top-k, block -> query index.
 
     Args:
         q: ``[N, HQ, D]``; k: ``[N, HKV, D]``; cu_seqlens: int32/int64 ``[S + 1]``.
+        layout: ``block_layout(cu_seqlens, N, block_size)`` if the caller has it already (computed
+            once here otherwise and shared by the three stages).
 
     Returns:
         ``(indices int32 [N, HQ, topk], BlockIndex)``; no host synchronisation.
     """
-    centroids = block_centroids(k, cu_seqlens, block_size)
-    indices = route_topk(q, centroids, cu_seqlens, block_size, topk, causal)
-    return indices, build_block_index(indices, cu_seqlens, block_size)
+    layout = layout or block_layout(cu_seqlens, q.shape[0], block_size)
+    centroids = block_centroids(k, cu_seqlens, block_size, layout)
+    indices = route_topk(q, centroids, cu_seqlens, block_size, topk, causal, layout)
+    return indices, build_block_index(indices, cu_seqlens, block_size, layout)
