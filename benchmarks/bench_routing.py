@@ -2,9 +2,12 @@
 
 The PyTorch router materialises the [tokens x blocks] score matrix per head, masks it causally, forces
 the own block and calls torch.topk: what original MoBA does. Both give time (median) and peak memory
-above the inputs; the PyTorch one is skipped where it runs out of memory.
+above the inputs; the PyTorch one is skipped where it runs out of memory. Also reported: each stage's time
+and the rate of the top-k's score products (2 * D FLOPs per causal (query, earlier block) pair). ``--tune``
+times the top-k stage under other tile configs instead.
 
     python benchmarks/bench_routing.py --seqlens 8192 32768 65536 131072 524288 --out docs/results/routing.json
+    python benchmarks/bench_routing.py --seqlens 65536 524288 --tune 128,64,8,2 128,32,8,3 64,64,4,3
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ import torch
 import triton
 
 import flashmoba
+from flashmoba.routing import topk as topk_module
+from flashmoba.routing.centroids import block_centroids
+from flashmoba.routing.result import block_index_from_keys, block_layout
+from flashmoba.routing.topk import route_topk
 
 
 def torch_router(q, k, cu, block_size, topk):
@@ -49,8 +56,29 @@ def measure(fn):
     fn()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-    ms = triton.testing.do_bench(fn, warmup=20, rep=100, return_mode="median")
-    return ms, peak
+    return bench(fn), peak
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=20, rep=100, return_mode="median")
+
+
+def causal_score_count(T: int, block_size: int) -> int:
+    """Scores the causal router computes per (sequence, head): every query against the blocks before its own."""
+    full, rest = divmod(T, block_size)
+    return block_size * full * (full - 1) // 2 + rest * full
+
+
+def stages(q, k, cu, block_size, topk):
+    """Times of the three stages on the same inputs (ms)."""
+    layout = block_layout(cu, q.shape[0], block_size)
+    cent = block_centroids(k, cu, block_size, layout)
+    _, keys = route_topk(q, cent, cu, block_size, topk, True, layout, return_segment_keys=True)
+    return {
+        "centroids_ms": bench(lambda: block_centroids(k, cu, block_size, layout)),
+        "topk_ms": bench(lambda: route_topk(q, cent, cu, block_size, topk, True, layout, return_segment_keys=True)),
+        "block_index_ms": bench(lambda: block_index_from_keys(keys, q.shape[1], topk, layout[2])),
+    }
 
 
 def main():
@@ -61,6 +89,9 @@ def main():
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--no-torch", action="store_true", help="skip the plain PyTorch router")
+    p.add_argument("--tune", nargs="*", metavar="BM,BN,WARPS,STAGES",
+                   help="time the top-k stage with these tile configs instead (the shipped one first)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     rows = []
@@ -70,28 +101,47 @@ def main():
         k = torch.randn_like(q)
         cu = torch.arange(args.batch + 1, dtype=torch.int32, device="cuda") * T
         kw = dict(block_size=args.block, topk=args.topk)
+        flop = 2.0 * args.dim * args.batch * args.heads * causal_score_count(T, args.block)
+        if args.tune is not None:
+            shipped = topk_module._topk_config
+            for cfg in [None, *args.tune]:
+                if cfg is not None:
+                    topk_module._topk_config = lambda *_, c=tuple(int(x) for x in cfg.split(",")): c
+                ms = stages(q, k, cu, args.block, args.topk)["topk_ms"]
+                topk_module._topk_config = shipped
+                row = {"T": T, "config": cfg or "shipped", "topk_ms": ms, "score_tflops": flop / ms / 1e9}
+                rows.append(row)
+                print(row, flush=True)
+            continue
         row = {"T": T}
         row["flashmoba_ms"], row["flashmoba_peak_gb"] = measure(
             lambda: flashmoba.moba_route_varlen(q, k, cu, max_seqlen=T, **kw).block_index)
-        try:
-            row["torch_ms"], row["torch_peak_gb"] = measure(lambda: torch_router(q, k, cu, args.block, args.topk))
-        except torch.cuda.OutOfMemoryError:
-            row["torch_ms"] = row["torch_peak_gb"] = "OOM"
+        row.update(stages(q, k, cu, args.block, args.topk))
+        row["score_tflops"] = flop / row["topk_ms"] / 1e9
+        if args.no_torch:
+            row["torch_ms"] = row["torch_peak_gb"] = "-"
+        else:
+            try:
+                row["torch_ms"], row["torch_peak_gb"] = measure(lambda: torch_router(q, k, cu, args.block, args.topk))
+            except torch.cuda.OutOfMemoryError:
+                row["torch_ms"] = row["torch_peak_gb"] = "OOM"
         torch.cuda.empty_cache()
         rows.append(row)
         print(row, flush=True)
-    lines = ["| T | flashmoba ms | flashmoba peak GB | PyTorch router ms | PyTorch router peak GB |",
-             "|---|---|---|---|---|"]
     fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else str(x)  # noqa: E731
-    for r in rows:
-        lines.append(f"| {r['T']} | {fmt(r['flashmoba_ms'])} | {fmt(r['flashmoba_peak_gb'])} | "
-                     f"{fmt(r['torch_ms'])} | {fmt(r['torch_peak_gb'])} |")
+    if args.tune is not None:
+        cols = ["T", "config", "topk_ms", "score_tflops"]
+    else:
+        cols = ["T", "flashmoba_ms", "centroids_ms", "topk_ms", "block_index_ms", "score_tflops",
+                "flashmoba_peak_gb", "torch_ms", "torch_peak_gb"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     md = "\n".join(lines)
     print(md)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                "args": {k: v for k, v in vars(args).items() if k != "out"}}
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                "date": time.strftime("%Y-%m-%d"), "args": {k: v for k, v in vars(args).items() if k != "out"}}
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         args.out.with_suffix(".md").write_text(md + "\n")
 

@@ -7,8 +7,10 @@ one ``[HQ, L, L]`` attention matrix per sequence: fine for tests and demos, not 
 Semantics (per sequence of length L, per query token t and query head h):
 
 * blocks of ``block_size`` tokens from the sequence start; the last block may be partial;
-* centroid of block j = mean of its keys over the tokens it really has (per KV head);
-* gate ``s[t, h, j] = <q[t, h], centroid[j, h // (HQ // HKV)]>`` (no scale);
+* centroid of block j = mean of its keys over the tokens it really has (per KV head), rounded to the
+  keys' dtype as MoBA and FlashMoBA store it (a no-op for float32 and float64 keys);
+* gate ``s[t, h, j] = <q[t, h], centroid[j, h // (HQ // HKV)]>`` (no scale); a block whose gate is
+  -inf or NaN is never selected;
 * causal: the own block ``t // block_size`` is always selected and counts toward ``topk``; the other
   ``topk - 1`` are the best-scoring blocks that end before the own block starts; a token-level causal
   mask applies inside the own block;
@@ -40,30 +42,31 @@ def _sequences(cu_seqlens: torch.Tensor):
     return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
-def block_centroids(k: torch.Tensor, block_size: int) -> torch.Tensor:
+def block_centroids(k: torch.Tensor, block_size: int, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean key of every block of ONE sequence.
 
     Args:
         k: ``[L, HKV, D]`` keys of one sequence.
         block_size: tokens per block; the last block may be partial and is averaged over its length.
+        compute_dtype: accumulation dtype; defaults to ``promote(k.dtype, float32)``.
 
     Returns:
-        ``[ceil(L / block_size), HKV, D]`` in the compute dtype (float32 or float64).
+        ``[ceil(L / block_size), HKV, D]``: the means rounded to k's dtype, returned in the compute dtype.
     """
     L, HKV, D = k.shape
     n = -(-L // block_size)
-    kc = k.to(_compute_dtype(k.dtype))
-    padded = kc.new_zeros(n * block_size, HKV, D)
-    padded[:L] = kc
+    compute = compute_dtype or _compute_dtype(k.dtype)
+    padded = k.new_zeros(n * block_size, HKV, D, dtype=compute)
+    padded[:L] = k.to(compute)
     sums = padded.view(n, block_size, HKV, D).sum(1)
     lengths = torch.clamp(L - torch.arange(n, device=k.device) * block_size, max=block_size)
-    return sums / lengths.to(sums.dtype).view(n, 1, 1)
+    return (sums / lengths.to(sums.dtype).view(n, 1, 1)).to(k.dtype).to(compute)
 
 
-def route_scores(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
+def route_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, compute_dtype: torch.dtype | None = None):
     """Gate scores of ONE sequence: ``[L, HQ, n_blocks]``, ``<q, centroid>`` in the compute dtype."""
     HQ, HKV = q.shape[1], k.shape[1]
-    cent = block_centroids(k, block_size).repeat_interleave(HQ // HKV, dim=1)  # [n, HQ, D]
+    cent = block_centroids(k, block_size, compute_dtype).repeat_interleave(HQ // HKV, dim=1)  # [n, HQ, D]
     return torch.einsum("thd,nhd->thn", q.to(cent.dtype), cent)
 
 
@@ -81,6 +84,7 @@ def _route_one(q, k, block_size, topk, causal):
     else:
         eligible = torch.ones(L, HQ, n, dtype=torch.bool, device=q.device)
         picks = topk
+    eligible = eligible & (scores > -math.inf)  # -inf and NaN gates never win a place
     masked = scores.masked_fill(~eligible, -math.inf)
     picks = min(picks, n)
     # Stable descending sort: among equal scores the lower block index comes first.

@@ -106,6 +106,10 @@ def _as_numpy64(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().to(torch.float64).numpy()
 
 
+def _round_to(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    return torch.from_numpy(x).to(dtype).to(torch.float64).numpy()
+
+
 def _sequence_bounds(cu_seqlens: torch.Tensor):
     bounds = [int(x) for x in cu_seqlens.cpu()]
     return list(zip(bounds[:-1], bounds[1:]))
@@ -128,7 +132,8 @@ def naive_route(q, k, cu_seqlens, block_size: int, topk: int, causal: bool) -> t
         length = end - start
         spans = [(b, min(b + block_size, length)) for b in range(0, length, block_size)]
         # The centroid is the mean over the keys the block really has (the last block may be partial).
-        centroids = [kn[start + a : start + b].sum(axis=0) / (b - a) for a, b in spans]
+        # Stored in the keys' dtype, as MoBA does: round the float64 mean once.
+        centroids = [_round_to(kn[start + a : start + b].sum(axis=0) / (b - a), k.dtype) for a, b in spans]
         for t in range(length):
             own = t // block_size
             for h in range(num_q_heads):
@@ -141,7 +146,8 @@ def naive_route(q, k, cu_seqlens, block_size: int, topk: int, causal: bool) -> t
                 else:
                     forced, candidates, places = [], range(len(spans)), topk
                 # Highest score first; on equal scores the lower block index first.
-                ranked = sorted(candidates, key=lambda j: (-scores[j], j))
+                # -inf and NaN gates never win a place.
+                ranked = sorted((j for j in candidates if scores[j] > -math.inf), key=lambda j: (-scores[j], j))
                 blocks = sorted(forced + ranked[:places])
                 selected[start + t, h, : len(blocks)] = blocks
     return torch.from_numpy(selected)

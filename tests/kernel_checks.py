@@ -25,7 +25,7 @@ def assert_routing_valid(q, k, cu_seqlens, indices, block_size, topk, causal, sc
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b == a:
             continue
-        scores = reference.route_scores(q[a:b].double(), k[a:b].double(), block_size)  # [L, HQ, n]
+        scores = reference.route_scores(q[a:b], k[a:b], block_size, torch.float64)  # [L, HQ, n]
         L, HQ, n = scores.shape
         dev = scores.device
         sel = indices[a:b].long()

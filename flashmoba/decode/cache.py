@@ -7,7 +7,8 @@ kept as tokens arrive, updated from the new keys only. A complete block's centro
 attended), it only accumulates until it fills.
 
 Sums are kept in ``promote(dtype, float32)`` (float32 for half-precision caches, float64 for float64), the
-precision in which :func:`flashmoba.reference.block_centroids` averages keys.
+precision in which :func:`flashmoba.reference.block_centroids` averages keys; the centroid is then rounded
+to the keys' dtype, as in the prefill.
 
 Layout: sequence ``b`` of a cache buffer ``k [B, S, HKV, D]`` occupies the rows
 ``starts[b] : starts[b] + seqlens[b]`` (``starts`` is 0 for a left-aligned cache, the number of left

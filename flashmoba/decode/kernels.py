@@ -3,7 +3,7 @@
 Three launches per call, none of which reads a device value on the host:
 
 1. ``_decode_route_kernel``, grid ``(B * Tq, HKV, route_splits)``: each program scores a tile of
-   ``BLOCK_NB`` complete blocks of one sequence against the centroids (``block_sums / block_size``, fp32)
+   ``BLOCK_NB`` complete blocks of one sequence against the centroids (``block_sums / block_size`` rounded to the keys' dtype)
    for the query heads of one KV group, and keeps the tile's best ``topk - 1`` blocks per head (or per
    group with ``shared_kv_routing``), ties to the lower block index.
 2. ``_decode_attend_kernel``, grid ``(B * Tq * routes, topk * splits_per_block)``: program ``(r, slot, sub)``
@@ -62,6 +62,8 @@ def _decode_route_kernel(
             + kv_head * stride_sh + d[None, :],
             mask=eligible[:, None] & d_ok[None, :], other=0.0,
         ) / block_size
+        # Rounded to the keys' dtype as the prefill router stores them, then scored exactly in fp32.
+        centroids = centroids.to(Q.dtype.element_ty).to(tl.float32)
         scores = tl.dot(q, tl.trans(centroids), input_precision="ieee")  # [GROUP_P, BLOCK_NB] fp32
         if SHARED:
             scores = tl.sum(scores, axis=0, keep_dims=True)  # padded heads score 0

@@ -8,7 +8,7 @@ For query ``i`` of the ``Tq`` newest tokens of sequence ``b`` (local position ``
 
 * its own block ``t // block_size`` is always attended, causally (keys ``own * block_size .. t``);
 * the other ``topk - 1`` are the best-scoring blocks ``j < own`` (all complete), scored against the
-  centroid ``block_sums[b, j] / block_size``: per query head against its KV head's centroid, or, with
+  centroid ``block_sums[b, j] / block_size`` rounded to the keys' dtype: per query head against its KV head's centroid, or, with
   ``shared_kv_routing``, by the sum of the scores of the KV group's query heads (one selection per token
   and KV head); ties: the lower block index wins.
 
@@ -33,7 +33,8 @@ def _decode_one(q, k, v, block_sums, block_size, topk, shared_kv_routing, scale)
     n = -(-L // block_size)
     blocks = torch.arange(n, device=q.device)
     route_dtype = torch.promote_types(q.dtype, block_sums.dtype)
-    centroids = (block_sums[:n].to(route_dtype) / block_size).repeat_interleave(group, dim=1)  # [n, HQ, D]
+    centroids = (block_sums[:n].to(route_dtype) / block_size).to(k.dtype).to(route_dtype)
+    centroids = centroids.repeat_interleave(group, dim=1)  # [n, HQ, D]
     scores = torch.einsum("thd,nhd->thn", q.to(route_dtype), centroids)
     if shared_kv_routing:
         scores = scores.view(Tq, HKV, group, n).sum(2, keepdim=True).expand(Tq, HKV, group, n).reshape(Tq, HQ, n)

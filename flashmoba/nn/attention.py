@@ -215,7 +215,8 @@ class MoBAAttention(nn.Module):
         full_blocks = capacity // bs  # only complete blocks can precede a query's own block
         compute = torch.promote_types(q_pad.dtype, torch.float32)
         centroids = keys[:, : full_blocks * bs].to(compute).view(num_seqs, full_blocks, bs, num_kv_heads, head_dim)
-        centroids = centroids.mean(2).repeat_interleave(num_heads // num_kv_heads, dim=2)
+        centroids = centroids.mean(2).to(keys.dtype).to(compute)  # rounded to the keys' dtype, as in prefill
+        centroids = centroids.repeat_interleave(num_heads // num_kv_heads, dim=2)
         scores = torch.einsum("slhd,sbhd->shlb", q_pad.to(compute), centroids)
         own = (q_pos.clamp(min=0) // bs)[:, None, :, None]  # [S, 1, L, 1]
         eligible = (torch.arange(full_blocks, device=keys.device) < own).expand_as(scores)

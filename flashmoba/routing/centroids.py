@@ -1,7 +1,9 @@
 """Stage 1 of FlashMoBA routing: the mean key (centroid) of every block, varlen-aware.
 
 One program per (global block, KV head); the block's keys are summed in float32 in tiles of ``BLOCK_T``
-tokens and divided by the block's real length, so a partial last block gets its true mean.
+tokens and divided by the block's real length, so a partial last block gets its true mean. The mean is
+stored in the keys' dtype (rounded once, as MoBA and FlashMoBA store it), which is what the top-k's
+tensor cores read.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _block_centroids_kernel(
         keys = tl.load(ptrs, mask=(rows < end)[:, None] & d_ok[None, :], other=0.0)
         acc += tl.sum(keys.to(tl.float32), axis=0)
     acc = acc / (end - start).to(tl.float32)
-    tl.store(C + g.to(tl.int64) * stride_cg + h * stride_ch + d, acc, mask=d_ok)
+    tl.store(C + g.to(tl.int64) * stride_cg + h * stride_ch + d, acc.to(C.dtype.element_ty), mask=d_ok)
 
 
 def block_centroids(k: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, layout=None) -> torch.Tensor:
@@ -57,12 +59,12 @@ def block_centroids(k: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, 
         layout: ``block_layout(cu_seqlens, N, block_size)`` if the caller has it already.
 
     Returns:
-        float32 ``[num_blocks_max, HKV, D]`` indexed by global block id (see
+        ``[num_blocks_max, HKV, D]`` in k's dtype, indexed by global block id (see
         :mod:`flashmoba.routing.result`); rows past the real blocks are left at zero.
     """
     N, HKV, D = k.shape
     cu_blocks, block_seq, num_blocks_max = layout or block_layout(cu_seqlens, N, block_size)
-    centroids = torch.zeros(num_blocks_max, HKV, D, dtype=torch.float32, device=k.device)
+    centroids = torch.zeros(num_blocks_max, HKV, D, dtype=k.dtype, device=k.device)
     if num_blocks_max == 0 or N == 0:
         return centroids
     k = k if k.stride(-1) == 1 else k.contiguous()

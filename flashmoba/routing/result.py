@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["BlockIndex", "MoBARouting", "block_layout", "build_block_index"]
+__all__ = ["BlockIndex", "MoBARouting", "block_index_from_keys", "block_layout", "build_block_index"]
 
 
 def block_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int):
@@ -63,37 +63,52 @@ class BlockIndex:
         return torch.div(self.entries, self.num_heads * self.topk, rounding_mode="floor")
 
 
+def block_index_from_keys(keys: torch.Tensor, num_heads: int, topk: int, num_blocks_max: int) -> BlockIndex:
+    """The block view from the segment key of every pair (``num_segments`` marks an empty slot).
+
+    Args:
+        keys: int32 ``[N, HQ, topk]``, ``g * HQ + h`` for the pair's global block ``g``, or
+            ``num_blocks_max * HQ`` where ``indices`` is -1.
+
+    A stable sort by segment keeps each segment in ascending pair-id order, which for a fixed head is
+    ascending token order; the sort's permutation is the entries. int32 keys sort in half the radix
+    passes of int64 ones, and the offsets come from a binary search of the sorted keys (no atomics).
+    """
+    num_segments = num_blocks_max * num_heads
+    sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
+    bounds = torch.arange(num_segments + 1, dtype=sorted_keys.dtype, device=keys.device)
+    offsets = torch.searchsorted(sorted_keys, bounds)
+    entry_dtype = torch.int32 if keys.numel() < 2**31 else torch.int64
+    return BlockIndex(
+        offsets=offsets,
+        counts=(offsets[1:] - offsets[:-1]).to(torch.int32),
+        entries=order.to(entry_dtype),
+        num_heads=num_heads,
+        topk=topk,
+    )
+
+
 def build_block_index(
     indices: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, layout=None
 ) -> BlockIndex:
-    """Invert ``indices [N, HQ, topk]`` into the block view with a stable sort (no host sync).
+    """Invert ``indices [N, HQ, topk]`` into the block view (no host sync).
 
-    The stable sort of pair ids by segment keeps each segment in ascending pair-id order, which for a
-    fixed head is ascending token order. ``layout``: ``block_layout(...)`` if the caller has it already.
+    ``layout``: ``block_layout(...)`` if the caller has it already. The Triton router writes the segment
+    keys itself and calls :func:`block_index_from_keys` directly.
     """
     N, HQ, topk = indices.shape
     device = indices.device
     cu_blocks, _, num_blocks_max = layout or block_layout(cu_seqlens, N, block_size)
     num_segments = num_blocks_max * HQ
+    if num_segments >= 2**31:
+        raise ValueError(f"too many (block, head) segments for int32 keys: {num_segments}")
     token_seq = torch.searchsorted(
         cu_seqlens[1:].long(), torch.arange(N, device=device), right=True
     )
-    g = cu_blocks.long()[token_seq].view(N, 1, 1) + indices.long()
-    head = torch.arange(HQ, device=device).view(1, HQ, 1)
-    key = torch.where(indices >= 0, g * HQ + head, num_segments).reshape(-1)
-    order = torch.sort(key, stable=True).indices
-    counts = torch.zeros(num_segments + 1, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    offsets = torch.zeros(num_segments + 1, dtype=torch.int64, device=device)
-    offsets[1:] = torch.cumsum(counts[:num_segments], 0)
-    entry_dtype = torch.int32 if N * HQ * topk < 2**31 else torch.int64
-    return BlockIndex(
-        offsets=offsets,
-        counts=counts[:num_segments].to(torch.int32),
-        entries=order.to(entry_dtype),
-        num_heads=HQ,
-        topk=topk,
-    )
+    g = cu_blocks[token_seq].view(N, 1, 1) + indices
+    head = torch.arange(HQ, device=device, dtype=torch.int32).view(1, HQ, 1)
+    keys = torch.where(indices >= 0, g * HQ + head, num_segments).to(torch.int32)
+    return block_index_from_keys(keys, HQ, topk, num_blocks_max)
 
 
 @dataclass

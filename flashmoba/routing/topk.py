@@ -2,18 +2,19 @@
 
 One program owns a tile of ``BLOCK_M`` queries of one sequence and one query head. It streams the
 centroid tiles of that sequence, computes the scores on tensor cores, and keeps a running top-k per query in
-registers; only the final ``[N, HQ, topk]`` block ids are written, so memory is O(N * HQ * topk).
+registers; only the final ``[N, HQ, topk]`` block ids (and, for the block index, their segment keys) are
+written, so memory is O(N * HQ * topk).
 
-Exact order without sorting (score, index) pairs: each score becomes one int64 *key*, the score's
-order-preserving integer bits in the high word and ``2**31 - 1 - block`` in the low word. Comparing keys
-compares scores, and among equal scores the lower block index wins (the reference's tie rule); keys are
-distinct, so "the maximum" and "the minimum" always name one entry. A tile updates the running list in
-as many rounds as its best query needs (a round moves the tile's best key in over the list's worst).
-This is cheaper than a bitonic merge once the list is warm, and, unlike ``tl.topk``, runs at numpy speed
-in the Triton interpreter that CI uses.
+The running list of a query holds float32 scores and block ids. Its worst score is the query's
+*threshold*, and the common case is cheap: a tile whose scores all fall at or below the thresholds costs
+one compare and one count per score. Otherwise the tile's candidates move in over the list's worst
+entries in as many rounds as its busiest query needs (a round moves every query's best candidate). The
+scan visits blocks in ascending order and a round takes the lowest block among equal scores, so a
+strict ``>`` keeps the reference's tie rule (the lower block wins); NaN and -inf scores never pass it,
+so such blocks are never selected.
 
-Scores are float32-accurate although the tensor-core operands are 16-bit: each float32 centroid is split
-into ``hi + lo`` in the input dtype and the query is multiplied with both (``q`` itself is exact).
+Causal tiles are staged as in flash attention: the blocks every query of the tile may see are scanned
+without masks, and only the last few tiles (the diagonal) pay for the causal mask.
 """
 
 from __future__ import annotations
@@ -23,42 +24,55 @@ import triton
 import triton.language as tl
 
 from flashmoba.routing.centroids import block_centroids
-from flashmoba.routing.result import BlockIndex, block_layout, build_block_index
+from flashmoba.routing.result import BlockIndex, block_index_from_keys, block_layout
 
-_INVALID_KEY = tl.constexpr(-(2**63))  # below the key of every real score, -inf included
-_MAX_KEY = tl.constexpr(2**63 - 1)
-_LOW_WORD = tl.constexpr(2**31 - 1)
+_NO_BLOCK = tl.constexpr(2**30)  # ids of empty slots are _NO_BLOCK + slot: distinct, above every block
 
 
 @triton.jit
-def _score_keys(scores, blocks, valid):
-    """int64 keys ordering (score desc, block asc); invalid or NaN scores get the smallest key."""
-    bits = scores.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order == signed int order
-    keys = (ordered.to(tl.int64) << 32) | (-blocks + _LOW_WORD).to(tl.int64)
-    return tl.where(valid & (scores == scores), keys, _INVALID_KEY)
+def _merge_tile(scores, block0, vals, ids, thresh, PICKS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Merge one ``[BLOCK_M, BLOCK_N]`` score tile (blocks ``block0 ...``) into the running lists."""
+    cand = scores > thresh[:, None]
+    rounds = tl.max(tl.minimum(tl.sum(cand.to(tl.int32), axis=1), PICKS), axis=0)
+    if rounds > 0:
+        cols = tl.arange(0, BLOCK_N)
+        pending = tl.where(cand, scores, float("-inf"))
+        for _ in range(rounds):
+            top, arg = tl.max(pending, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            # Replace the worst entry: the lowest score, and among equal scores the highest block.
+            worst = tl.min(vals, axis=1)
+            evict = tl.max(tl.where(vals == worst[:, None], ids, -1), axis=1)
+            replace = (ids == evict[:, None]) & (top > worst)[:, None]
+            vals = tl.where(replace, top[:, None], vals)
+            ids = tl.where(replace, (block0 + arg)[:, None], ids)
+            pending = tl.where(cols[None, :] == arg[:, None], float("-inf"), pending)
+        thresh = tl.min(vals, axis=1)
+    return vals, ids, thresh
 
 
 @triton.jit
 def _route_topk_kernel(
-    Q, C, Indices,
+    Q, C, Indices, SegmentKeys,
     cu_seqlens, cu_blocks, cu_tiles, tile_seq,
     stride_qn, stride_qh,
     stride_cg, stride_ch,
     stride_in, stride_ih,
-    num_seqs,
+    num_seqs, num_tiles, num_segments,
     GROUP,
+    NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE,
     TOPK: tl.constexpr,
     K_PAD: tl.constexpr,
     CAUSAL: tl.constexpr,
-    SPLIT_CENTROIDS: tl.constexpr,
+    WRITE_KEYS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # Causal tiles late in a sequence scan the most blocks: launch them first (less tail at the end).
+    pid = num_tiles - 1 - tl.program_id(0)
     h = tl.program_id(1)
     seq = tl.load(tile_seq + pid)
     if seq >= num_seqs:
@@ -81,58 +95,65 @@ def _route_topk_kernel(
     # Causal: the own block is forced, so only TOPK - 1 places are contested, by blocks before it.
     PICKS: tl.constexpr = TOPK - 1 if CAUSAL else TOPK
     if CAUSAL:
-        num_scan = tl.minimum(num_blocks, (tl.minimum(seq_len, tile_start + BLOCK_M) - 1) // BLOCK_SIZE)
+        unmasked_end = tl.minimum(num_blocks, tile_start // BLOCK_SIZE)  # before every row's own block
+        scan_end = tl.minimum(num_blocks, (tl.minimum(seq_len, tile_start + BLOCK_M) - 1) // BLOCK_SIZE)
     else:
-        num_scan = num_blocks
+        unmasked_end = num_blocks
+        scan_end = num_blocks
     if PICKS == 0:
-        num_scan = 0
+        unmasked_end = 0
+        scan_end = 0
+    unmasked_end = (unmasked_end // BLOCK_N) * BLOCK_N
 
-    # The running top-PICKS keys of every query, unordered. Empty slots hold distinct invalid keys so
-    # that "replace the minimum" replaces exactly one; slots >= PICKS hold the largest key, never replaced.
+    # Running lists: slots >= PICKS hold +inf (never the worst, never evicted).
     col = tl.arange(0, K_PAD)
-    best = tl.where(col < PICKS, col.to(tl.int64) + _INVALID_KEY, _MAX_KEY)
-    best = tl.broadcast_to(best[None, :], [BLOCK_M, K_PAD])
+    vals = tl.where(col[None, :] < PICKS, tl.full([BLOCK_M, K_PAD], float("-inf"), tl.float32), float("inf"))
+    ids = col[None, :] + tl.full([BLOCK_M, K_PAD], _NO_BLOCK, tl.int32)
+    thresh = tl.min(vals, axis=1)
     c_base = C + first_block.to(tl.int64) * stride_cg + (h // GROUP) * stride_ch
-    for j0 in range(0, num_scan, BLOCK_N):
-        blocks = j0 + tl.arange(0, BLOCK_N)
-        cent = tl.load(c_base + blocks[:, None] * stride_cg + d[None, :],
-                       mask=(blocks < num_scan)[:, None] & d_ok[None, :], other=0.0)
-        if SPLIT_CENTROIDS:
-            hi = cent.to(q.dtype)
-            lo = (cent - hi.to(tl.float32)).to(q.dtype)
-            scores = tl.dot(q, tl.trans(hi))
-            scores = tl.dot(q, tl.trans(lo), scores)
-        else:
-            scores = tl.dot(q, tl.trans(cent), input_precision="ieee")
-        valid = (blocks < num_scan)[None, :]
+    blocks = tl.arange(0, BLOCK_N)
+    for j0 in range(0, unmasked_end, BLOCK_N):
+        cent = tl.load(c_base + (j0 + blocks)[:, None] * stride_cg + d[None, :], mask=d_ok[None, :], other=0.0)
+        scores = tl.dot(q, tl.trans(cent), input_precision=PRECISION)
+        vals, ids, thresh = _merge_tile(scores, j0, vals, ids, thresh, PICKS, BLOCK_N)
+    for j0 in range(unmasked_end, scan_end, BLOCK_N):  # the diagonal (causal) and the sequence end
+        ok = (j0 + blocks) < scan_end
+        cent = tl.load(c_base + (j0 + blocks)[:, None] * stride_cg + d[None, :],
+                       mask=ok[:, None] & d_ok[None, :], other=0.0)
+        scores = tl.dot(q, tl.trans(cent), input_precision=PRECISION)
+        valid = ok[None, :]
         if CAUSAL:
-            valid = valid & (blocks[None, :] < own[:, None])
-        keys = _score_keys(scores, blocks[None, :], valid)
-        # Each round moves the tile's best key into the running list where it beats that list's worst;
-        # a row needs at most min(#keys above its worst, PICKS) rounds, and most tiles need few.
-        worst = tl.min(best, axis=1)
-        rounds = tl.max(tl.minimum(tl.sum((keys > worst[:, None]).to(tl.int32), axis=1), PICKS), axis=0)
-        for _ in range(rounds):
-            top = tl.max(keys, axis=1)
-            worst = tl.min(best, axis=1)
-            better = top > worst
-            best = tl.where(better[:, None] & (best == worst[:, None]), top[:, None], best)
-            keys = tl.where(keys == top[:, None], _INVALID_KEY, keys)
+            valid = valid & ((j0 + blocks)[None, :] < own[:, None])
+        scores = tl.where(valid, scores, float("-inf"))
+        vals, ids, thresh = _merge_tile(scores, j0, vals, ids, thresh, PICKS, BLOCK_N)
 
     # Block ids of the picks plus the own block, ascending: repeated minimum extraction (ids are
-    # distinct; empty slots hold distinct ids >= NONE and end up as the -1 padding).
-    NONE: tl.constexpr = 2**30
-    picked = (col[None, :] < PICKS) & (best > _INVALID_KEY + K_PAD)
-    ids = tl.where(picked, -best.to(tl.int32) + _LOW_WORD, NONE + col[None, :])
+    # distinct; empty slots hold ids >= _NO_BLOCK and end up as the -1 padding).
+    picked = (col[None, :] < PICKS) & (vals > float("-inf"))
+    ids = tl.where(picked, ids, _NO_BLOCK + col[None, :])
     if CAUSAL:
         ids = tl.where(col[None, :] == PICKS, own[:, None], ids)
     ordered = tl.full([BLOCK_M, K_PAD], -1, dtype=tl.int32)
     for i in range(TOPK):
         smallest = tl.min(ids, axis=1)
-        ordered = tl.where((col[None, :] == i) & (smallest < NONE)[:, None], smallest[:, None], ordered)
-        ids = tl.where(ids == smallest[:, None], _LOW_WORD, ids)
-    tl.store(Indices + rows[:, None] * stride_in + h * stride_ih + col[None, :], ordered,
-             mask=row_ok[:, None] & (col[None, :] < TOPK))
+        ordered = tl.where((col[None, :] == i) & (smallest < _NO_BLOCK)[:, None], smallest[:, None], ordered)
+        ids = tl.where(ids == smallest[:, None], 2**31 - 1, ids)
+    out = rows[:, None] * stride_in + h * stride_ih + col[None, :]
+    store_ok = row_ok[:, None] & (col[None, :] < TOPK)
+    tl.store(Indices + out, ordered, mask=store_ok)
+    if WRITE_KEYS:
+        # Segment of each pick for the block index: global block * NUM_HEADS + head (see result.py).
+        keys = tl.where(ordered >= 0, (first_block + ordered) * NUM_HEADS + h, num_segments)
+        tl.store(SegmentKeys + out, keys, mask=store_ok)
+
+
+def _topk_config(head_dim: int, k_pad: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), measured on H100/H200 for bf16 (benchmarks/bench_routing.py)."""
+    if dtype == torch.float32:  # exact fp32 products run on CUDA cores: small tiles
+        return 32, 32, 4, 2
+    if head_dim <= 128 and k_pad <= 16:
+        return 128, 64, 8, 3
+    return 64, 64, 4, 2
 
 
 def route_topk(
@@ -143,40 +164,48 @@ def route_topk(
     topk: int,
     causal: bool,
     layout=None,
-) -> torch.Tensor:
+    return_segment_keys: bool = False,
+):
     """Top-k blocks of every query token from precomputed centroids.
 
     Args:
-        q: ``[N, HQ, D]``; centroids: float32 ``[num_blocks_max, HKV, D]`` from :func:`block_centroids`.
+        q: ``[N, HQ, D]``; centroids: ``[num_blocks_max, HKV, D]`` in q's dtype, from :func:`block_centroids`.
         layout: ``block_layout(cu_seqlens, N, block_size)`` if the caller has it already.
+        return_segment_keys: also return int32 ``[N, HQ, topk]`` segment keys for
+            :func:`~flashmoba.routing.result.block_index_from_keys`.
 
     Returns:
-        int32 ``[N, HQ, topk]``: local block ids, ascending, -1 padded.
+        int32 ``[N, HQ, topk]``: local block ids, ascending, -1 padded (and the keys, if asked).
     """
     N, HQ, D = q.shape
     HKV = centroids.shape[1]
+    if centroids.dtype != q.dtype:
+        raise TypeError(f"centroids must have q's dtype {q.dtype}, got {centroids.dtype}")
+    cu_blocks, _, num_blocks_max = layout or block_layout(cu_seqlens, N, block_size)
+    num_segments = num_blocks_max * HQ
+    if return_segment_keys and num_segments >= 2**31:
+        raise ValueError(f"too many (block, head) segments for int32 keys: {num_segments}")
     indices = torch.full((N, HQ, topk), -1, dtype=torch.int32, device=q.device)
-    if N == 0:
-        return indices
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    K_PAD = triton.next_power_of_2(topk)
-    BLOCK_M = 64 if K_PAD <= 16 else 32
-    BLOCK_N = max(64, K_PAD)
-    BLOCK_D = triton.next_power_of_2(D)
-    cu_blocks, _, _ = layout or block_layout(cu_seqlens, N, block_size)
-    cu_tiles, tile_seq, num_tiles_max = block_layout(cu_seqlens, N, BLOCK_M)
-    _route_topk_kernel[(num_tiles_max, HQ)](
-        q, centroids, indices,
-        cu_seqlens, cu_blocks, cu_tiles, tile_seq,
-        q.stride(0), q.stride(1),
-        centroids.stride(0), centroids.stride(1),
-        indices.stride(0), indices.stride(1),
-        cu_seqlens.numel() - 1,
-        GROUP=HQ // HKV, HEAD_DIM=D, BLOCK_SIZE=block_size, TOPK=topk, K_PAD=K_PAD,
-        CAUSAL=causal, SPLIT_CENTROIDS=q.dtype != torch.float32,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-    )
-    return indices
+    keys = torch.full_like(indices, num_segments) if return_segment_keys else indices
+    if N > 0:
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        K_PAD = triton.next_power_of_2(topk)
+        BLOCK_M, BLOCK_N, num_warps, num_stages = _topk_config(D, K_PAD, q.dtype)
+        cu_tiles, tile_seq, num_tiles_max = block_layout(cu_seqlens, N, BLOCK_M)
+        _route_topk_kernel[(num_tiles_max, HQ)](
+            q, centroids, indices, keys,
+            cu_seqlens, cu_blocks, cu_tiles, tile_seq,
+            q.stride(0), q.stride(1),
+            centroids.stride(0), centroids.stride(1),
+            indices.stride(0), indices.stride(1),
+            cu_seqlens.numel() - 1, num_tiles_max, num_segments,
+            GROUP=HQ // HKV, NUM_HEADS=HQ, HEAD_DIM=D, BLOCK_SIZE=block_size, TOPK=topk, K_PAD=K_PAD,
+            CAUSAL=causal, WRITE_KEYS=return_segment_keys,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D),
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # exact fp32 products, not TF32
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    return (indices, keys) if return_segment_keys else indices
 
 
 def route_triton(
@@ -200,5 +229,5 @@ def route_triton(
     """
     layout = layout or block_layout(cu_seqlens, q.shape[0], block_size)
     centroids = block_centroids(k, cu_seqlens, block_size, layout)
-    indices = route_topk(q, centroids, cu_seqlens, block_size, topk, causal, layout)
-    return indices, build_block_index(indices, cu_seqlens, block_size, layout)
+    indices, keys = route_topk(q, centroids, cu_seqlens, block_size, topk, causal, layout, return_segment_keys=True)
+    return indices, block_index_from_keys(keys, q.shape[1], topk, layout[2])
