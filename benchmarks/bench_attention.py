@@ -25,7 +25,7 @@ import flashmoba
 from flashmoba.attention.backward import attn_bwd
 from flashmoba.attention.forward import attn_fwd
 from flashmoba.routing.centroids import block_centroids
-from flashmoba.routing.result import block_layout, build_block_index
+from flashmoba.routing.result import block_index_from_keys, block_layout
 from flashmoba.routing.topk import route_topk
 
 
@@ -88,16 +88,19 @@ def run_moba(T, args, dtype, device):
     # Stage breakdown on the same inputs.
     with torch.no_grad():
         qd, kd, vd = q.detach(), k.detach(), v.detach()
-        cent = block_centroids(kd, cu, args.block)
-        idx = route_topk(qd, cent, cu, args.block, args.topk, True)
-        bi = build_block_index(idx, cu, args.block)
-        cu_blocks, block_seq, _ = block_layout(cu, N, args.block)
+        layout = block_layout(cu, N, args.block)
+        cu_blocks, block_seq, num_blocks_max = layout
+        cent = block_centroids(kd, cu, args.block, layout)
+        idx, seg_keys = route_topk(qd, cent, cu, args.block, args.topk, True, layout, return_segment_keys=True)
+        bi = block_index_from_keys(seg_keys, H, args.topk, num_blocks_max)
         scale = D ** -0.5
         out, lse = attn_fwd(qd, kd, vd, cu, cu_blocks, block_seq, bi.offsets, bi.entries, args.topk,
                             args.block, True, scale, False)
-        row["centroids_ms"] = bench_ms(lambda: block_centroids(kd, cu, args.block), rep)
-        row["topk_ms"] = bench_ms(lambda: route_topk(qd, cent, cu, args.block, args.topk, True), rep)
-        row["block_index_ms"] = bench_ms(lambda: build_block_index(idx, cu, args.block), rep)
+        row["centroids_ms"] = bench_ms(lambda: block_centroids(kd, cu, args.block, layout), rep)
+        row["topk_ms"] = bench_ms(lambda: route_topk(qd, cent, cu, args.block, args.topk, True, layout,
+                                                     return_segment_keys=True), rep)
+        row["block_index_ms"] = bench_ms(lambda: block_index_from_keys(seg_keys, H, args.topk, num_blocks_max),
+                                         rep)
         row["attn_fwd_ms"] = bench_ms(lambda: attn_fwd(qd, kd, vd, cu, cu_blocks, block_seq, bi.offsets,
                                                          bi.entries, args.topk, args.block, True, scale,
                                                          False), rep)

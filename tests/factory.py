@@ -106,7 +106,8 @@ def _as_numpy64(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().to(torch.float64).numpy()
 
 
-def _round_to(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+def round_to_dtype(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """Round float64 values once to ``dtype`` (how MoBA stores centroids), back in float64."""
     return torch.from_numpy(x).to(dtype).to(torch.float64).numpy()
 
 
@@ -133,7 +134,7 @@ def naive_route(q, k, cu_seqlens, block_size: int, topk: int, causal: bool) -> t
         spans = [(b, min(b + block_size, length)) for b in range(0, length, block_size)]
         # The centroid is the mean over the keys the block really has (the last block may be partial).
         # Stored in the keys' dtype, as MoBA does: round the float64 mean once.
-        centroids = [_round_to(kn[start + a : start + b].sum(axis=0) / (b - a), k.dtype) for a, b in spans]
+        centroids = [round_to_dtype(kn[start + a : start + b].sum(axis=0) / (b - a), k.dtype) for a, b in spans]
         for t in range(length):
             own = t // block_size
             for h in range(num_q_heads):

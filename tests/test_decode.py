@@ -19,7 +19,7 @@ import torch
 
 import flashmoba
 from conftest import DEVICE
-from factory import _as_numpy64, _sequence_bounds, make_packed, naive_attention, naive_route, rounding_bound
+from factory import _as_numpy64, _sequence_bounds, make_packed, round_to_dtype, naive_attention, naive_route, rounding_bound
 from flashmoba.decode import MoBAKVCache, accumulate_block_sums, block_sums_dtype
 from flashmoba.decode.kernels import decode_fwd
 
@@ -112,7 +112,7 @@ def naive_shared_route(q, k, cu_seqlens, block_size: int, topk: int) -> torch.Te
     for start, end in _sequence_bounds(cu_seqlens):
         length = end - start
         spans = [(b, min(b + block_size, length)) for b in range(0, length, block_size)]
-        centroids = [kn[start + a : start + b].sum(axis=0) / (b - a) for a, b in spans]
+        centroids = [round_to_dtype(kn[start + a : start + b].sum(axis=0) / (b - a), k.dtype) for a, b in spans]
         for t in range(length):
             own = t // block_size
             for g in range(num_kv_heads):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import flashmoba
+from flashmoba import reference
 from factory import AWKWARD_CASES, make_packed, naive_attention, naive_route, rounding_bound
 
 REF = {"backend": "reference"}
@@ -273,6 +274,34 @@ def test_ties_go_to_the_lower_block_index(causal):
     idx = _route(q, k, cu, block_size, topk, causal)[4 * block_size :, 0]
     expected = [1, 4] if causal else [1]
     assert idx.tolist() == [expected] * block_size
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_centroids_are_rounded_once_to_the_key_dtype(dtype):
+    # Keys whose float32 block mean falls between two representable values: the gate must use the mean
+    # rounded to the keys' dtype (as MoBA and FlashMoBA store it), not the exact mean.
+    k = torch.randn(10, 2, 8, generator=torch.Generator().manual_seed(3)).to(dtype)
+    cent = reference.block_centroids(k, 4)
+    exact = torch.stack([k[a : a + 4].double().mean(0) for a in (0, 4, 8)])
+    assert cent.dtype == torch.float32
+    assert torch.equal(cent, exact.to(dtype).float())
+    assert not torch.equal(cent.double(), exact)  # the rounding is visible on these keys
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_minus_inf_and_nan_gates_are_never_selected(causal):
+    # Block 1's centroid is +inf along d=0 (q is negative there: gate -inf), block 2's has a NaN; with
+    # room for every block, only the finite ones may be picked.
+    block_size, d = 4, 8
+    q, k, _, cu = make_packed((16,), 1, 1, d, dtype=torch.float32)
+    q[:, :, 0] = -1.0
+    k[4, 0, 0] = math.inf
+    k[9, 0, 3] = math.nan
+    idx = _route(q, k, cu, block_size, 4, causal)
+    routed = idx != (torch.arange(16) // block_size).view(16, 1, 1) if causal else idx >= 0
+    assert not (routed & ((idx == 1) | (idx == 2))).any()
+    assert idx[12:, 0].tolist() == [[0, 3, -1, -1]] * 4  # block 3: own (causal) or best (non-causal)
+    assert torch.equal(idx, naive_route(q, k, cu, block_size, 4, causal))
 
 
 def test_gradcheck_in_float64():

@@ -4,6 +4,9 @@ For random packed shapes, block sizes, top-k, GQA and both modes, the Triton sel
 top-k of the float64 scores (near-ties may go either way) and its block index the exact inverse.
 """
 
+import math
+
+import pytest
 import torch
 from factory import make_packed
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +14,8 @@ from hypothesis import strategies as st
 from kernel_checks import assert_block_index_inverse, assert_routing_valid
 
 import flashmoba
+from flashmoba import reference
+from flashmoba.routing.centroids import block_centroids
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -32,3 +37,34 @@ def test_triton_routing_properties(lens, block_size, topk, group, causal, seed):
     assert routing.indices.shape == (sum(lens), 2 * group, topk)
     assert_routing_valid(q, k, cu, routing.indices, block_size, topk, causal, score_tol=1e-3)
     assert_block_index_inverse(routing, lens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_centroids_are_the_block_means_in_the_key_dtype(dtype):
+    lens = (0, 37, 64, 5)
+    _, k, _, cu = make_packed(lens, 2, 2, 24, dtype=dtype, device=DEVICE)
+    got = block_centroids(k, cu, 16)
+    assert got.dtype == dtype
+    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if a == b:
+            continue
+        first = sum(-(-n // 16) for n in lens[:s])
+        want = reference.block_centroids(k[a:b], 16, torch.float64)  # rounded once to dtype
+        # One unit in the last place of dtype (the float32 mean may round the other way near a tie),
+        # plus the float32 accumulation error of a 16-term mean.
+        ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(want.abs().clamp(min=1e-30))))
+        accumulation = 16 * 2.0**-24 * k[a:b].double().abs().max()
+        assert ((got[first : first + want.shape[0]].double() - want).abs() <= ulp + accumulation).all()
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_minus_inf_and_nan_gates_are_never_selected(causal):
+    # As in the reference test: block 1's gate is -inf, block 2's NaN; only blocks 0 and 3 may be routed.
+    q, k, _, cu = make_packed((64,), 1, 1, 16, dtype=torch.float16, device=DEVICE)
+    q[:, :, 0] = -1.0
+    k[16, 0, 0] = math.inf
+    k[33, 0, 3] = math.nan
+    kw = dict(block_size=16, topk=4, causal=causal)
+    idx = flashmoba.moba_route_varlen(q, k, cu, backend="triton", **kw).indices
+    assert torch.equal(idx, flashmoba.moba_route_varlen(q, k, cu, backend="reference", **kw).indices)
+    assert idx[48:, 0].tolist() == [[0, 3, -1, -1]] * 16  # block 3: own (causal) or best (non-causal)

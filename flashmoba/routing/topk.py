@@ -38,7 +38,9 @@ def _merge_tile(scores, block0, vals, ids, thresh, PICKS: tl.constexpr, BLOCK_N:
         cols = tl.arange(0, BLOCK_N)
         pending = tl.where(cand, scores, float("-inf"))
         for _ in range(rounds):
-            top, arg = tl.max(pending, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            # The best candidate of every row, the lowest column among equal scores.
+            top = tl.max(pending, axis=1)
+            arg = tl.min(tl.where(pending == top[:, None], cols[None, :], BLOCK_N), axis=1)
             # Replace the worst entry: the lowest score, and among equal scores the highest block.
             worst = tl.min(vals, axis=1)
             evict = tl.max(tl.where(vals == worst[:, None], ids, -1), axis=1)
@@ -148,12 +150,12 @@ def _route_topk_kernel(
 
 
 def _topk_config(head_dim: int, k_pad: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), measured on H100/H200 for bf16 (benchmarks/bench_routing.py)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit: 64 x 32 tiles, one warpgroup (fastest of the
+    configs swept by ``benchmarks/bench_routing.py --tune`` on an H200, see docs/benchmarks.md): the
+    per-tile merge is bound by latency, so small programs, several per SM, beat large tiles."""
     if dtype == torch.float32:  # exact fp32 products run on CUDA cores: small tiles
         return 32, 32, 4, 2
-    if head_dim <= 128 and k_pad <= 16:
-        return 128, 64, 8, 3
-    return 64, 64, 4, 2
+    return 64, 32, 4, 3
 
 
 def route_topk(
