@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["BlockIndex", "MoBARouting", "block_index_from_keys", "block_layout", "build_block_index"]
+__all__ = ["BlockIndex", "MoBARouting", "block_index_from_keys", "block_layout", "build_block_index",
+           "segment_key_dtype"]
 
 
 def block_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int):
@@ -63,16 +64,26 @@ class BlockIndex:
         return torch.div(self.entries, self.num_heads * self.topk, rounding_mode="floor")
 
 
+def segment_key_dtype(num_segments: int) -> torch.dtype:
+    """The narrowest sort key holding every segment id and the empty-slot key ``num_segments``: radix sort
+    time scales with key width (int16 keys sort in half the passes of int32 ones)."""
+    if num_segments < 2**15:
+        return torch.int16
+    if num_segments < 2**31:
+        return torch.int32
+    raise ValueError(f"too many (block, head) segments for the block index: {num_segments}")
+
+
 def block_index_from_keys(keys: torch.Tensor, num_heads: int, topk: int, num_blocks_max: int) -> BlockIndex:
     """The block view from the segment key of every pair (``num_segments`` marks an empty slot).
 
     Args:
-        keys: int32 ``[N, HQ, topk]``, ``g * HQ + h`` for the pair's global block ``g``, or
-            ``num_blocks_max * HQ`` where ``indices`` is -1.
+        keys: ``[N, HQ, topk]`` of :func:`segment_key_dtype`: ``g * HQ + h`` for the pair's global block
+            ``g``, or ``num_blocks_max * HQ`` where ``indices`` is -1.
 
     A stable sort by segment keeps each segment in ascending pair-id order, which for a fixed head is
-    ascending token order; the sort's permutation is the entries. int32 keys sort in half the radix
-    passes of int64 ones, and the offsets come from a binary search of the sorted keys (no atomics).
+    ascending token order; the sort's permutation is the entries. The offsets come from a binary search of
+    the sorted keys (no atomics).
     """
     num_segments = num_blocks_max * num_heads
     sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
@@ -100,14 +111,13 @@ def build_block_index(
     device = indices.device
     cu_blocks, _, num_blocks_max = layout or block_layout(cu_seqlens, N, block_size)
     num_segments = num_blocks_max * HQ
-    if num_segments >= 2**31:
-        raise ValueError(f"too many (block, head) segments for int32 keys: {num_segments}")
+    key_dtype = segment_key_dtype(num_segments)
     token_seq = torch.searchsorted(
         cu_seqlens[1:].long(), torch.arange(N, device=device), right=True
     )
     g = cu_blocks[token_seq].view(N, 1, 1) + indices
     head = torch.arange(HQ, device=device, dtype=torch.int32).view(1, HQ, 1)
-    keys = torch.where(indices >= 0, g * HQ + head, num_segments).to(torch.int32)
+    keys = torch.where(indices >= 0, g * HQ + head, num_segments).to(key_dtype)
     return block_index_from_keys(keys, HQ, topk, num_blocks_max)
 
 

@@ -5,13 +5,18 @@ centroid tiles of that sequence, computes the scores on tensor cores, and keeps 
 registers; only the final ``[N, HQ, topk]`` block ids (and, for the block index, their segment keys) are
 written, so memory is O(N * HQ * topk).
 
-The running list of a query holds float32 scores and block ids. Its worst score is the query's
-*threshold*, and the common case is cheap: a tile whose scores all fall at or below the thresholds costs
-one compare and one count per score. Otherwise the tile's candidates move in over the list's worst
-entries in as many rounds as its busiest query needs (a round moves every query's best candidate). The
-scan visits blocks in ascending order and a round takes the lowest block among equal scores, so a
-strict ``>`` keeps the reference's tie rule (the lower block wins); NaN and -inf scores never pass it,
-so such blocks are never selected.
+The running list of a query holds float32 scores and block ids; its worst score is the query's
+*threshold*. Per centroid tile (loaded by TMA) the common case is cheap: one row maximum per query, and a
+tile whose maxima all fall at or below the thresholds is done. Otherwise the tile's candidates move in
+over the lists' worst entries in rounds, one per query per round, until no query's best remaining score
+beats its threshold. The scan visits blocks in ascending order and a round takes the lowest block among
+equal scores, so a strict ``>`` keeps the reference's tie rule (the lower block wins); -inf never passes
+it and NaN is mapped to -inf first, so such blocks are never selected.
+
+Where the time goes (H200, docs/benchmarks.md): the rounds and the per-tile bookkeeping are issued for
+every score of a tile, so the kernel is bound by instruction issue, not by the tensor cores. Small
+programs (one warpgroup, 64 queries x 32 blocks), several per SM, hide the latency of the per-tile
+reductions best.
 
 Causal tiles are staged as in flash attention: the blocks every query of the tile may see are scanned
 without masks, and only the last few tiles (the diagonal) pay for the causal mask.
@@ -22,33 +27,32 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashmoba.routing.centroids import block_centroids
-from flashmoba.routing.result import BlockIndex, block_index_from_keys, block_layout
+from flashmoba.routing.result import BlockIndex, block_index_from_keys, block_layout, segment_key_dtype
 
 _NO_BLOCK = tl.constexpr(2**30)  # ids of empty slots are _NO_BLOCK + slot: distinct, above every block
 
 
 @triton.jit
-def _merge_tile(scores, block0, vals, ids, thresh, PICKS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Merge one ``[BLOCK_M, BLOCK_N]`` score tile (blocks ``block0 ...``) into the running lists."""
-    cand = scores > thresh[:, None]
-    rounds = tl.max(tl.minimum(tl.sum(cand.to(tl.int32), axis=1), PICKS), axis=0)
-    if rounds > 0:
-        cols = tl.arange(0, BLOCK_N)
-        pending = tl.where(cand, scores, float("-inf"))
-        for _ in range(rounds):
-            # The best candidate of every row, the lowest column among equal scores.
-            top = tl.max(pending, axis=1)
-            arg = tl.min(tl.where(pending == top[:, None], cols[None, :], BLOCK_N), axis=1)
-            # Replace the worst entry: the lowest score, and among equal scores the highest block.
-            worst = tl.min(vals, axis=1)
-            evict = tl.max(tl.where(vals == worst[:, None], ids, -1), axis=1)
-            replace = (ids == evict[:, None]) & (top > worst)[:, None]
-            vals = tl.where(replace, top[:, None], vals)
-            ids = tl.where(replace, (block0 + arg)[:, None], ids)
-            pending = tl.where(cols[None, :] == arg[:, None], float("-inf"), pending)
+def _merge_tile(scores, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
+    """Merge one ``[BLOCK_M, BLOCK_N]`` score tile (blocks ``block0 ...``) into the running lists.
+
+    ``thresh`` is the lowest score of each list. NaN scores must already be -inf."""
+    cols = tl.arange(0, BLOCK_N)
+    top = tl.max(scores, axis=1)
+    # One round per pass while some query's best remaining score beats its threshold; most tiles have none.
+    while tl.max((top > thresh).to(tl.int32), axis=0) > 0:
+        arg = tl.min(tl.where(scores == top[:, None], cols[None, :], BLOCK_N), axis=1)  # lowest block on ties
+        # Replace the worst entry: the lowest score, and among equal scores the highest block.
+        evict = tl.max(tl.where(vals == thresh[:, None], ids, -1), axis=1)
+        replace = (ids == evict[:, None]) & (top > thresh)[:, None]
+        vals = tl.where(replace, top[:, None], vals)
+        ids = tl.where(replace, (block0 + arg)[:, None], ids)
         thresh = tl.min(vals, axis=1)
+        scores = tl.where(cols[None, :] == arg[:, None], float("-inf"), scores)
+        top = tl.max(scores, axis=1)
     return vals, ids, thresh
 
 
@@ -57,7 +61,6 @@ def _route_topk_kernel(
     Q, C, Indices, SegmentKeys,
     cu_seqlens, cu_blocks, cu_tiles, tile_seq,
     stride_qn, stride_qh,
-    stride_cg, stride_ch,
     stride_in, stride_ih,
     num_seqs, num_tiles, num_segments,
     GROUP,
@@ -112,22 +115,21 @@ def _route_topk_kernel(
     vals = tl.where(col[None, :] < PICKS, tl.full([BLOCK_M, K_PAD], float("-inf"), tl.float32), float("inf"))
     ids = col[None, :] + tl.full([BLOCK_M, K_PAD], _NO_BLOCK, tl.int32)
     thresh = tl.min(vals, axis=1)
-    c_base = C + first_block.to(tl.int64) * stride_cg + (h // GROUP) * stride_ch
+    kv_head = h // GROUP
     blocks = tl.arange(0, BLOCK_N)
     for j0 in range(0, unmasked_end, BLOCK_N):
-        cent = tl.load(c_base + (j0 + blocks)[:, None] * stride_cg + d[None, :], mask=d_ok[None, :], other=0.0)
+        cent = C.load([first_block + j0, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
         scores = tl.dot(q, tl.trans(cent), input_precision=PRECISION)
-        vals, ids, thresh = _merge_tile(scores, j0, vals, ids, thresh, PICKS, BLOCK_N)
+        scores = tl.where(scores == scores, scores, float("-inf"))  # NaN never wins
+        vals, ids, thresh = _merge_tile(scores, j0, vals, ids, thresh, BLOCK_N)
     for j0 in range(unmasked_end, scan_end, BLOCK_N):  # the diagonal (causal) and the sequence end
-        ok = (j0 + blocks) < scan_end
-        cent = tl.load(c_base + (j0 + blocks)[:, None] * stride_cg + d[None, :],
-                       mask=ok[:, None] & d_ok[None, :], other=0.0)
+        cent = C.load([first_block + j0, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
         scores = tl.dot(q, tl.trans(cent), input_precision=PRECISION)
-        valid = ok[None, :]
+        valid = ((j0 + blocks) < scan_end)[None, :] & (scores == scores)
         if CAUSAL:
             valid = valid & ((j0 + blocks)[None, :] < own[:, None])
         scores = tl.where(valid, scores, float("-inf"))
-        vals, ids, thresh = _merge_tile(scores, j0, vals, ids, thresh, PICKS, BLOCK_N)
+        vals, ids, thresh = _merge_tile(scores, j0, vals, ids, thresh, BLOCK_N)
 
     # Block ids of the picks plus the own block, ascending: repeated minimum extraction (ids are
     # distinct; empty slots hold ids >= _NO_BLOCK and end up as the -1 padding).
@@ -150,9 +152,8 @@ def _route_topk_kernel(
 
 
 def _topk_config(head_dim: int, k_pad: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit: 64 x 32 tiles, one warpgroup (fastest of the
-    configs swept by ``benchmarks/bench_routing.py --tune`` on an H200, see docs/benchmarks.md): the
-    per-tile merge is bound by latency, so small programs, several per SM, beat large tiles."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit: 64 x 32 tiles, one warpgroup, the fastest of the
+    configs swept by ``benchmarks/bench_routing.py --tune`` on an H200 (docs/benchmarks.md)."""
     if dtype == torch.float32:  # exact fp32 products run on CUDA cores: small tiles
         return 32, 32, 4, 2
     return 64, 32, 4, 3
@@ -173,7 +174,7 @@ def route_topk(
     Args:
         q: ``[N, HQ, D]``; centroids: ``[num_blocks_max, HKV, D]`` in q's dtype, from :func:`block_centroids`.
         layout: ``block_layout(cu_seqlens, N, block_size)`` if the caller has it already.
-        return_segment_keys: also return int32 ``[N, HQ, topk]`` segment keys for
+        return_segment_keys: also return the ``[N, HQ, topk]`` segment keys for
             :func:`~flashmoba.routing.result.block_index_from_keys`.
 
     Returns:
@@ -185,25 +186,27 @@ def route_topk(
         raise TypeError(f"centroids must have q's dtype {q.dtype}, got {centroids.dtype}")
     cu_blocks, _, num_blocks_max = layout or block_layout(cu_seqlens, N, block_size)
     num_segments = num_blocks_max * HQ
-    if return_segment_keys and num_segments >= 2**31:
-        raise ValueError(f"too many (block, head) segments for int32 keys: {num_segments}")
     indices = torch.full((N, HQ, topk), -1, dtype=torch.int32, device=q.device)
-    keys = torch.full_like(indices, num_segments) if return_segment_keys else indices
+    keys = indices
+    if return_segment_keys:
+        keys = torch.full_like(indices, num_segments, dtype=segment_key_dtype(num_segments))
     if N > 0:
         q = q if q.stride(-1) == 1 else q.contiguous()
         K_PAD = triton.next_power_of_2(topk)
         BLOCK_M, BLOCK_N, num_warps, num_stages = _topk_config(D, K_PAD, q.dtype)
         cu_tiles, tile_seq, num_tiles_max = block_layout(cu_seqlens, N, BLOCK_M)
+        BLOCK_D = triton.next_power_of_2(D)
+        # TMA tiles of BLOCK_N centroids of one KV head; reads past the tensor (or past D) give zeros.
+        centroid_tiles = TensorDescriptor.from_tensor(centroids.contiguous(), [BLOCK_N, 1, BLOCK_D])
         _route_topk_kernel[(num_tiles_max, HQ)](
-            q, centroids, indices, keys,
+            q, centroid_tiles, indices, keys,
             cu_seqlens, cu_blocks, cu_tiles, tile_seq,
             q.stride(0), q.stride(1),
-            centroids.stride(0), centroids.stride(1),
             indices.stride(0), indices.stride(1),
             cu_seqlens.numel() - 1, num_tiles_max, num_segments,
             GROUP=HQ // HKV, NUM_HEADS=HQ, HEAD_DIM=D, BLOCK_SIZE=block_size, TOPK=topk, K_PAD=K_PAD,
             CAUSAL=causal, WRITE_KEYS=return_segment_keys,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # exact fp32 products, not TF32
             num_warps=num_warps, num_stages=num_stages,
         )
