@@ -2,7 +2,9 @@
 
 The PyTorch router materialises the [tokens x blocks] score matrix per head, masks it causally, forces
 the own block and calls torch.topk: what original MoBA does. Both give time (median) and peak memory
-above the inputs; the PyTorch one is skipped where it runs out of memory. Also reported: each stage's time
+above the inputs; the PyTorch one is skipped where it runs out of memory. ``graph_ms`` replays flashmoba's
+routing as a CUDA graph (device time: no launch overhead and no host sync of the input validation, which
+graph capture skips). Also reported: each stage's time
 and the rate of the top-k's score products (2 * D FLOPs per causal (query, earlier block) pair). ``--tune``
 times the top-k stage under other tile configs instead.
 
@@ -63,6 +65,19 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=20, rep=100, return_mode="median")
 
 
+def bench_graph(fn):
+    """Median of CUDA-graph replays of ``fn``: device time without launch overhead or host syncs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up (compiles kernels) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=20, rep=100, return_mode="median")
+
+
 def causal_score_count(T: int, block_size: int) -> int:
     """Scores the causal router computes per (sequence, head): every query against the blocks before its own."""
     full, rest = divmod(T, block_size)
@@ -116,6 +131,7 @@ def main():
         row = {"T": T}
         row["flashmoba_ms"], row["flashmoba_peak_gb"] = measure(
             lambda: flashmoba.moba_route_varlen(q, k, cu, max_seqlen=T, **kw).block_index)
+        row["graph_ms"] = bench_graph(lambda: flashmoba.moba_route_varlen(q, k, cu, max_seqlen=T, **kw).block_index)
         row.update(stages(q, k, cu, args.block, args.topk))
         row["score_tflops"] = flop / row["topk_ms"] / 1e9
         if args.no_torch:
@@ -132,7 +148,7 @@ def main():
     if args.tune is not None:
         cols = ["T", "config", "topk_ms", "score_tflops"]
     else:
-        cols = ["T", "flashmoba_ms", "centroids_ms", "topk_ms", "block_index_ms", "score_tflops",
+        cols = ["T", "flashmoba_ms", "graph_ms", "centroids_ms", "topk_ms", "block_index_ms", "score_tflops",
                 "flashmoba_peak_gb", "torch_ms", "torch_peak_gb"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
