@@ -40,13 +40,14 @@ def block_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int):
     """
     num_seqs = cu_seqlens.numel() - 1
     num_blocks_max = num_tokens // block_size + num_seqs
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    blocks = (lens + block_size - 1) // block_size
-    cu_blocks = torch.zeros(num_seqs + 1, dtype=torch.int64, device=cu_seqlens.device)
-    cu_blocks[1:] = torch.cumsum(blocks, 0)
-    g = torch.arange(num_blocks_max, device=cu_seqlens.device)
-    block_seq = torch.searchsorted(cu_blocks[1:], g, right=True)
-    return cu_blocks.to(torch.int32), block_seq.to(torch.int32), num_blocks_max
+    device = cu_seqlens.device
+    blocks = torch.div(cu_seqlens[1:] - cu_seqlens[:-1] + (block_size - 1), block_size, rounding_mode="floor")
+    # Few launches on purpose: this runs on every routing call, and at 8K tokens the host is the bottleneck.
+    cu_blocks = torch.zeros(num_seqs + 1, dtype=torch.int32, device=device)
+    torch.cumsum(blocks, 0, dtype=torch.int32, out=cu_blocks[1:])
+    g = torch.arange(num_blocks_max, dtype=torch.int32, device=device)
+    block_seq = torch.searchsorted(cu_blocks[1:], g, right=True, out_int32=True)
+    return cu_blocks, block_seq, num_blocks_max
 
 
 @dataclass
@@ -54,10 +55,14 @@ class BlockIndex:
     """Block -> query view (CSR over segments ``g * HQ + h``); see the module docstring for the layout."""
 
     offsets: torch.Tensor  # int64 [num_segments + 1]
-    counts: torch.Tensor  # int32 [num_segments]
     entries: torch.Tensor  # int32 (int64 if N * HQ * topk >= 2**31) [N * HQ * topk]: pair ids
     num_heads: int
     topk: int
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """int32 ``[num_segments]``: entries per segment."""
+        return (self.offsets[1:] - self.offsets[:-1]).to(torch.int32)
 
     def tokens(self) -> torch.Tensor:
         """Entries as query token ids (same layout as ``entries``)."""
@@ -92,7 +97,6 @@ def block_index_from_keys(keys: torch.Tensor, num_heads: int, topk: int, num_blo
     entry_dtype = torch.int32 if keys.numel() < 2**31 else torch.int64
     return BlockIndex(
         offsets=offsets,
-        counts=(offsets[1:] - offsets[:-1]).to(torch.int32),
         entries=order.to(entry_dtype),
         num_heads=num_heads,
         topk=topk,

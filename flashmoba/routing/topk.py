@@ -186,10 +186,9 @@ def route_topk(
         raise TypeError(f"centroids must have q's dtype {q.dtype}, got {centroids.dtype}")
     cu_blocks, _, num_blocks_max = layout or block_layout(cu_seqlens, N, block_size)
     num_segments = num_blocks_max * HQ
-    indices = torch.full((N, HQ, topk), -1, dtype=torch.int32, device=q.device)
-    keys = indices
-    if return_segment_keys:
-        keys = torch.full_like(indices, num_segments, dtype=segment_key_dtype(num_segments))
+    # Every row of every sequence is written (cu_seqlens covers [0, N]), padding slots included.
+    indices = torch.empty((N, HQ, topk), dtype=torch.int32, device=q.device)
+    keys = torch.empty_like(indices, dtype=segment_key_dtype(num_segments)) if return_segment_keys else indices
     if N > 0:
         q = q if q.stride(-1) == 1 else q.contiguous()
         K_PAD = triton.next_power_of_2(topk)
