@@ -6,10 +6,10 @@ registers; only the final ``[N, HQ, topk]`` block ids (and, for the block index,
 written, so memory is O(N * HQ * topk).
 
 The running list of a query holds float32 scores and block ids; its worst score is the query's
-*threshold*. Per centroid tile (loaded by TMA) the common case is cheap: one row maximum per query, and a
-tile whose maxima all fall at or below the thresholds is done. Otherwise the tile's candidates move in
-over the lists' worst entries in rounds, one per query per round, until no query's best remaining score
-beats its threshold. The scan visits blocks in ascending order and a round takes the lowest block among
+*threshold*. Per centroid tile (loaded by TMA) every query takes its row maximum; a tile where no maximum
+beats its query's threshold is done. Otherwise the tile's candidates move in over the lists' worst entries
+in rounds, one per query per round, until no query's best remaining score beats its threshold (random
+scores need about two rounds per 64 x 32 tile late in a long sequence, more early on). The scan visits blocks in ascending order and a round takes the lowest block among
 equal scores, so a strict ``>`` keeps the reference's tie rule (the lower block wins); -inf never passes
 it and NaN is mapped to -inf first, so such blocks are never selected.
 
@@ -42,7 +42,7 @@ def _merge_tile(scores, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
     ``thresh`` is the lowest score of each list. NaN scores must already be -inf."""
     cols = tl.arange(0, BLOCK_N)
     top = tl.max(scores, axis=1)
-    # One round per pass while some query's best remaining score beats its threshold; most tiles have none.
+    # Rounds while some query's best remaining score beats its threshold (a CTA-wide test).
     while tl.max((top > thresh).to(tl.int32), axis=0) > 0:
         arg = tl.min(tl.where(scores == top[:, None], cols[None, :], BLOCK_N), axis=1)  # lowest block on ties
         # Replace the worst entry: the lowest score, and among equal scores the highest block.
