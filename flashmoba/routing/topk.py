@@ -36,23 +36,29 @@ _NO_BLOCK = tl.constexpr(2**30)  # ids of empty slots are _NO_BLOCK + slot: dist
 
 
 @triton.jit
+def _merge_round(scores, top, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
+    """Move every query's best remaining score ``top`` (if it beats its threshold) into its list."""
+    cols = tl.arange(0, BLOCK_N)
+    arg = tl.min(tl.where(scores == top[:, None], cols[None, :], BLOCK_N), axis=1)  # lowest block on ties
+    # Replace the worst entry: the lowest score, and among equal scores the highest block.
+    evict = tl.max(tl.where(vals == thresh[:, None], ids, -1), axis=1)
+    replace = (ids == evict[:, None]) & (top > thresh)[:, None]
+    vals = tl.where(replace, top[:, None], vals)
+    ids = tl.where(replace, (block0 + arg)[:, None], ids)
+    scores = tl.where(cols[None, :] == arg[:, None], float("-inf"), scores)
+    return scores, tl.max(scores, axis=1), vals, ids, tl.min(vals, axis=1)
+
+
+@triton.jit
 def _merge_tile(scores, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
     """Merge one ``[BLOCK_M, BLOCK_N]`` score tile (blocks ``block0 ...``) into the running lists.
 
     ``thresh`` is the lowest score of each list. NaN scores must already be -inf."""
-    cols = tl.arange(0, BLOCK_N)
     top = tl.max(scores, axis=1)
-    # Rounds while some query's best remaining score beats its threshold (a CTA-wide test).
+    # Nearly every tile has a query with a candidate: the first round runs without the CTA-wide test.
+    scores, top, vals, ids, thresh = _merge_round(scores, top, block0, vals, ids, thresh, BLOCK_N)
     while tl.max((top > thresh).to(tl.int32), axis=0) > 0:
-        arg = tl.min(tl.where(scores == top[:, None], cols[None, :], BLOCK_N), axis=1)  # lowest block on ties
-        # Replace the worst entry: the lowest score, and among equal scores the highest block.
-        evict = tl.max(tl.where(vals == thresh[:, None], ids, -1), axis=1)
-        replace = (ids == evict[:, None]) & (top > thresh)[:, None]
-        vals = tl.where(replace, top[:, None], vals)
-        ids = tl.where(replace, (block0 + arg)[:, None], ids)
-        thresh = tl.min(vals, axis=1)
-        scores = tl.where(cols[None, :] == arg[:, None], float("-inf"), scores)
-        top = tl.max(scores, axis=1)
+        scores, top, vals, ids, thresh = _merge_round(scores, top, block0, vals, ids, thresh, BLOCK_N)
     return vals, ids, thresh
 
 
