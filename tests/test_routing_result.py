@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import flashmoba
 from flashmoba.routing import block_layout
+from flashmoba.routing.result import segment_key_dtype
 from factory import make_packed
 from kernel_checks import assert_block_index_inverse, expected_layout
 
@@ -107,3 +108,13 @@ def test_block_layout_by_hand():
     assert cu_blocks.tolist() == [0, 0, 1, 3, 3, 6]
     assert block_seq.tolist() == [1, 2, 2, 4, 4, 4, 5, 5, 5]
     assert num_blocks_max == 9
+
+
+def test_block_index_with_int32_segment_keys():
+    # 64 heads x 602 blocks = 38528 segments: past int16, so the sort keys are int32 (the 16-bit path is
+    # what the small cases above exercise).
+    lens, heads, block_size, topk = [300, 300], (64, 4), 1, 3
+    routing = _route(lens, *heads, block_size, topk, True, torch.Generator().manual_seed(0))
+    assert segment_key_dtype(routing.num_blocks_max * heads[0]) == torch.int32
+    assert segment_key_dtype(8 * heads[0]) == torch.int16
+    assert_block_index_inverse(routing, lens)
