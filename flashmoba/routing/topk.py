@@ -157,7 +157,7 @@ def _route_topk_kernel(
         tl.store(SegmentKeys + out, keys, mask=store_ok)
 
 
-def _topk_config(head_dim: int, k_pad: int, dtype: torch.dtype):
+def _topk_config(dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit: 64 x 32 tiles, one warpgroup, the fastest of the
     configs swept by ``benchmarks/bench_routing.py --tune`` on an H200 (docs/benchmarks.md)."""
     if dtype == torch.float32:  # exact fp32 products run on CUDA cores: small tiles
@@ -198,7 +198,7 @@ def route_topk(
     if N > 0:
         q = q if q.stride(-1) == 1 else q.contiguous()
         K_PAD = triton.next_power_of_2(topk)
-        BLOCK_M, BLOCK_N, num_warps, num_stages = _topk_config(D, K_PAD, q.dtype)
+        BLOCK_M, BLOCK_N, num_warps, num_stages = _topk_config(q.dtype)
         cu_tiles, tile_seq, num_tiles_max = block_layout(cu_seqlens, N, BLOCK_M)
         BLOCK_D = triton.next_power_of_2(D)
         # TMA tiles of BLOCK_N centroids of one KV head; reads past the tensor (or past D) give zeros.
