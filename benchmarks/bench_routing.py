@@ -4,9 +4,9 @@ The PyTorch router materialises the [tokens x blocks] score matrix per head, mas
 the own block and calls torch.topk: what original MoBA does. Both give time (median) and peak memory
 above the inputs; the PyTorch one is skipped where it runs out of memory. ``graph_ms`` replays flashmoba's
 routing as a CUDA graph (device time: no launch overhead and no host sync of the input validation, which
-graph capture skips). Also reported: each stage's time
-and the rate of the top-k's score products (2 * D FLOPs per causal (query, earlier block) pair). ``--tune``
-times the top-k stage under other tile configs instead.
+graph capture skips). Also reported: each stage's time and the rate of the top-k's score products
+(2 * D FLOPs per causal (query, earlier block) pair). ``--tune`` times the top-k stage under other tile
+configs instead.
 
     python benchmarks/bench_routing.py --seqlens 8192 32768 65536 131072 524288 --out docs/results/routing.json
     python benchmarks/bench_routing.py --seqlens 65536 524288 --tune 128,64,8,2 128,32,8,3 64,64,4,3

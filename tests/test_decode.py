@@ -19,7 +19,9 @@ import torch
 
 import flashmoba
 from conftest import DEVICE
-from factory import _as_numpy64, _sequence_bounds, make_packed, round_to_dtype, naive_attention, naive_route, rounding_bound
+from factory import (
+    _as_numpy64, _sequence_bounds, make_packed, naive_attention, naive_route, round_to_dtype, rounding_bound,
+)
 from flashmoba.decode import MoBAKVCache, accumulate_block_sums, block_sums_dtype
 from flashmoba.decode.kernels import decode_fwd
 

@@ -3,9 +3,9 @@
 Three launches per call, none of which reads a device value on the host:
 
 1. ``_decode_route_kernel``, grid ``(B * Tq, HKV, route_splits)``: each program scores a tile of
-   ``BLOCK_NB`` complete blocks of one sequence against the centroids (``block_sums / block_size`` rounded to the keys' dtype)
-   for the query heads of one KV group, and keeps the tile's best ``topk - 1`` blocks per head (or per
-   group with ``shared_kv_routing``), ties to the lower block index.
+   ``BLOCK_NB`` complete blocks of one sequence against the centroids (``block_sums / block_size``,
+   rounded to the keys' dtype) for the query heads of one KV group, and keeps the tile's best
+   ``topk - 1`` blocks per head (or per group with ``shared_kv_routing``), ties to the lower block index.
 2. ``_decode_attend_kernel``, grid ``(B * Tq * routes, topk * splits_per_block)``: program ``(r, slot, sub)``
    finds the ``slot``-th best block of route ``r`` among the tiles' candidates (the last slot is the own
    block, attended causally up to the query), attends one ``1 / splits_per_block`` share of it, and writes

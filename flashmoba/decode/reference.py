@@ -8,9 +8,9 @@ For query ``i`` of the ``Tq`` newest tokens of sequence ``b`` (local position ``
 
 * its own block ``t // block_size`` is always attended, causally (keys ``own * block_size .. t``);
 * the other ``topk - 1`` are the best-scoring blocks ``j < own`` (all complete), scored against the
-  centroid ``block_sums[b, j] / block_size`` rounded to the keys' dtype: per query head against its KV head's centroid, or, with
-  ``shared_kv_routing``, by the sum of the scores of the KV group's query heads (one selection per token
-  and KV head); ties: the lower block index wins.
+  centroid ``block_sums[b, j] / block_size`` rounded to the keys' dtype: per query head against its KV
+  head's centroid, or, with ``shared_kv_routing``, by the sum of the scores of the KV group's query
+  heads (one selection per token and KV head); ties: the lower block index wins.
 
 Per query head this is exactly the causal rule of :mod:`flashmoba.reference` at position ``t``.
 """

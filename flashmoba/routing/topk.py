@@ -6,17 +6,17 @@ registers; only the final ``[N, HQ, topk]`` block ids (and, for the block index,
 written, so memory is O(N * HQ * topk).
 
 The running list of a query holds float32 scores and block ids; its worst score is the query's
-*threshold*. Per centroid tile (loaded by TMA) every query takes its row maximum; a tile where no maximum
-beats its query's threshold is done. Otherwise the tile's candidates move in over the lists' worst entries
-in rounds, one per query per round, until no query's best remaining score beats its threshold (random
-scores need about two rounds per 64 x 32 tile late in a long sequence, more early on). The scan visits blocks in ascending order and a round takes the lowest block among
-equal scores, so a strict ``>`` keeps the reference's tie rule (the lower block wins); -inf never passes
-it and NaN is mapped to -inf first, so such blocks are never selected.
+*threshold*. Per centroid tile (loaded by TMA) every query's best score moves in over its list's worst entry
+if it beats the threshold, and further rounds follow while some query's best remaining score still does
+(random scores need about two rounds per 64 x 32 tile late in a long sequence, more early on). The scan
+visits blocks in ascending order and a round takes the lowest block among equal scores, so a strict ``>``
+keeps the reference's tie rule (the lower block wins); -inf never passes it and NaN is mapped to -inf
+first, so such blocks are never selected.
 
-Where the time goes (H200, docs/benchmarks.md): the rounds and the per-tile bookkeeping are issued for
-every score of a tile, so the kernel is bound by instruction issue, not by the tensor cores. Small
-programs (one warpgroup, 64 queries x 32 blocks), several per SM, hide the latency of the per-tile
-reductions best.
+Where the time goes (H200, docs/benchmarks.md): the rounds and the per-tile bookkeeping run on the CUDA
+cores for every score of a tile, so the kernel is bound by that selection work (its instructions and the
+latency of its row and CTA-wide reductions), not by the tensor cores. Small programs (one warpgroup,
+64 queries x 32 blocks), several per SM, were fastest.
 
 Causal tiles are staged as in flash attention: the blocks every query of the tile may see are scanned
 without masks, and only the last few tiles (the diagonal) pay for the causal mask.
@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from flashmoba.attention.forward import dot_precision
 from flashmoba.routing.centroids import block_centroids
 from flashmoba.routing.result import BlockIndex, block_index_from_keys, block_layout, segment_key_dtype
 
@@ -212,7 +213,7 @@ def route_topk(
             GROUP=HQ // HKV, NUM_HEADS=HQ, HEAD_DIM=D, BLOCK_SIZE=block_size, TOPK=topk, K_PAD=K_PAD,
             CAUSAL=causal, WRITE_KEYS=return_segment_keys,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # exact fp32 products, not TF32
+            PRECISION=dot_precision(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
     return (indices, keys) if return_segment_keys else indices
