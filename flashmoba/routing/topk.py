@@ -5,18 +5,23 @@ centroid tiles of that sequence, computes the scores on tensor cores, and keeps 
 registers; only the final ``[N, HQ, topk]`` block ids (and, for the block index, their segment keys) are
 written, so memory is O(N * HQ * topk).
 
-The running list of a query holds float32 scores and block ids; its worst score is the query's
-*threshold*. Per centroid tile (loaded by TMA) every query's best score moves in over its list's worst entry
-if it beats the threshold, and further rounds follow while some query's best remaining score still does
-(random scores need about two rounds per 64 x 32 tile late in a long sequence, more early on). The scan
-visits blocks in ascending order and a round takes the lowest block among equal scores, so a strict ``>``
-keeps the reference's tie rule (the lower block wins); -inf never passes it and NaN is mapped to -inf
-first, so such blocks are never selected.
+Scores are compared as int32 *keys* (:func:`_score_keys`): the float bits mapped so that the integer
+order is the score order, with the low ``log2(BLOCK_N)`` bits replaced by the inverted column, so that
+one integer max gives both a query's best score in the tile and its column. The selection is therefore
+exact on scores rounded down to ``23 - log2(BLOCK_N)`` mantissa bits (a relative step of 2**-17 for 64
+blocks a tile, 500 times finer than bf16), with the reference's tie rule: the lower block wins.
+
+The running list of a query holds the score parts of its keys and the block ids; its worst score is the
+query's *threshold*. Per centroid tile (loaded by TMA) every query's best key moves in over its list's
+worst entry if its score beats the threshold, and further rounds follow while some query's best
+remaining score still does (random scores need one or two rounds per tile late in a long sequence,
+more early on). The scan visits blocks in ascending order, so a strict ``>`` keeps the tie rule. -inf
+never passes it and NaN keys lie below -inf's, so such blocks are never selected.
 
 Where the time goes (H200, docs/benchmarks.md): the rounds and the per-tile bookkeeping run on the CUDA
-cores for every score of a tile, so the kernel is bound by that selection work (its instructions and the
-latency of its row and CTA-wide reductions), not by the tensor cores. Small programs (one warpgroup,
-64 queries x 32 blocks), several per SM, were fastest.
+cores for every score of a tile; Nsight Compute shows the integer/logic (ALU) pipe about 88 % busy, so
+the kernel is bound by the number of selection instructions, not by the tensor cores or by memory. Small
+programs (one warpgroup, 64 queries), several per SM, were fastest.
 
 Causal tiles are staged as in flash attention: the blocks every query of the tile may see are scanned
 without masks, and only the last few tiles (the diagonal) pay for the causal mask.
@@ -34,32 +39,45 @@ from flashmoba.routing.centroids import block_centroids
 from flashmoba.routing.result import BlockIndex, block_index_from_keys, block_layout, segment_key_dtype
 
 _NO_BLOCK = tl.constexpr(2**30)  # ids of empty slots are _NO_BLOCK + slot: distinct, above every block
+_NEG_INF_KEY = tl.constexpr(-2130706434)  # _score_keys(-inf) before the column bits: 0x80FFFFFE
+_NO_KEY = tl.constexpr(-(2**31))  # below every score key: masked and already merged scores
 
 
 @triton.jit
-def _merge_round(scores, top, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
-    """Move every query's best remaining score ``top`` (if it beats its threshold) into its list."""
-    cols = tl.arange(0, BLOCK_N)
-    arg = tl.min(tl.where(scores == top[:, None], cols[None, :], BLOCK_N), axis=1)  # lowest block on ties
+def _score_keys(scores, BLOCK_N: tl.constexpr):
+    """int32 keys of a ``[BLOCK_M, BLOCK_N]`` float32 score tile: the integer order is the score order,
+    NaN keys are below -inf's, and the low ``log2(BLOCK_N)`` bits hold the inverted column, so that one
+    integer max gives a row's best score and its column (the lowest column among equal scores)."""
+    bits = scores.to(tl.int32, bitcast=True)
+    keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse the magnitude order
+    # Positive NaNs are the keys above +inf's (0x7F800000): this offset wraps them round to the bottom.
+    keys += 0x7FFFFF
+    return (keys & -BLOCK_N) | (BLOCK_N - 1 - tl.arange(0, BLOCK_N))[None, :]
+
+
+@triton.jit
+def _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
+    """Move every query's best remaining key ``top`` into its list if its score part beats the threshold."""
+    score = top & -BLOCK_N
     # Replace the worst entry: the lowest score, and among equal scores the highest block.
     evict = tl.max(tl.where(vals == thresh[:, None], ids, -1), axis=1)
-    replace = (ids == evict[:, None]) & (top > thresh)[:, None]
-    vals = tl.where(replace, top[:, None], vals)
-    ids = tl.where(replace, (block0 + arg)[:, None], ids)
-    scores = tl.where(cols[None, :] == arg[:, None], float("-inf"), scores)
-    return scores, tl.max(scores, axis=1), vals, ids, tl.min(vals, axis=1)
+    replace = (ids == evict[:, None]) & (score > thresh)[:, None]
+    vals = tl.where(replace, score[:, None], vals)
+    ids = tl.where(replace, (block0 + BLOCK_N - 1 - (top & (BLOCK_N - 1)))[:, None], ids)
+    keys = tl.where(keys == top[:, None], _NO_KEY, keys)
+    return keys, tl.max(keys, axis=1), vals, ids, tl.min(vals, axis=1)
 
 
 @triton.jit
-def _merge_tile(scores, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
-    """Merge one ``[BLOCK_M, BLOCK_N]`` score tile (blocks ``block0 ...``) into the running lists.
+def _merge_tile(keys, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
+    """Merge one ``[BLOCK_M, BLOCK_N]`` tile of score keys (blocks ``block0 ...``) into the running lists.
 
-    ``thresh`` is the lowest score of each list. NaN scores must already be -inf."""
-    top = tl.max(scores, axis=1)
+    ``thresh`` is the lowest score part of each list."""
+    top = tl.max(keys, axis=1)
     # Nearly every tile has a query with a candidate: the first round runs without the CTA-wide test.
-    scores, top, vals, ids, thresh = _merge_round(scores, top, block0, vals, ids, thresh, BLOCK_N)
-    while tl.max((top > thresh).to(tl.int32), axis=0) > 0:
-        scores, top, vals, ids, thresh = _merge_round(scores, top, block0, vals, ids, thresh, BLOCK_N)
+    keys, top, vals, ids, thresh = _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N)
+    while tl.max(((top & -BLOCK_N) > thresh).to(tl.int32), axis=0) > 0:
+        keys, top, vals, ids, thresh = _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N)
     return vals, ids, thresh
 
 
@@ -119,7 +137,7 @@ def _route_topk_kernel(
 
     # Running lists: slots >= PICKS hold +inf (never the worst, never evicted).
     col = tl.arange(0, K_PAD)
-    vals = tl.where(col[None, :] < PICKS, tl.full([BLOCK_M, K_PAD], float("-inf"), tl.float32), float("inf"))
+    vals = tl.where(col[None, :] < PICKS, tl.full([BLOCK_M, K_PAD], _NEG_INF_KEY & -BLOCK_N, tl.int32), 2**31 - 1)
     ids = col[None, :] + tl.full([BLOCK_M, K_PAD], _NO_BLOCK, tl.int32)
     thresh = tl.min(vals, axis=1)
     kv_head = h // GROUP
@@ -127,20 +145,20 @@ def _route_topk_kernel(
     for j0 in range(0, unmasked_end, BLOCK_N):
         cent = C.load([first_block + j0, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
         scores = tl.dot(q, tl.trans(cent), input_precision=PRECISION)
-        scores = tl.where(scores == scores, scores, float("-inf"))  # NaN never wins
-        vals, ids, thresh = _merge_tile(scores, j0, vals, ids, thresh, BLOCK_N)
+        keys = _score_keys(scores, BLOCK_N)
+        vals, ids, thresh = _merge_tile(keys, j0, vals, ids, thresh, BLOCK_N)
     for j0 in range(unmasked_end, scan_end, BLOCK_N):  # the diagonal (causal) and the sequence end
         cent = C.load([first_block + j0, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
         scores = tl.dot(q, tl.trans(cent), input_precision=PRECISION)
-        valid = ((j0 + blocks) < scan_end)[None, :] & (scores == scores)
+        valid = ((j0 + blocks) < scan_end)[None, :]
         if CAUSAL:
             valid = valid & ((j0 + blocks)[None, :] < own[:, None])
-        scores = tl.where(valid, scores, float("-inf"))
-        vals, ids, thresh = _merge_tile(scores, j0, vals, ids, thresh, BLOCK_N)
+        keys = tl.where(valid, _score_keys(scores, BLOCK_N), _NO_KEY)
+        vals, ids, thresh = _merge_tile(keys, j0, vals, ids, thresh, BLOCK_N)
 
     # Block ids of the picks plus the own block, ascending: repeated minimum extraction (ids are
     # distinct; empty slots hold ids >= _NO_BLOCK and end up as the -1 padding).
-    picked = (col[None, :] < PICKS) & (vals > float("-inf"))
+    picked = (col[None, :] < PICKS) & (vals > (_NEG_INF_KEY & -BLOCK_N))
     ids = tl.where(picked, ids, _NO_BLOCK + col[None, :])
     if CAUSAL:
         ids = tl.where(col[None, :] == PICKS, own[:, None], ids)
