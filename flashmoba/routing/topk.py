@@ -177,11 +177,11 @@ def _route_topk_kernel(
 
 
 def _topk_config(dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit: 64 x 32 tiles, one warpgroup, the fastest of the
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit: 64 x 64 tiles, one warpgroup, the fastest of the
     configs swept by ``benchmarks/bench_routing.py --tune`` on an H200 (docs/benchmarks.md)."""
     if dtype == torch.float32:  # exact fp32 products run on CUDA cores: small tiles
         return 32, 32, 4, 2
-    return 64, 32, 4, 3
+    return 64, 64, 4, 3
 
 
 def route_topk(
