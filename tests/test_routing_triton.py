@@ -68,3 +68,20 @@ def test_minus_inf_and_nan_gates_are_never_selected(causal):
     idx = flashmoba.moba_route_varlen(q, k, cu, backend="triton", **kw).indices
     assert torch.equal(idx, flashmoba.moba_route_varlen(q, k, cu, backend="reference", **kw).indices)
     assert idx[48:, 0].tolist() == [[0, 3, -1, -1]] * 16  # block 3: own (causal) or best (non-causal)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_plus_inf_gates_are_always_selected(causal):
+    # The score keys put +inf on top (and NaN, block 2 here, at the bottom): block 1's +inf gate wins
+    # in every row that may see it.
+    q, k, _, cu = make_packed((64,), 1, 1, 16, dtype=torch.float16, device=DEVICE)
+    q[:, :, 0] = 1.0
+    k[16, 0, 0] = math.inf
+    k[33, 0, 3] = math.nan
+    kw = dict(block_size=16, topk=2, causal=causal)
+    idx = flashmoba.moba_route_varlen(q, k, cu, backend="triton", **kw).indices
+    assert torch.equal(idx, flashmoba.moba_route_varlen(q, k, cu, backend="reference", **kw).indices)
+    sees_block_1 = slice(32, 64) if causal else slice(0, 64)
+    assert (idx[sees_block_1, 0] == 1).any(-1).all()
+    not_own_2 = slice(48, 64) if causal else slice(0, 64)  # rows where block 2 is not the own block
+    assert not (idx[not_own_2] == 2).any()

@@ -39,20 +39,20 @@ from flashmoba.routing.centroids import block_centroids
 from flashmoba.routing.result import BlockIndex, block_index_from_keys, block_layout, segment_key_dtype
 
 _NO_BLOCK = tl.constexpr(2**30)  # ids of empty slots are _NO_BLOCK + slot: distinct, above every block
-_NEG_INF_KEY = tl.constexpr(-2130706434)  # _score_keys(-inf) before the column bits: 0x80FFFFFE
+_NEG_INF_FLIPPED = tl.constexpr(-2139095041)  # the bits of -inf (0xFF800000), magnitude flipped, as int32
 _NO_KEY = tl.constexpr(-(2**31))  # below every score key: masked and already merged scores
 
 
 @triton.jit
 def _score_keys(scores, BLOCK_N: tl.constexpr):
-    """int32 keys of a ``[BLOCK_M, BLOCK_N]`` float32 score tile: the integer order is the score order,
-    NaN keys are below -inf's, and the low ``log2(BLOCK_N)`` bits hold the inverted column, so that one
-    integer max gives a row's best score and its column (the lowest column among equal scores)."""
+    """int32 keys of a ``[BLOCK_M, BLOCK_N]`` float32 score tile: the integer order is the score order
+    and the low ``log2(BLOCK_N)`` bits hold the inverted column, so that one integer max gives a row's
+    best score and its column (the lowest column among equal scores). NaN keys lie below -inf's."""
     bits = scores.to(tl.int32, bitcast=True)
     keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse the magnitude order
-    # Positive NaNs are the keys above +inf's (0x7F800000): this offset wraps them round to the bottom.
-    keys += 0x7FFFFF
-    return (keys & -BLOCK_N) | (BLOCK_N - 1 - tl.arange(0, BLOCK_N))[None, :]
+    # Drop the low bits, then add the inverted column plus an offset that wraps quiet NaNs (every NaN
+    # that arithmetic makes; keys >= 0x7FC00000) round to the bottom, while +inf stays on top.
+    return (keys & -BLOCK_N) + (0x7FFFFF - tl.arange(0, BLOCK_N))[None, :]
 
 
 @triton.jit
@@ -137,7 +137,8 @@ def _route_topk_kernel(
 
     # Running lists: slots >= PICKS hold +inf (never the worst, never evicted).
     col = tl.arange(0, K_PAD)
-    vals = tl.where(col[None, :] < PICKS, tl.full([BLOCK_M, K_PAD], _NEG_INF_KEY & -BLOCK_N, tl.int32), 2**31 - 1)
+    NEG_INF: tl.constexpr = (_NEG_INF_FLIPPED & -BLOCK_N) + 0x800000 - BLOCK_N  # score part of -inf's keys
+    vals = tl.where(col[None, :] < PICKS, tl.full([BLOCK_M, K_PAD], NEG_INF, tl.int32), 2**31 - 1)
     ids = col[None, :] + tl.full([BLOCK_M, K_PAD], _NO_BLOCK, tl.int32)
     thresh = tl.min(vals, axis=1)
     kv_head = h // GROUP
@@ -158,7 +159,7 @@ def _route_topk_kernel(
 
     # Block ids of the picks plus the own block, ascending: repeated minimum extraction (ids are
     # distinct; empty slots hold ids >= _NO_BLOCK and end up as the -1 padding).
-    picked = (col[None, :] < PICKS) & (vals > (_NEG_INF_KEY & -BLOCK_N))
+    picked = (col[None, :] < PICKS) & (vals > NEG_INF)
     ids = tl.where(picked, ids, _NO_BLOCK + col[None, :])
     if CAUSAL:
         ids = tl.where(col[None, :] == PICKS, own[:, None], ids)
