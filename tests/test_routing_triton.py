@@ -85,3 +85,16 @@ def test_plus_inf_gates_are_always_selected(causal):
     assert (idx[sees_block_1, 0] == 1).any(-1).all()
     not_own_2 = slice(48, 64) if causal else slice(0, 64)  # rows where block 2 is not the own block
     assert not (idx[not_own_2] == 2).any()
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_negative_scores_are_ordered_while_some_list_needs_them(causal):
+    # The top-k drops the sign ordering of its keys once every list of a program holds only
+    # non-negative scores. Here odd rows see only negative scores (they must pick the least negative
+    # blocks) next to even rows with positive ones, in every program; 100 blocks, so that late rows scan
+    # several centroid tiles (the sign decision is made between tiles).
+    q, k, _, cu = make_packed((1600,), 1, 1, 16, dtype=torch.float16, device=DEVICE)
+    k[:, :, 0] = 2.0 + k[:, :, 0].abs()
+    q[:, :, 0] = torch.where(torch.arange(1600, device=DEVICE) % 2 == 0, 3.0, -3.0).to(q.dtype)[:, None]
+    routing = flashmoba.moba_route_varlen(q, k, cu, block_size=16, topk=4, causal=causal, backend="triton")
+    assert_routing_valid(q, k, cu, routing.indices, 16, 4, causal, score_tol=1e-3)

@@ -9,7 +9,9 @@ Scores are compared as int32 *keys* (:func:`_score_keys`): the float bits mapped
 order is the score order, with the low ``log2(BLOCK_N)`` bits replaced by the inverted column, so that
 one integer max gives both a query's best score in the tile and its column. The selection is therefore
 exact on scores rounded down to ``23 - log2(BLOCK_N)`` mantissa bits (a relative step of 2**-17 for 64
-blocks a tile, 500 times finer than bf16), with the reference's tie rule: the lower block wins.
+blocks a tile, 500 times finer than bf16), with the reference's tie rule: the lower block wins. Once
+every list of a program holds only non-negative scores (late in long rows, typically), no negative score
+can enter again, and the keys skip ordering the negative ones.
 
 The running list of a query holds the score parts of its keys and the block ids; its worst score is the
 query's *threshold*. Per centroid tile (loaded by TMA) every query's best key moves in over its list's
@@ -20,8 +22,10 @@ never passes it and NaN keys lie below -inf's, so such blocks are never selected
 
 Where the time goes (H200, docs/benchmarks.md): the rounds and the per-tile bookkeeping run on the CUDA
 cores for every score of a tile; Nsight Compute shows the integer/logic (ALU) pipe about 88 % busy, so
-the kernel is bound by the number of selection instructions, not by the tensor cores or by memory. Small
-programs (one warpgroup, 64 queries), several per SM, were fastest.
+the kernel is bound by the number of selection instructions, not by the tensor cores or by memory (nor by
+the centroid loads, which the software pipeliner leaves unpipelined because the tile loop contains the
+round loop: pipelining them measured no gain). Small programs (one warpgroup, 64 queries), several per
+SM, were fastest.
 
 Causal tiles are staged as in flash attention: the blocks every query of the tile may see are scanned
 without masks, and only the last few tiles (the diagonal) pay for the causal mask.
@@ -40,19 +44,38 @@ from flashmoba.routing.result import BlockIndex, block_index_from_keys, block_la
 
 _NO_BLOCK = tl.constexpr(2**30)  # ids of empty slots are _NO_BLOCK + slot: distinct, above every block
 _NEG_INF_FLIPPED = tl.constexpr(-2139095041)  # the bits of -inf (0xFF800000), magnitude flipped, as int32
+# A key's score part is (flipped bits & -BLOCK_N) + _KEY_OFFSET - BLOCK_N; its column part the low bits.
+_KEY_OFFSET = tl.constexpr(0x800000)
 _NO_KEY = tl.constexpr(-(2**31))  # below every score key: masked and already merged scores
 
 
 @triton.jit
-def _score_keys(scores, BLOCK_N: tl.constexpr):
+def _score_keys(scores, signed, BLOCK_N: tl.constexpr):
     """int32 keys of a ``[BLOCK_M, BLOCK_N]`` float32 score tile: the integer order is the score order
     and the low ``log2(BLOCK_N)`` bits hold the inverted column, so that one integer max gives a row's
-    best score and its column (the lowest column among equal scores). NaN keys lie below -inf's."""
-    bits = scores.to(tl.int32, bitcast=True)
-    keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse the magnitude order
+    best score and its column (the lowest column among equal scores). NaN keys lie below -inf's.
+
+    ``signed`` (CTA-uniform): order the negative scores too. Without it, every negative score gets a key
+    below +0.0's, which is exact for a tile where no list can take a negative score any more."""
+    keys = scores.to(tl.int32, bitcast=True)
+    if signed:
+        keys = keys ^ ((keys >> 31) & 0x7FFFFFFF)  # negative floats: reverse the magnitude order
     # Drop the low bits, then add the inverted column plus an offset that wraps quiet NaNs (every NaN
     # that arithmetic makes; keys >= 0x7FC00000) round to the bottom, while +inf stays on top.
-    return (keys & -BLOCK_N) + (0x7FFFFF - tl.arange(0, BLOCK_N))[None, :]
+    return (keys & -BLOCK_N) + (0x7FFFFF - tl.arange(0, BLOCK_N))[None, :]  # 0x7FFFFF: _KEY_OFFSET - 1
+
+
+@triton.jit
+def _bitwise_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _round_state(top, thresh, BLOCK_N: tl.constexpr):
+    """One CTA-wide reduction for two flags: bit 0, some query's best remaining score beats its
+    threshold (another round); bit 1, some threshold is below +0.0's score part (signed keys needed)."""
+    flags = ((top & -BLOCK_N) > thresh).to(tl.int32) | ((thresh < _KEY_OFFSET - BLOCK_N).to(tl.int32) << 1)
+    return tl.reduce(flags, 0, _bitwise_or)
 
 
 @triton.jit
@@ -72,13 +95,16 @@ def _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
 def _merge_tile(keys, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
     """Merge one ``[BLOCK_M, BLOCK_N]`` tile of score keys (blocks ``block0 ...``) into the running lists.
 
-    ``thresh`` is the lowest score part of each list."""
+    ``thresh`` is the lowest score part of each list. Also returns whether the next tile needs signed keys
+    (thresholds only rise, so once every one is at least +0.0's, negative scores never enter again)."""
     top = tl.max(keys, axis=1)
     # Nearly every tile has a query with a candidate: the first round runs without the CTA-wide test.
     keys, top, vals, ids, thresh = _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N)
-    while tl.max(((top & -BLOCK_N) > thresh).to(tl.int32), axis=0) > 0:
+    state = _round_state(top, thresh, BLOCK_N)
+    while (state & 1) != 0:
         keys, top, vals, ids, thresh = _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N)
-    return vals, ids, thresh
+        state = _round_state(top, thresh, BLOCK_N)
+    return vals, ids, thresh, state != 0
 
 
 @triton.jit
@@ -137,25 +163,26 @@ def _route_topk_kernel(
 
     # Running lists: slots >= PICKS hold +inf (never the worst, never evicted).
     col = tl.arange(0, K_PAD)
-    NEG_INF: tl.constexpr = (_NEG_INF_FLIPPED & -BLOCK_N) + 0x800000 - BLOCK_N  # score part of -inf's keys
+    NEG_INF: tl.constexpr = (_NEG_INF_FLIPPED & -BLOCK_N) + _KEY_OFFSET - BLOCK_N  # score part of -inf's keys
     vals = tl.where(col[None, :] < PICKS, tl.full([BLOCK_M, K_PAD], NEG_INF, tl.int32), 2**31 - 1)
     ids = col[None, :] + tl.full([BLOCK_M, K_PAD], _NO_BLOCK, tl.int32)
     thresh = tl.min(vals, axis=1)
+    signed = tl.min(thresh, axis=0) < _KEY_OFFSET - BLOCK_N  # some list takes negatives (+0.0's score part)
     kv_head = h // GROUP
     blocks = tl.arange(0, BLOCK_N)
     for j0 in range(0, unmasked_end, BLOCK_N):
         cent = C.load([first_block + j0, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
         scores = tl.dot(q, tl.trans(cent), input_precision=PRECISION)
-        keys = _score_keys(scores, BLOCK_N)
-        vals, ids, thresh = _merge_tile(keys, j0, vals, ids, thresh, BLOCK_N)
+        keys = _score_keys(scores, signed, BLOCK_N)
+        vals, ids, thresh, signed = _merge_tile(keys, j0, vals, ids, thresh, BLOCK_N)
     for j0 in range(unmasked_end, scan_end, BLOCK_N):  # the diagonal (causal) and the sequence end
         cent = C.load([first_block + j0, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
         scores = tl.dot(q, tl.trans(cent), input_precision=PRECISION)
         valid = ((j0 + blocks) < scan_end)[None, :]
         if CAUSAL:
             valid = valid & ((j0 + blocks)[None, :] < own[:, None])
-        keys = tl.where(valid, _score_keys(scores, BLOCK_N), _NO_KEY)
-        vals, ids, thresh = _merge_tile(keys, j0, vals, ids, thresh, BLOCK_N)
+        keys = tl.where(valid, _score_keys(scores, signed, BLOCK_N), _NO_KEY)
+        vals, ids, thresh, signed = _merge_tile(keys, j0, vals, ids, thresh, BLOCK_N)
 
     # Block ids of the picks plus the own block, ascending: repeated minimum extraction (ids are
     # distinct; empty slots hold ids >= _NO_BLOCK and end up as the -1 padding).
