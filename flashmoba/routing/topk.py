@@ -161,7 +161,7 @@ def _route_topk_kernel(
         scan_end = 0
     unmasked_end = (unmasked_end // BLOCK_N) * BLOCK_N
 
-    # Running lists: slots >= PICKS hold +inf (never the worst, never evicted).
+    # Running lists: slots >= PICKS hold the largest key (never the worst, never evicted).
     col = tl.arange(0, K_PAD)
     NEG_INF: tl.constexpr = (_NEG_INF_FLIPPED & -BLOCK_N) + _KEY_OFFSET - BLOCK_N  # score part of -inf's keys
     vals = tl.where(col[None, :] < PICKS, tl.full([BLOCK_M, K_PAD], NEG_INF, tl.int32), 2**31 - 1)
