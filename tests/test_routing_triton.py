@@ -1,13 +1,16 @@
 """Randomised property test of the Triton router (interpreter on CPU, compiled on a GPU).
 
 For random packed shapes, block sizes, top-k, GQA and both modes, the Triton selection must be a valid
-top-k of the float64 scores (near-ties may go either way) and its block index the exact inverse.
+top-k of the float64 scores (near-ties may go either way) and its block index the exact inverse. Plus the
+gate rules (-inf, NaN, +inf), negative scores, and the invariants of the top-k's integer score keys.
 """
 
 import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from factory import make_packed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,6 +19,7 @@ from kernel_checks import assert_block_index_inverse, assert_routing_valid
 import flashmoba
 from flashmoba import reference
 from flashmoba.routing.centroids import block_centroids
+from flashmoba.routing.topk import _score_keys
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -98,3 +102,53 @@ def test_negative_scores_are_ordered_while_some_list_needs_them(causal):
     q[:, :, 0] = torch.where(torch.arange(1600, device=DEVICE) % 2 == 0, 3.0, -3.0).to(q.dtype)[:, None]
     routing = flashmoba.moba_route_varlen(q, k, cu, block_size=16, topk=4, causal=causal, backend="triton")
     assert_routing_valid(q, k, cu, routing.indices, 16, 4, causal, score_tol=1e-3)
+
+
+@triton.jit
+def _score_keys_of(Scores, Keys, signed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(Keys + offs, _score_keys(tl.load(Scores + offs), signed, BLOCK_N))
+
+
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_score_keys_order_scores_and_hold_the_column(block_n):
+    # The invariants the top-k relies on, over every exponent range: score parts never decrease as the
+    # score grows and differ once scores are two key steps apart (2**(log2(block_n) - 23) relative), NaN
+    # lies below -inf, +inf on top, and the low bits hold the inverted column. Without sign ordering,
+    # non-negative scores keep their keys and every negative one drops below +0.0's.
+    g = torch.Generator().manual_seed(0)
+    mags = torch.exp2(torch.empty(4096).uniform_(-126, 127, generator=g)) * (1 + torch.rand(4096, generator=g))
+    step = 2.0 ** (math.log2(block_n) - 23)  # the largest relative key step
+    clusters = (mags[:128, None].double() * (1 + 2.5 * step * torch.arange(16))).flatten()  # 2.5 steps apart
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan, 3.4e38, -3.4e38, 1e-45, -1e-45])
+    values = torch.cat([mags, -mags, clusters, -clusters, special]).float()
+    values = torch.cat([values, torch.zeros((-values.numel()) % (64 * block_n))])
+    tiles = values.view(-1, 64, block_n).to(DEVICE)
+    keys = {}
+    for signed in (True, False):
+        out = torch.empty(tiles.shape, dtype=torch.int32, device=DEVICE)
+        for tile, key in zip(tiles, out):
+            _score_keys_of[(1,)](tile, key, int(signed), BLOCK_M=64, BLOCK_N=block_n)
+        keys[signed] = out.cpu().flatten().long()
+    scores = tiles.cpu().flatten()
+    columns = torch.arange(scores.numel()) % block_n
+    part = {s: k & -block_n for s, k in keys.items()}
+    assert torch.equal(keys[True] & (block_n - 1), block_n - 1 - columns)
+    assert torch.equal(keys[False] & (block_n - 1), block_n - 1 - columns)
+
+    finite = ~scores.isnan()
+    ordinal = scores.double()
+    ordinal[(scores == 0) & torch.signbit(scores)] = -5e-324  # -0.0 keys lie just below +0.0's
+    order = ordinal[finite].argsort()
+    ranked_scores, ranked_parts = ordinal[finite][order], part[True][finite][order]
+    assert (ranked_parts[1:] >= ranked_parts[:-1]).all(), "score parts must follow the scores"
+    apart = ranked_scores[1:] - ranked_scores[:-1] > step * ranked_scores[1:].abs().clamp(min=1e-30) * 2
+    assert (ranked_parts[1:] > ranked_parts[:-1])[apart].all(), "scores a step apart must differ"
+    neg_inf = part[True][scores == -math.inf].max()
+    assert (part[True][scores.isnan()] <= neg_inf).all() and (part[True][finite] >= neg_inf).all()
+    assert (part[True][scores == math.inf] >= part[True][finite]).all()
+
+    non_negative = finite & ~torch.signbit(scores)
+    assert torch.equal(keys[False][non_negative], keys[True][non_negative])
+    zero = part[True][(scores == 0) & ~torch.signbit(scores)].min()
+    assert (part[False][torch.signbit(scores)] < zero).all()
