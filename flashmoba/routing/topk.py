@@ -108,6 +108,14 @@ def _merge_tile(keys, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _tile_scores(q, C, block, kv_head, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """float32 ``[BLOCK_M, BLOCK_N]`` scores of ``q`` against the centroids of ``BLOCK_N`` global blocks
+    from ``block`` (one TMA tile of one KV head)."""
+    cent = C.load([block, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
+    return tl.dot(q, tl.trans(cent), input_precision=PRECISION)
+
+
+@triton.jit
 def _route_topk_kernel(
     Q, C, Indices, SegmentKeys,
     cu_seqlens, cu_blocks, cu_tiles, tile_seq,
@@ -171,13 +179,11 @@ def _route_topk_kernel(
     kv_head = h // GROUP
     blocks = tl.arange(0, BLOCK_N)
     for j0 in range(0, unmasked_end, BLOCK_N):
-        cent = C.load([first_block + j0, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
-        scores = tl.dot(q, tl.trans(cent), input_precision=PRECISION)
+        scores = _tile_scores(q, C, first_block + j0, kv_head, BLOCK_N, BLOCK_D, PRECISION)
         keys = _score_keys(scores, signed, BLOCK_N)
         vals, ids, thresh, signed = _merge_tile(keys, j0, vals, ids, thresh, BLOCK_N)
     for j0 in range(unmasked_end, scan_end, BLOCK_N):  # the diagonal (causal) and the sequence end
-        cent = C.load([first_block + j0, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
-        scores = tl.dot(q, tl.trans(cent), input_precision=PRECISION)
+        scores = _tile_scores(q, C, first_block + j0, kv_head, BLOCK_N, BLOCK_D, PRECISION)
         valid = ((j0 + blocks) < scan_end)[None, :]
         if CAUSAL:
             valid = valid & ((j0 + blocks)[None, :] < own[:, None])
