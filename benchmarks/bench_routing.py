@@ -105,7 +105,7 @@ def main():
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--no-torch", action="store_true", help="skip the plain PyTorch router")
-    p.add_argument("--tune", nargs="*", metavar="BM,BN,WARPS,STAGES",
+    p.add_argument("--tune", nargs="*", metavar="BM,BN,WARPS,STAGES[,MAXNREG]",
                    help="time the top-k stage with these tile configs instead (the shipped one first)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -121,7 +121,8 @@ def main():
             shipped = topk_module._topk_config
             for cfg in [None, *args.tune]:
                 if cfg is not None:
-                    topk_module._topk_config = lambda *_, c=tuple(int(x) for x in cfg.split(",")): c
+                    c = tuple(int(x) for x in cfg.split(","))
+                    topk_module._topk_config = lambda *_, c=c + (None,) * (5 - len(c)): c
                 ms = stages(q, k, cu, args.block, args.topk)["topk_ms"]
                 topk_module._topk_config = shipped
                 row = {"T": T, "config": cfg or "shipped", "topk_ms": ms, "score_tflops": flop / ms / 1e9}

@@ -104,6 +104,16 @@ def test_negative_scores_are_ordered_while_some_list_needs_them(causal):
     assert_routing_valid(q, k, cu, routing.indices, 16, 4, causal, score_tol=1e-3)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_topk_as_wide_as_a_centroid_tile(causal):
+    # topk = 64 over 70 blocks: non-causal rows take every key of the first 64-block tile, so the merge
+    # rounds must find that no key is left below the last one taken (and take none twice).
+    q, k, _, cu = make_packed((70 * 16,), 1, 1, 16, dtype=torch.float16, device=DEVICE)
+    routing = flashmoba.moba_route_varlen(q, k, cu, block_size=16, topk=64, causal=causal, backend="triton")
+    assert_routing_valid(q, k, cu, routing.indices, 16, 64, causal, score_tol=1e-3)
+    assert_block_index_inverse(routing, (70 * 16,))
+
+
 @triton.jit
 def _score_keys_of(Scores, Keys, signed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]

@@ -17,15 +17,17 @@ The running list of a query holds the score parts of its keys and the block ids;
 query's *threshold*. Per centroid tile (loaded by TMA) every query's best key moves in over its list's
 worst entry if its score beats the threshold, and further rounds follow while some query's best
 remaining score still does (random scores need one or two rounds per tile late in a long sequence,
-more early on). The scan visits blocks in ascending order, so a strict ``>`` keeps the tie rule. -inf
-never passes it and NaN keys lie below -inf's, so such blocks are never selected.
+more early on). A round finds the next best key as the largest one below the key just taken (one
+subtraction and one unsigned min per score), so the tile itself is never rewritten. The scan visits
+blocks in ascending order, so a strict ``>`` keeps the tie rule. -inf never passes it and NaN keys lie
+below -inf's, so such blocks are never selected.
 
-Where the time goes (H200, docs/benchmarks.md): the rounds and the per-tile bookkeeping run on the CUDA
-cores for every score of a tile; Nsight Compute shows the integer/logic (ALU) pipe about 88 % busy, so
-the kernel is bound by the number of selection instructions, not by the tensor cores or by memory (nor by
-the centroid loads, which the software pipeliner leaves unpipelined because the tile loop contains the
-round loop: pipelining them measured no gain). Small programs (one warpgroup, 64 queries), several per
-SM, were fastest.
+Where the time goes (H200, Nsight Compute, docs/benchmarks.md): the rounds and the per-tile bookkeeping
+run on the CUDA cores for every score of a tile, not on the tensor cores or in memory traffic (nor in the
+centroid loads, which the software pipeliner leaves unpipelined because the tile loop contains the round
+loop: pipelining them measured no gain). The integer (ALU) pipe is about 65 % busy, and the leading stall
+is the latency of the rounds' shuffles and barriers, which more resident programs hide: small programs
+(one warpgroup, 64 queries) under a register cap, six per SM, were fastest.
 
 Causal tiles are staged as in flash attention: the blocks every query of the tile may see are scanned
 without masks, and only the last few tiles (the diagonal) pay for the causal mask.
@@ -80,15 +82,22 @@ def _round_state(top, thresh, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
-    """Move every query's best remaining key ``top`` into its list if its score part beats the threshold."""
+    """Move every query's best remaining key ``top`` into its list if its score part beats the threshold;
+    return the next best key: the largest key below ``top`` (the keys of a row are distinct)."""
     score = top & -BLOCK_N
     # Replace the worst entry: the lowest score, and among equal scores the highest block.
     evict = tl.max(tl.where(vals == thresh[:, None], ids, -1), axis=1)
     replace = (ids == evict[:, None]) & (score > thresh)[:, None]
     vals = tl.where(replace, score[:, None], vals)
     ids = tl.where(replace, (block0 + BLOCK_N - 1 - (top & (BLOCK_N - 1)))[:, None], ids)
-    keys = tl.where(keys == top[:, None], _NO_KEY, keys)
-    return keys, tl.max(keys, axis=1), vals, ids, tl.min(vals, axis=1)
+    # Keys below ``top`` have ``top - 1 - key`` in [0, 2**32) as unsigned, smallest for the largest one;
+    # keys at or above it wrap to above every such gap. One subtraction and one unsigned min per score,
+    # with no knock-out pass over the tile. No key below ``top`` leaves a key >= top: that is _NO_KEY.
+    below = top - 1
+    gap = tl.min((below[:, None] - keys).to(tl.uint32, bitcast=True), axis=1)
+    next_top = below - gap.to(tl.int32, bitcast=True)
+    next_top = tl.where(next_top < top, next_top, _NO_KEY)
+    return next_top, vals, ids, tl.min(vals, axis=1)
 
 
 @triton.jit
@@ -99,10 +108,10 @@ def _merge_tile(keys, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
     (thresholds only rise, so once every one is at least +0.0's, negative scores never enter again)."""
     top = tl.max(keys, axis=1)
     # Nearly every tile has a query with a candidate: the first round runs without the CTA-wide test.
-    keys, top, vals, ids, thresh = _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N)
+    top, vals, ids, thresh = _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N)
     state = _round_state(top, thresh, BLOCK_N)
     while (state & 1) != 0:
-        keys, top, vals, ids, thresh = _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N)
+        top, vals, ids, thresh = _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N)
         state = _round_state(top, thresh, BLOCK_N)
     return vals, ids, thresh, state != 0
 
@@ -211,11 +220,13 @@ def _route_topk_kernel(
 
 
 def _topk_config(dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit: 64 x 64 tiles, one warpgroup, the fastest of the
-    configs swept by ``benchmarks/bench_routing.py --tune`` on an H200 (docs/benchmarks.md)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg). 16-bit: 64 x 64 tiles, one warpgroup, the fastest
+    of the configs swept by ``benchmarks/bench_routing.py --tune`` on an H200 (docs/benchmarks.md). The
+    register cap (80, no spills; 104 uncapped) fits 6 programs per SM instead of 4: the merge rounds are
+    chains of shuffles and barriers whose latency the extra warps hide (11 % faster at 512K)."""
     if dtype == torch.float32:  # exact fp32 products run on CUDA cores: small tiles
-        return 32, 32, 4, 2
-    return 64, 64, 4, 3
+        return 32, 32, 4, 2, None
+    return 64, 64, 4, 3, 80
 
 
 def route_topk(
@@ -251,7 +262,7 @@ def route_topk(
     if N > 0:
         q = q if q.stride(-1) == 1 else q.contiguous()
         K_PAD = triton.next_power_of_2(topk)
-        BLOCK_M, BLOCK_N, num_warps, num_stages = _topk_config(q.dtype)
+        BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg = _topk_config(q.dtype)
         cu_tiles, tile_seq, num_tiles_max = block_layout(cu_seqlens, N, BLOCK_M)
         BLOCK_D = triton.next_power_of_2(D)
         # TMA tiles of BLOCK_N centroids of one KV head; reads past the tensor (or past D) give zeros.
@@ -266,7 +277,7 @@ def route_topk(
             CAUSAL=causal, WRITE_KEYS=return_segment_keys,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             PRECISION=dot_precision(q.dtype),
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
         )
     return (indices, keys) if return_segment_keys else indices
 
