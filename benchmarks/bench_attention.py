@@ -91,15 +91,15 @@ def run_moba(T, args, dtype, device):
         layout = block_layout(cu, N, args.block)
         cu_blocks, block_seq, num_blocks_max = layout
         cent = block_centroids(kd, cu, args.block, layout)
-        idx, seg_keys = route_topk(qd, cent, cu, args.block, args.topk, True, layout, return_segment_keys=True)
-        bi = block_index_from_keys(seg_keys, H, args.topk, num_blocks_max)
+        idx, block_keys = route_topk(qd, cent, cu, args.block, args.topk, True, layout, return_block_keys=True)
+        bi = block_index_from_keys(block_keys, args.topk, num_blocks_max)
         scale = D ** -0.5
         out, lse = attn_fwd(qd, kd, vd, cu, cu_blocks, block_seq, bi.offsets, bi.entries, args.topk,
                             args.block, True, scale, False)
         row["centroids_ms"] = bench_ms(lambda: block_centroids(kd, cu, args.block, layout), rep)
         row["topk_ms"] = bench_ms(lambda: route_topk(qd, cent, cu, args.block, args.topk, True, layout,
-                                                     return_segment_keys=True), rep)
-        row["block_index_ms"] = bench_ms(lambda: block_index_from_keys(seg_keys, H, args.topk, num_blocks_max),
+                                                     return_block_keys=True), rep)
+        row["block_index_ms"] = bench_ms(lambda: block_index_from_keys(block_keys, args.topk, num_blocks_max),
                                          rep)
         row["attn_fwd_ms"] = bench_ms(lambda: attn_fwd(qd, kd, vd, cu, cu_blocks, block_seq, bi.offsets,
                                                          bi.entries, args.topk, args.block, True, scale,

@@ -88,11 +88,11 @@ def stages(q, k, cu, block_size, topk):
     """Times of the three stages on the same inputs (ms)."""
     layout = block_layout(cu, q.shape[0], block_size)
     cent = block_centroids(k, cu, block_size, layout)
-    _, keys = route_topk(q, cent, cu, block_size, topk, True, layout, return_segment_keys=True)
+    _, keys = route_topk(q, cent, cu, block_size, topk, True, layout, return_block_keys=True)
     return {
         "centroids_ms": bench(lambda: block_centroids(k, cu, block_size, layout)),
-        "topk_ms": bench(lambda: route_topk(q, cent, cu, block_size, topk, True, layout, return_segment_keys=True)),
-        "block_index_ms": bench(lambda: block_index_from_keys(keys, q.shape[1], topk, layout[2])),
+        "topk_ms": bench(lambda: route_topk(q, cent, cu, block_size, topk, True, layout, return_block_keys=True)),
+        "block_index_ms": bench(lambda: block_index_from_keys(keys, topk, layout[2])),
     }
 
 

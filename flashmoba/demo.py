@@ -45,7 +45,7 @@ def _show_routing(q, k, cfg):
     for t in (block // 2, T // 2 + 7, T - 1):
         chosen = [int(j) for j in routing.indices[t, 0] if j >= 0]
         print(f"    query {t:6d} (own block {t // block:3d}) -> blocks {chosen}")
-    counts = routing.block_index.counts.view(-1, cfg["HQ"])[:, 0].float()
+    counts = routing.block_index.counts[0].float()
     print(f"    block -> query index: on average {counts[counts > 0].mean():.0f} queries read a block "
           f"(topk * block = {cfg['topk'] * block})")
 

@@ -114,9 +114,11 @@ def expected_layout(lens, block_size):
 
 
 def _expected_segments(routing, lens):
-    """{segment g * HQ + h: [pair ids (t * HQ + h) * topk + slot in ascending order]} from ``indices``."""
+    """{segment h * (G + 1) + g: [pair positions t * topk + slot, ascending]} from ``indices``; segment
+    ``g = G`` (num_blocks_max) of each head holds its -1 slots."""
     indices = routing.indices.tolist()
     num_heads, topk = routing.indices.shape[1], routing.topk
+    stride = routing.num_blocks_max + 1
     cu_blocks, _ = expected_layout(lens, routing.block_size)
     segments = {}
     token = 0
@@ -124,9 +126,8 @@ def _expected_segments(routing, lens):
         for _ in range(n):
             for h in range(num_heads):
                 for slot, j in enumerate(indices[token][h]):
-                    if j >= 0:
-                        segment = (cu_blocks[s] + j) * num_heads + h
-                        segments.setdefault(segment, []).append((token * num_heads + h) * topk + slot)
+                    g = cu_blocks[s] + j if j >= 0 else routing.num_blocks_max
+                    segments.setdefault(h * stride + g, []).append(token * topk + slot)
             token += 1
     return segments
 
@@ -134,23 +135,30 @@ def _expected_segments(routing, lens):
 def assert_block_index_inverse(routing, lens):
     """The block index of ``routing`` is the exact inverse of its ``indices`` (rebuilt with plain loops)."""
     bi = routing.block_index
-    num_heads, topk = routing.indices.shape[1], routing.topk
-    num_segments = routing.num_blocks_max * num_heads
-    offsets, counts, entries = bi.offsets.tolist(), bi.counts.tolist(), bi.entries.tolist()
+    num_heads, topk, num_blocks = routing.indices.shape[1], routing.topk, routing.num_blocks_max
+    num_segments = num_heads * (num_blocks + 1)
+    offsets, entries = bi.offsets.tolist(), bi.entries.tolist()
     assert bi.offsets.dtype == torch.int64 and bi.counts.dtype == torch.int32 and bi.entries.dtype == torch.int32
-    assert (bi.num_heads, bi.topk) == (num_heads, topk)
-    assert len(offsets) == num_segments + 1 and len(counts) == num_segments
-    assert len(entries) == sum(lens) * num_heads * topk  # static length; the tail is padding
-    assert offsets[0] == 0
-    assert all(offsets[i + 1] - offsets[i] == counts[i] for i in range(num_segments))
-    assert offsets[-1] == int((routing.indices >= 0).sum())
+    assert (bi.num_heads, bi.topk, bi.num_blocks_max) == (num_heads, topk, num_blocks)
+    assert len(offsets) == num_segments + 1 and bi.counts.shape == (num_heads, num_blocks)
+    pairs_per_head = sum(lens) * topk
+    assert len(entries) == num_heads * pairs_per_head  # static length
+    assert offsets[0] == 0 and offsets[-1] == len(entries)
+    for h in range(num_heads):  # each head's pairs fill [h * pairs_per_head, (h + 1) * pairs_per_head)
+        assert offsets[h * (num_blocks + 1)] == h * pairs_per_head
+    counts = bi.counts.flatten().tolist()
+    real = [h * (num_blocks + 1) + g for h in range(num_heads) for g in range(num_blocks)]
+    assert all(offsets[i + 1] - offsets[i] == c for i, c in zip(real, counts))
+    assert sum(counts) == int((routing.indices >= 0).sum())
 
-    # Every (t, h, slot) with a valid block is in its segment, exactly once, in ascending token order.
+    # Every (t, h, slot) is in its segment (a -1 slot in its head's last one), exactly once, in ascending
+    # token order.
     expected = _expected_segments(routing, lens)
     tokens = bi.tokens().tolist()
     for segment in range(num_segments):
         got = entries[offsets[segment] : offsets[segment + 1]]
         assert got == expected.get(segment, []), f"segment {segment}"
         seg_tokens = tokens[offsets[segment] : offsets[segment + 1]]
-        assert seg_tokens == [p // (num_heads * topk) for p in got]
-        assert all(a < b for a, b in zip(seg_tokens, seg_tokens[1:]))
+        assert seg_tokens == [p // topk for p in got]
+        if segment % (num_blocks + 1) < num_blocks:  # a token selects a block at most once
+            assert all(a < b for a, b in zip(seg_tokens, seg_tokens[1:]))

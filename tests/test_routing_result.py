@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import flashmoba
 from flashmoba.routing import block_layout
-from flashmoba.routing.result import segment_key_dtype
+from flashmoba.routing.result import MoBARouting, block_key_dtype
 from factory import make_packed
 from kernel_checks import assert_block_index_inverse, expected_layout
 
@@ -110,11 +110,18 @@ def test_block_layout_by_hand():
     assert num_blocks_max == 9
 
 
-def test_block_index_with_int32_segment_keys():
-    # 64 heads x 602 blocks = 38528 segments: past int16, so the sort keys are int32 (the 16-bit path is
-    # what the small cases above exercise).
-    lens, heads, block_size, topk = [300, 300], (64, 4), 1, 3
-    routing = _route(lens, *heads, block_size, topk, True, torch.Generator().manual_seed(0))
-    assert segment_key_dtype(routing.num_blocks_max * heads[0]) == torch.int32
-    assert segment_key_dtype(8 * heads[0]) == torch.int16
+def test_block_index_with_int32_block_keys():
+    # 33000 one-token blocks: past int16, so the sort keys are int32 (the 16-bit path is what the small
+    # cases above exercise). Random in-range selections stand in for a routing (the index inverts any).
+    lens, heads, topk = [20000, 0, 13000], 2, 3
+    cu = torch.tensor([0, 20000, 20000, 33000])
+    layout = block_layout(cu, 33000, 1)
+    g = torch.Generator().manual_seed(0)
+    own = torch.cat([torch.arange(n) for n in lens])
+    picks = (torch.rand(33000, heads, topk, generator=g) * (own[:, None, None] + 1)).long().sort(-1).values
+    repeated = torch.cat([torch.zeros_like(picks[..., :1], dtype=torch.bool), picks[..., 1:] == picks[..., :-1]], -1)
+    indices = torch.where(repeated | (torch.rand(picks.shape, generator=g) < 0.2), -1, picks).to(torch.int32)
+    routing = MoBARouting(indices, cu, 1, topk, False, *layout)
+    assert block_key_dtype(routing.num_blocks_max) == torch.int32
+    assert block_key_dtype(32766) == torch.int16
     assert_block_index_inverse(routing, lens)

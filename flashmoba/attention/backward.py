@@ -50,8 +50,10 @@ def _attn_bwd_tile(
     """One gathered tile of up to BLOCK_M queries against this program's key tile."""
     e = e_start + tl.arange(0, BLOCK_M)
     row_ok = e < e_end
-    pair = tl.load(Entries + e, mask=row_ok, other=0).to(tl.int64)
-    t = pair // (HQ * TOPK)
+    # Entries are head h's pair positions t * TOPK + slot; per-pair scratch rows are indexed by pair id.
+    pos = tl.load(Entries + e, mask=row_ok, other=0).to(tl.int64)
+    t = pos // TOPK
+    pair = (t * HQ + h) * TOPK + (pos - t * TOPK)
     d = tl.arange(0, BLOCK_D)
     io_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
     q = tl.load(Q + t[:, None] * stride_qn + h * stride_qh + d[None, :], mask=io_mask, other=0.0)
@@ -84,7 +86,7 @@ def _attn_bwd_kernel(
     cu_seqlens, cu_blocks, block_seq,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
-    num_seqs, scale, scale_log2,
+    num_seqs, num_blocks_max, scale, scale_log2,
     HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE, KEY_SPLITS, CAUSAL: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -108,7 +110,7 @@ def _attn_bwd_kernel(
 
     for hh in range(GROUP):
         h = kvh * GROUP + hh
-        seg = g.to(tl.int64) * HQ + h
+        seg = h * (num_blocks_max + 1) + g.to(tl.int64)  # head-major segments (routing/result.py)
         seg_start = tl.load(Offsets + seg)
         seg_end = tl.load(Offsets + seg + 1)
         for e0 in range(seg_start, seg_start + num_own, BLOCK_M):
@@ -202,7 +204,7 @@ def attn_bwd(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), HQ * D, D,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            cu_seqlens.numel() - 1, scale, scale * LOG2E,
+            cu_seqlens.numel() - 1, num_blocks_max, scale, scale * LOG2E,
             HQ=HQ, GROUP=HQ // HKV, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size,
             KEY_SPLITS=key_splits, CAUSAL=causal, DETERMINISTIC=deterministic,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),

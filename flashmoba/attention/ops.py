@@ -15,8 +15,8 @@ from flashmoba.routing.result import block_layout
 from flashmoba.routing.topk import route_triton
 
 
-def _entries_dtype(num_pairs) -> torch.dtype:
-    return torch.int32 if num_pairs < 2**31 else torch.int64
+def _entries_dtype(pairs_per_head) -> torch.dtype:
+    return torch.int32 if pairs_per_head < 2**31 else torch.int64
 
 
 @torch.library.custom_op("flashmoba::moba_attn_fwd", mutates_args=())
@@ -45,12 +45,12 @@ def moba_attn_fwd_op(
 @moba_attn_fwd_op.register_fake
 def _(q, k, v, cu_seqlens, block_size, topk, causal, scale, deterministic):
     N, HQ, _ = q.shape
-    num_segments = (N // block_size + cu_seqlens.shape[0] - 1) * HQ
+    num_blocks_max = N // block_size + cu_seqlens.shape[0] - 1  # as routing.result.block_layout
     return (
         torch.empty_like(q),
         q.new_empty(N, HQ, dtype=torch.float32),
-        q.new_empty(num_segments + 1, dtype=torch.int64),
-        q.new_empty(N * HQ * topk, dtype=_entries_dtype(N * HQ * topk)),
+        q.new_empty(HQ * (num_blocks_max + 1) + 1, dtype=torch.int64),
+        q.new_empty(HQ * N * topk, dtype=_entries_dtype(N * topk)),
     )
 
 

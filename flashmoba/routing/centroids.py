@@ -77,5 +77,6 @@ def block_centroids(k: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, 
         centroids.stride(0), centroids.stride(1),
         cu_seqlens.numel() - 1,
         HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+        num_warps=2,  # many small programs: 2 warps read at copy bandwidth on an H200, 4 at 74 % of it
     )
     return centroids

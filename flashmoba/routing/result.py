@@ -13,13 +13,15 @@ Query view (``indices``)
     int32 ``[N, HQ, topk]``: local block ids, ascending, padded with -1 at the end.
 
 Block view (``BlockIndex``, a CSR over *segments*)
-    A segment is one (global block ``g``, query head ``h``) pair, numbered ``g * HQ + h``, so that the
-    segments of the query heads that share one KV head are adjacent. Its entries are *pair ids*
-    ``p = (t * HQ + h) * topk + slot`` (``indices[t, h, slot] == j``), in ascending order of the query
-    token ``t``; ``t = p // (HQ * topk)`` and ``slot = p % topk``. Segment ``i`` occupies
-    ``entries[offsets[i] : offsets[i + 1]]`` and holds ``counts[i]`` entries. ``entries`` has the static
-    length ``N * HQ * topk``; the tail past ``offsets[-1]`` is padding. In causal mode the own-block
-    queries of a block come first in each of its segments (they are the smallest tokens that select it).
+    A segment is one (query head ``h``, global block ``g``) pair, numbered ``h * (num_blocks_max + 1) + g``:
+    head-major, so that each head's segments are one sort of 16-bit block keys (half the radix passes of
+    a flat sort by (block, head)). Segment ``g = num_blocks_max`` of each head collects its empty (-1)
+    slots. The entries of head ``h`` are its pair positions ``i = t * topk + slot``
+    (``indices[t, h, slot] == j``; the pair id is ``(t * HQ + h) * topk + slot``), in ascending order of
+    the query token ``t = i // topk``. Segment ``s`` occupies ``entries[offsets[s] : offsets[s + 1]]``;
+    ``entries`` has the static length ``HQ * N * topk`` (head ``h``'s pairs in ``[h * N * topk,
+    (h + 1) * N * topk)``). In causal mode the own-block queries of a block come first in each of its
+    segments (they are the smallest tokens that select it).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["BlockIndex", "MoBARouting", "block_index_from_keys", "block_layout", "build_block_index",
-           "segment_key_dtype"]
+           "block_key_dtype"]
 
 
 def block_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int):
@@ -52,55 +54,59 @@ def block_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int):
 
 @dataclass
 class BlockIndex:
-    """Block -> query view (CSR over segments ``g * HQ + h``); see the module docstring for the layout."""
+    """Block -> query view (CSR over segments ``h * (num_blocks_max + 1) + g``); see the module docstring."""
 
-    offsets: torch.Tensor  # int64 [num_segments + 1]
-    entries: torch.Tensor  # int32 (int64 if N * HQ * topk >= 2**31) [N * HQ * topk]: pair ids
+    offsets: torch.Tensor  # int64 [HQ * (num_blocks_max + 1) + 1]
+    entries: torch.Tensor  # int32 (int64 if N * topk >= 2**31) [HQ * N * topk]: per-head pair positions
     num_heads: int
     topk: int
 
     @property
+    def num_blocks_max(self) -> int:
+        return (self.offsets.numel() - 1) // self.num_heads - 1
+
+    @property
     def counts(self) -> torch.Tensor:
-        """int32 ``[num_segments]``: entries per segment."""
-        return (self.offsets[1:] - self.offsets[:-1]).to(torch.int32)
+        """int32 ``[HQ, num_blocks_max]``: the queries of each (head, global block)."""
+        per_head = (self.offsets[1:] - self.offsets[:-1]).view(self.num_heads, -1)
+        return per_head[:, :-1].to(torch.int32)  # without the empty-slot segments
 
     def tokens(self) -> torch.Tensor:
         """Entries as query token ids (same layout as ``entries``)."""
-        return torch.div(self.entries, self.num_heads * self.topk, rounding_mode="floor")
+        return torch.div(self.entries, self.topk, rounding_mode="floor")
 
 
-def segment_key_dtype(num_segments: int) -> torch.dtype:
-    """The narrowest sort key holding every segment id and the empty-slot key ``num_segments``: radix sort
-    time scales with key width (int16 keys sort in half the passes of int32 ones)."""
-    if num_segments < 2**15:
+def block_key_dtype(num_blocks_max: int) -> torch.dtype:
+    """The narrowest sort key holding every global block id and the empty-slot key ``num_blocks_max``:
+    radix sort time scales with key width (int16 keys sort in half the passes of int32 ones)."""
+    if num_blocks_max < 2**15:
         return torch.int16
-    if num_segments < 2**31:
+    if num_blocks_max < 2**31:
         return torch.int32
-    raise ValueError(f"too many (block, head) segments for the block index: {num_segments}")
+    raise ValueError(f"too many blocks for the block index: {num_blocks_max}")
 
 
-def block_index_from_keys(keys: torch.Tensor, num_heads: int, topk: int, num_blocks_max: int) -> BlockIndex:
-    """The block view from the segment key of every pair (``num_segments`` marks an empty slot).
+def block_index_from_keys(keys: torch.Tensor, topk: int, num_blocks_max: int) -> BlockIndex:
+    """The block view from the global block of every pair, head-major.
 
     Args:
-        keys: ``[N, HQ, topk]`` of :func:`segment_key_dtype`: ``g * HQ + h`` for the pair's global block
-            ``g``, or ``num_blocks_max * HQ`` where ``indices`` is -1.
+        keys: ``[HQ, N, topk]`` of :func:`block_key_dtype`: the global block ``g`` of head ``h``'s pair
+            ``(t, slot)``, or ``num_blocks_max`` where ``indices`` is -1.
 
-    A stable sort by segment keeps each segment in ascending pair-id order, which for a fixed head is
-    ascending token order; the sort's permutation is the entries. The offsets come from a binary search of
-    the sorted keys (no atomics).
+    A stable sort of each head's keys keeps each segment in ascending pair-position order, which is
+    ascending token order; the sort's permutation is the entries. The offsets come from a binary search
+    of the sorted keys (no atomics).
     """
-    num_segments = num_blocks_max * num_heads
-    sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
-    bounds = torch.arange(num_segments + 1, dtype=sorted_keys.dtype, device=keys.device)
-    offsets = torch.searchsorted(sorted_keys, bounds)
-    entry_dtype = torch.int32 if keys.numel() < 2**31 else torch.int64
-    return BlockIndex(
-        offsets=offsets,
-        entries=order.to(entry_dtype),
-        num_heads=num_heads,
-        topk=topk,
-    )
+    num_heads = keys.shape[0]
+    pairs_per_head = keys[0].numel() if num_heads else 0
+    sorted_keys, order = torch.sort(keys.reshape(num_heads, -1), dim=-1, stable=True)
+    bounds = torch.arange(num_blocks_max + 1, dtype=sorted_keys.dtype, device=keys.device)
+    starts = torch.searchsorted(sorted_keys.contiguous(), bounds.repeat(num_heads, 1))  # [HQ, G + 1]
+    head_base = torch.arange(num_heads, device=keys.device).view(-1, 1) * pairs_per_head
+    total = torch.full((1,), num_heads * pairs_per_head, dtype=torch.int64, device=keys.device)
+    offsets = torch.cat([(starts + head_base).flatten(), total])
+    entry_dtype = torch.int32 if pairs_per_head < 2**31 else torch.int64
+    return BlockIndex(offsets=offsets, entries=order.flatten().to(entry_dtype), num_heads=num_heads, topk=topk)
 
 
 def build_block_index(
@@ -114,15 +120,12 @@ def build_block_index(
     N, HQ, topk = indices.shape
     device = indices.device
     cu_blocks, _, num_blocks_max = layout or block_layout(cu_seqlens, N, block_size)
-    num_segments = num_blocks_max * HQ
-    key_dtype = segment_key_dtype(num_segments)
     token_seq = torch.searchsorted(
         cu_seqlens[1:].long(), torch.arange(N, device=device), right=True
     )
     g = cu_blocks[token_seq].view(N, 1, 1) + indices
-    head = torch.arange(HQ, device=device, dtype=torch.int32).view(1, HQ, 1)
-    keys = torch.where(indices >= 0, g * HQ + head, num_segments).to(key_dtype)
-    return block_index_from_keys(keys, HQ, topk, num_blocks_max)
+    keys = torch.where(indices >= 0, g, num_blocks_max).to(block_key_dtype(num_blocks_max))
+    return block_index_from_keys(keys.permute(1, 0, 2), topk, num_blocks_max)
 
 
 @dataclass
@@ -162,7 +165,6 @@ class MoBARouting:
         A convenience for inspection (it reads device values on the host).
         """
         bi = self.block_index
-        g = int(self.cu_blocks[seq]) + block
-        seg = g * bi.num_heads + head
+        seg = head * (self.num_blocks_max + 1) + int(self.cu_blocks[seq]) + block
         a, b = int(bi.offsets[seg]), int(bi.offsets[seg + 1])
         return bi.tokens()[a:b] - int(self.cu_seqlens[seq])

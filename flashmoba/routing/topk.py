@@ -2,7 +2,7 @@
 
 One program owns a tile of ``BLOCK_M`` queries of one sequence and one query head. It streams the
 centroid tiles of that sequence, computes the scores on tensor cores, and keeps a running top-k per query in
-registers; only the final ``[N, HQ, topk]`` block ids (and, for the block index, their segment keys) are
+registers; only the final ``[N, HQ, topk]`` block ids (and, for the block index, their global block ids) are
 written, so memory is O(N * HQ * topk).
 
 Scores are compared as int32 *keys* (:func:`_score_keys`): the float bits mapped so that the integer
@@ -42,7 +42,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashmoba.attention.forward import dot_precision
 from flashmoba.routing.centroids import block_centroids
-from flashmoba.routing.result import BlockIndex, block_index_from_keys, block_layout, segment_key_dtype
+from flashmoba.routing.result import BlockIndex, block_index_from_keys, block_layout, block_key_dtype
 
 _NO_BLOCK = tl.constexpr(2**30)  # ids of empty slots are _NO_BLOCK + slot: distinct, above every block
 _NEG_INF_FLIPPED = tl.constexpr(-2139095041)  # the bits of -inf (0xFF800000), magnitude flipped, as int32
@@ -126,13 +126,12 @@ def _tile_scores(q, C, block, kv_head, BLOCK_N: tl.constexpr, BLOCK_D: tl.conste
 
 @triton.jit
 def _route_topk_kernel(
-    Q, C, Indices, SegmentKeys,
+    Q, C, Indices, BlockKeys,
     cu_seqlens, cu_blocks, cu_tiles, tile_seq,
     stride_qn, stride_qh,
-    stride_in, stride_ih,
-    num_seqs, num_tiles, num_segments,
+    stride_in, stride_ih, stride_kh,
+    num_seqs, num_tiles, num_blocks_max,
     GROUP,
-    NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE,
     TOPK: tl.constexpr,
@@ -214,9 +213,9 @@ def _route_topk_kernel(
     store_ok = row_ok[:, None] & (col[None, :] < TOPK)
     tl.store(Indices + out, ordered, mask=store_ok)
     if WRITE_KEYS:
-        # Segment of each pick for the block index: global block * NUM_HEADS + head (see result.py).
-        keys = tl.where(ordered >= 0, (first_block + ordered) * NUM_HEADS + h, num_segments)
-        tl.store(SegmentKeys + out, keys, mask=store_ok)
+        # The block index's sort keys, head-major: each pick's global block (see result.py).
+        keys = tl.where(ordered >= 0, first_block + ordered, num_blocks_max)
+        tl.store(BlockKeys + h * stride_kh + rows[:, None] * TOPK + col[None, :], keys, mask=store_ok)
 
 
 def _topk_config(dtype: torch.dtype):
@@ -237,14 +236,14 @@ def route_topk(
     topk: int,
     causal: bool,
     layout=None,
-    return_segment_keys: bool = False,
+    return_block_keys: bool = False,
 ):
     """Top-k blocks of every query token from precomputed centroids.
 
     Args:
         q: ``[N, HQ, D]``; centroids: ``[num_blocks_max, HKV, D]`` in q's dtype, from :func:`block_centroids`.
         layout: ``block_layout(cu_seqlens, N, block_size)`` if the caller has it already.
-        return_segment_keys: also return the ``[N, HQ, topk]`` segment keys for
+        return_block_keys: also return the ``[HQ, N, topk]`` global block keys for
             :func:`~flashmoba.routing.result.block_index_from_keys`.
 
     Returns:
@@ -255,10 +254,11 @@ def route_topk(
     if centroids.dtype != q.dtype:
         raise TypeError(f"centroids must have q's dtype {q.dtype}, got {centroids.dtype}")
     cu_blocks, _, num_blocks_max = layout or block_layout(cu_seqlens, N, block_size)
-    num_segments = num_blocks_max * HQ
     # Every row of every sequence is written (cu_seqlens covers [0, N]), padding slots included.
     indices = torch.empty((N, HQ, topk), dtype=torch.int32, device=q.device)
-    keys = torch.empty_like(indices, dtype=segment_key_dtype(num_segments)) if return_segment_keys else indices
+    keys = indices
+    if return_block_keys:
+        keys = torch.empty((HQ, N, topk), dtype=block_key_dtype(num_blocks_max), device=q.device)
     if N > 0:
         q = q if q.stride(-1) == 1 else q.contiguous()
         K_PAD = triton.next_power_of_2(topk)
@@ -271,15 +271,15 @@ def route_topk(
             q, centroid_tiles, indices, keys,
             cu_seqlens, cu_blocks, cu_tiles, tile_seq,
             q.stride(0), q.stride(1),
-            indices.stride(0), indices.stride(1),
-            cu_seqlens.numel() - 1, num_tiles_max, num_segments,
-            GROUP=HQ // HKV, NUM_HEADS=HQ, HEAD_DIM=D, BLOCK_SIZE=block_size, TOPK=topk, K_PAD=K_PAD,
-            CAUSAL=causal, WRITE_KEYS=return_segment_keys,
+            indices.stride(0), indices.stride(1), keys.stride(0),
+            cu_seqlens.numel() - 1, num_tiles_max, num_blocks_max,
+            GROUP=HQ // HKV, HEAD_DIM=D, BLOCK_SIZE=block_size, TOPK=topk, K_PAD=K_PAD,
+            CAUSAL=causal, WRITE_KEYS=return_block_keys,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             PRECISION=dot_precision(q.dtype),
             num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
         )
-    return (indices, keys) if return_segment_keys else indices
+    return (indices, keys) if return_block_keys else indices
 
 
 def route_triton(
@@ -303,5 +303,5 @@ def route_triton(
     """
     layout = layout or block_layout(cu_seqlens, q.shape[0], block_size)
     centroids = block_centroids(k, cu_seqlens, block_size, layout)
-    indices, keys = route_topk(q, centroids, cu_seqlens, block_size, topk, causal, layout, return_segment_keys=True)
-    return indices, block_index_from_keys(keys, q.shape[1], topk, layout[2])
+    indices, keys = route_topk(q, centroids, cu_seqlens, block_size, topk, causal, layout, return_block_keys=True)
+    return indices, block_index_from_keys(keys, topk, layout[2])
