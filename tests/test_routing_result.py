@@ -4,6 +4,7 @@ Expected values are rebuilt here with plain Python loops over tokens, heads and 
 the vectorised code in :mod:`flashmoba.routing.result`.
 """
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -110,18 +111,20 @@ def test_block_layout_by_hand():
     assert num_blocks_max == 9
 
 
-def test_block_index_with_int32_block_keys():
-    # 33000 one-token blocks: past int16, so the sort keys are int32 (the 16-bit path is what the small
-    # cases above exercise). Random in-range selections stand in for a routing (the index inverts any).
-    lens, heads, topk = [20000, 0, 13000], 2, 3
-    cu = torch.tensor([0, 20000, 20000, 33000])
-    layout = block_layout(cu, 33000, 1)
+@pytest.mark.parametrize("lens, key_dtype", [([12000, 0, 8000], torch.int16), ([20000, 0, 13000], torch.int32)])
+def test_block_index_of_many_blocks(lens, key_dtype):
+    # One-token blocks, 2 heads: past 2**15 segments, so each head's keys are sorted on their own (the
+    # small cases above take the flat sort of segment ids); past 2**15 blocks the keys are int32. Random
+    # in-range selections stand in for a routing (the index inverts any).
+    heads, topk, N = 2, 3, sum(lens)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    layout = block_layout(cu, N, 1)
     g = torch.Generator().manual_seed(0)
     own = torch.cat([torch.arange(n) for n in lens])
-    picks = (torch.rand(33000, heads, topk, generator=g) * (own[:, None, None] + 1)).long().sort(-1).values
+    picks = (torch.rand(N, heads, topk, generator=g) * (own[:, None, None] + 1)).long().sort(-1).values
     repeated = torch.cat([torch.zeros_like(picks[..., :1], dtype=torch.bool), picks[..., 1:] == picks[..., :-1]], -1)
     indices = torch.where(repeated | (torch.rand(picks.shape, generator=g) < 0.2), -1, picks).to(torch.int32)
     routing = MoBARouting(indices, cu, 1, topk, False, *layout)
-    assert block_key_dtype(routing.num_blocks_max) == torch.int32
-    assert block_key_dtype(32766) == torch.int16
+    assert heads * (routing.num_blocks_max + 1) > 2**15
+    assert block_key_dtype(routing.num_blocks_max) == key_dtype
     assert_block_index_inverse(routing, lens)

@@ -93,20 +93,32 @@ def block_index_from_keys(keys: torch.Tensor, topk: int, num_blocks_max: int) ->
         keys: ``[HQ, N, topk]`` of :func:`block_key_dtype`: the global block ``g`` of head ``h``'s pair
             ``(t, slot)``, or ``num_blocks_max`` where ``indices`` is -1.
 
-    A stable sort of each head's keys keeps each segment in ascending pair-position order, which is
-    ascending token order; the sort's permutation is the entries. The offsets come from a binary search
-    of the sorted keys (no atomics).
+    A stable sort keeps each segment in ascending pair-position order, which is ascending token order; the
+    sort's permutation gives the entries, and a binary search of the sorted keys the offsets (no atomics).
+    When every segment id ``h * (num_blocks_max + 1) + g`` fits a 16-bit key, one flat sort of those ids
+    does it (short inputs); otherwise each head's block keys are sorted on their own, a batched sort that
+    keeps 16-bit keys (and beats a flat 32-bit sort from about 2M pairs per head on an H200).
     """
     num_heads = keys.shape[0]
-    pairs_per_head = keys[0].numel() if num_heads else 0
-    sorted_keys, order = torch.sort(keys.reshape(num_heads, -1), dim=-1, stable=True)
-    bounds = torch.arange(num_blocks_max + 1, dtype=sorted_keys.dtype, device=keys.device)
-    starts = torch.searchsorted(sorted_keys.contiguous(), bounds.repeat(num_heads, 1))  # [HQ, G + 1]
-    head_base = torch.arange(num_heads, device=keys.device).view(-1, 1) * pairs_per_head
-    total = torch.full((1,), num_heads * pairs_per_head, dtype=torch.int64, device=keys.device)
-    offsets = torch.cat([(starts + head_base).flatten(), total])
+    stride = num_blocks_max + 1  # segments per head
+    keys = keys.reshape(num_heads, -1)
+    pairs_per_head = keys.shape[1]
+    device = keys.device
+    head_base = torch.arange(num_heads, device=device).view(-1, 1)
+    if num_heads * stride <= 2**15:
+        segment_ids = (keys.to(torch.int16) + (head_base * stride).to(torch.int16)).flatten()
+        sorted_ids, order = torch.sort(segment_ids, stable=True)
+        bounds = torch.arange(num_heads * stride, dtype=torch.int16, device=device)
+        starts = torch.searchsorted(sorted_ids, bounds)
+        positions = order.view(num_heads, -1) - head_base * pairs_per_head
+    else:
+        sorted_keys, positions = torch.sort(keys, dim=-1, stable=True)
+        bounds = torch.arange(stride, dtype=keys.dtype, device=device).repeat(num_heads, 1)
+        starts = (torch.searchsorted(sorted_keys.contiguous(), bounds) + head_base * pairs_per_head).flatten()
+    total = torch.full((1,), num_heads * pairs_per_head, dtype=torch.int64, device=device)
     entry_dtype = torch.int32 if pairs_per_head < 2**31 else torch.int64
-    return BlockIndex(offsets=offsets, entries=order.flatten().to(entry_dtype), num_heads=num_heads, topk=topk)
+    return BlockIndex(offsets=torch.cat([starts, total]), entries=positions.flatten().to(entry_dtype),
+                      num_heads=num_heads, topk=topk)
 
 
 def build_block_index(
