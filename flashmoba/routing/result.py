@@ -14,14 +14,15 @@ Query view (``indices``)
 
 Block view (``BlockIndex``, a CSR over *segments*)
     A segment is one (query head ``h``, global block ``g``) pair, numbered ``h * (num_blocks_max + 1) + g``:
-    head-major, so that each head's segments are one sort of 16-bit block keys (half the radix passes of
-    a flat sort by (block, head)). Segment ``g = num_blocks_max`` of each head collects its empty (-1)
-    slots. The entries of head ``h`` are its pair positions ``i = t * topk + slot``
-    (``indices[t, h, slot] == j``; the pair id is ``(t * HQ + h) * topk + slot``), in ascending order of
-    the query token ``t = i // topk``. Segment ``s`` occupies ``entries[offsets[s] : offsets[s + 1]]``;
-    ``entries`` has the static length ``HQ * N * topk`` (head ``h``'s pairs in ``[h * N * topk,
-    (h + 1) * N * topk)``). In causal mode the own-block queries of a block come first in each of its
-    segments (they are the smallest tokens that select it).
+    head-major, so that each head's segments come from a sort of that head's 16-bit block keys alone (half
+    the radix passes of a flat sort by (block, head) at long lengths; :func:`block_index_from_keys`).
+    Segment ``g = num_blocks_max`` of each head collects its empty (-1) slots. The entries of head ``h``
+    are its pair positions ``i = t * topk + slot`` (``indices[t, h, slot] == j``; the pair id is
+    ``(t * HQ + h) * topk + slot``), in ascending order of the query token ``t = i // topk``. Segment
+    ``s`` occupies ``entries[offsets[s] : offsets[s + 1]]``; ``entries`` has the static length
+    ``HQ * N * topk`` (head ``h``'s pairs in ``[h * N * topk, (h + 1) * N * topk)``). In causal mode the
+    own-block queries of a block come first in each of its segments (they are the smallest tokens that
+    select it).
 """
 
 from __future__ import annotations
