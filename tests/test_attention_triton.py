@@ -13,7 +13,7 @@ from kernel_checks import assert_attention_matches, assert_routing_valid
 
 import flashmoba
 
-# CPU tensors through the interpreter; on a GPU machine tests/gpu runs these checks compiled.
+# CPU tensors through the interpreter; on a GPU machine tests/gpu checks the compiled kernels.
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton interpreter tests")
 
 NON_CAUSAL_CASES = [p for p in AWKWARD_CASES_TRITON if p.id in ("empty-first-gqa4", "block48-partial-gqa4")]
