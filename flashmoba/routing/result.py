@@ -64,6 +64,7 @@ class BlockIndex:
 
     @property
     def num_blocks_max(self) -> int:
+        """Global blocks per head (each head has one more segment: its empty slots)."""
         return (self.offsets.numel() - 1) // self.num_heads - 1
 
     @property
@@ -127,7 +128,7 @@ def build_block_index(
 ) -> BlockIndex:
     """Invert ``indices [N, HQ, topk]`` into the block view (no host sync).
 
-    ``layout``: ``block_layout(...)`` if the caller has it already. The Triton router writes the segment
+    ``layout``: ``block_layout(...)`` if the caller has it already. The Triton router writes the block
     keys itself and calls :func:`block_index_from_keys` directly.
     """
     N, HQ, topk = indices.shape
