@@ -11,12 +11,8 @@ import torch
 
 from flashmoba.attention.backward import attn_bwd
 from flashmoba.attention.forward import attn_fwd
-from flashmoba.routing.result import block_layout
+from flashmoba.routing.result import block_layout, entries_dtype, max_num_blocks
 from flashmoba.routing.topk import route_triton
-
-
-def _entries_dtype(pairs_per_head) -> torch.dtype:
-    return torch.int32 if pairs_per_head < 2**31 else torch.int64
 
 
 @torch.library.custom_op("flashmoba::moba_attn_fwd", mutates_args=())
@@ -45,12 +41,12 @@ def moba_attn_fwd_op(
 @moba_attn_fwd_op.register_fake
 def _(q, k, v, cu_seqlens, block_size, topk, causal, scale, deterministic):
     N, HQ, _ = q.shape
-    num_blocks_max = N // block_size + cu_seqlens.shape[0] - 1  # as routing.result.block_layout
+    num_blocks_max = max_num_blocks(N, block_size, cu_seqlens.shape[0] - 1)
     return (
         torch.empty_like(q),
         q.new_empty(N, HQ, dtype=torch.float32),
         q.new_empty(HQ * (num_blocks_max + 1) + 1, dtype=torch.int64),
-        q.new_empty(HQ * N * topk, dtype=_entries_dtype(N * topk)),
+        q.new_empty(HQ * N * topk, dtype=entries_dtype(N * topk)),
     )
 
 

@@ -31,8 +31,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["BlockIndex", "MoBARouting", "block_index_from_keys", "block_layout", "build_block_index",
-           "block_key_dtype"]
+__all__ = ["BlockIndex", "MoBARouting", "block_index_from_keys", "block_key_dtype", "block_layout",
+           "build_block_index", "entries_dtype", "max_num_blocks"]
+
+
+def max_num_blocks(num_tokens: int, block_size: int, num_seqs: int) -> int:
+    """``num_blocks_max``: a bound on the blocks of ``num_seqs`` sequences of ``num_tokens`` tokens in all,
+    from the shapes alone."""
+    return num_tokens // block_size + num_seqs
+
+
+def entries_dtype(pairs_per_head: int) -> torch.dtype:
+    """dtype of ``BlockIndex.entries``, per-head pair positions below ``pairs_per_head = N * topk``."""
+    return torch.int32 if pairs_per_head < 2**31 else torch.int64
 
 
 def block_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int):
@@ -42,7 +53,7 @@ def block_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int):
         ``(cu_blocks int32 [S + 1], block_seq int32 [num_blocks_max], num_blocks_max)``.
     """
     num_seqs = cu_seqlens.numel() - 1
-    num_blocks_max = num_tokens // block_size + num_seqs
+    num_blocks_max = max_num_blocks(num_tokens, block_size, num_seqs)
     device = cu_seqlens.device
     blocks = torch.div(cu_seqlens[1:] - cu_seqlens[:-1] + (block_size - 1), block_size, rounding_mode="floor")
     # Few launches on purpose: this runs on every routing call, and at 8K tokens the host is the bottleneck.
@@ -118,8 +129,7 @@ def block_index_from_keys(keys: torch.Tensor, topk: int, num_blocks_max: int) ->
         bounds = torch.arange(stride, dtype=keys.dtype, device=device).repeat(num_heads, 1)
         starts = (torch.searchsorted(sorted_keys.contiguous(), bounds) + head_base * pairs_per_head).flatten()
     total = torch.full((1,), num_heads * pairs_per_head, dtype=torch.int64, device=device)
-    entry_dtype = torch.int32 if pairs_per_head < 2**31 else torch.int64
-    return BlockIndex(offsets=torch.cat([starts, total]), entries=positions.flatten().to(entry_dtype),
+    return BlockIndex(offsets=torch.cat([starts, total]), entries=positions.flatten().to(entries_dtype(pairs_per_head)),
                       num_heads=num_heads, topk=topk)
 
 
