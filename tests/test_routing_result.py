@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import flashmoba
 from flashmoba.routing import block_layout
-from flashmoba.routing.result import MoBARouting, block_key_dtype
+from flashmoba.routing.result import MoBARouting, _heads_per_sort_row, block_key_dtype
 from factory import make_packed
 from kernel_checks import assert_block_index_inverse, expected_layout
 
@@ -111,12 +111,15 @@ def test_block_layout_by_hand():
     assert num_blocks_max == 9
 
 
-@pytest.mark.parametrize("lens, key_dtype", [([12000, 0, 8000], torch.int16), ([20000, 0, 13000], torch.int32)])
-def test_block_index_of_many_blocks(lens, key_dtype):
-    # One-token blocks, 2 heads: past 2**15 segments, so each head's keys are sorted on their own (the
-    # small cases above take the flat sort of segment ids); past 2**15 blocks the keys are int32. Random
-    # in-range selections stand in for a routing (the index inverts any).
-    heads, topk, N = 2, 3, sum(lens)
+@pytest.mark.parametrize(
+    "lens, heads, key_dtype, heads_per_row",
+    [([12000, 0, 8000], 4, torch.int16, 2), ([14000, 0, 9000], 3, torch.int16, 1), ([20000, 0, 13000], 2, torch.int32, 1)],
+)
+def test_block_index_of_many_blocks(lens, heads, key_dtype, heads_per_row):
+    # One-token blocks: past 2**16 segments, so the sort takes rows of fewer heads than all (the small cases
+    # above sort every head in one row): two of four heads a row, a row per head (3 heads, 2 would fit), and
+    # int32 keys past 2**15 blocks. Random in-range selections stand in for a routing (the index inverts any).
+    topk, N = 3, sum(lens)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
     layout = block_layout(cu, N, 1)
     g = torch.Generator().manual_seed(0)
@@ -125,6 +128,6 @@ def test_block_index_of_many_blocks(lens, key_dtype):
     repeated = torch.cat([torch.zeros_like(picks[..., :1], dtype=torch.bool), picks[..., 1:] == picks[..., :-1]], -1)
     indices = torch.where(repeated | (torch.rand(picks.shape, generator=g) < 0.2), -1, picks).to(torch.int32)
     routing = MoBARouting(indices, cu, 1, topk, False, *layout)
-    assert heads * (routing.num_blocks_max + 1) > 2**15
     assert block_key_dtype(routing.num_blocks_max) == key_dtype
+    assert _heads_per_sort_row(heads, routing.num_blocks_max, key_dtype) == heads_per_row
     assert_block_index_inverse(routing, lens)

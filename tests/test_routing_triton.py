@@ -114,6 +114,25 @@ def test_topk_as_wide_as_a_centroid_tile(causal):
     assert_block_index_inverse(routing, (70 * 16,))
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_exactly_tied_blocks(causal):
+    # Five key blocks repeated over 90 blocks: every score has many exact ties, so lists hold several
+    # entries tied for the worst. Each must still be a valid top-k with distinct blocks (a list slot
+    # breaks the tie; the selection count and order checks catch a slot taken twice).
+    q, k, _, cu = make_packed((90 * 16,), 1, 1, 16, dtype=torch.float16, device=DEVICE)
+    k.view(90, 16, 1, 16)[:] = k.view(90, 16, 1, 16)[:5].repeat(18, 1, 1, 1)
+    routing = flashmoba.moba_route_varlen(q, k, cu, block_size=16, topk=6, causal=causal, backend="triton")
+    assert_routing_valid(q, k, cu, routing.indices, 16, 6, causal, score_tol=1e-3)
+
+
+def test_float32_topk_wider_than_its_default_tile():
+    # A list slot lives in the low bits of a score part, so a list wider than float32's 32-block tiles
+    # (topk 33: 64 slots) needs 64-block tiles.
+    q, k, _, cu = make_packed((40 * 16,), 1, 1, 16, dtype=torch.float32, device=DEVICE)
+    routing = flashmoba.moba_route_varlen(q, k, cu, block_size=16, topk=33, causal=False, backend="triton")
+    assert_routing_valid(q, k, cu, routing.indices, 16, 33, False, score_tol=1e-3)
+
+
 @triton.jit
 def _score_keys_of(Scores, Keys, signed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]

@@ -9,18 +9,25 @@ Scores are compared as int32 *keys* (:func:`_score_keys`): the float bits mapped
 order is the score order, with the low ``log2(BLOCK_N)`` bits replaced by the inverted column, so that
 one integer max gives both a query's best score in the tile and its column. The selection is therefore
 exact on scores rounded down to ``23 - log2(BLOCK_N)`` mantissa bits (a relative step of 2**-17 for 64
-blocks a tile, 500 times finer than bf16), with the reference's tie rule: the lower block wins. Once
-every list of a program holds only non-negative scores (late in long rows, typically), no negative score
-can enter again, and the keys skip ordering the negative ones.
+blocks a tile, 500 times finer than bf16). Once every list of a program holds only non-negative scores
+(late in long rows, typically), no negative score can enter again, and the keys skip ordering the
+negative ones.
 
-The running list of a query holds the score parts of its keys and the block ids; its worst score is the
-query's *threshold*. Per centroid tile (loaded by TMA) every query's best key moves in over its list's
-worst entry if its score beats the threshold, and further rounds follow while some query's best
-remaining score still does (random scores need one or two rounds per tile late in a long sequence,
-more early on). A round finds the next best key as the largest one below the key just taken (one
-subtraction and one unsigned min per score), so the tile itself is never rewritten. The scan visits
-blocks in ascending order, so a strict ``>`` keeps the tie rule. -inf never passes it and NaN keys lie
-below -inf's, so such blocks are never selected.
+The running list of a query holds, per slot, a key's score part with the slot number in its free low bits,
+and the block id. A row's values are therefore distinct, its minimum (the query's *threshold*) is its worst
+entry, and one compare finds that entry's slot: no second reduction to break ties. Per centroid tile
+(loaded by TMA) every query's best key moves in over its list's worst entry if its score part beats the
+threshold's, and further rounds follow while some query's best remaining score still does (random scores
+need one or two rounds per tile late in a long sequence, more early on). A round finds the next best key
+as the largest one below the key just taken (one subtraction and one unsigned min per score), so the tile
+itself is never rewritten. -inf never beats a threshold and NaN keys lie below -inf's, so such blocks are
+never selected.
+
+Ties (equal score parts). The scan visits blocks in ascending order and a new block must beat the
+threshold strictly, so a later block never displaces an earlier one of equal score: the reference's rule
+(the lower block wins). The one departure: when two entries of a list tie for the worst, the lower slot is
+evicted, which may be the lower block. Either choice is a valid top-k of the rounded scores; on random
+inputs about 1 row in 20,000 sees such a tie (docs/benchmarks.md).
 
 Where the time goes (H200, Nsight Compute, docs/benchmarks.md): the rounds and the per-tile bookkeeping
 run on the CUDA cores for every score of a tile, not on the tensor cores or in memory traffic (nor in the
@@ -76,7 +83,7 @@ def _bitwise_or(a, b):
 def _round_state(top, thresh, BLOCK_N: tl.constexpr):
     """One CTA-wide reduction for two flags: bit 0, some query's best remaining score beats its
     threshold (another round); bit 1, some threshold is below +0.0's score part (signed keys needed)."""
-    flags = ((top & -BLOCK_N) > thresh).to(tl.int32) | ((thresh < _KEY_OFFSET - BLOCK_N).to(tl.int32) << 1)
+    flags = (top > (thresh | (BLOCK_N - 1))).to(tl.int32) | ((thresh < _KEY_OFFSET - BLOCK_N).to(tl.int32) << 1)
     return tl.reduce(flags, 0, _bitwise_or)
 
 
@@ -84,11 +91,11 @@ def _round_state(top, thresh, BLOCK_N: tl.constexpr):
 def _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
     """Move every query's best remaining key ``top`` into its list if its score part beats the threshold;
     return the next best key: the largest key below ``top`` (the keys of a row are distinct)."""
-    score = top & -BLOCK_N
-    # Replace the worst entry: the lowest score, and among equal scores the highest block.
-    evict = tl.max(tl.where(vals == thresh[:, None], ids, -1), axis=1)
-    replace = (ids == evict[:, None]) & (score > thresh)[:, None]
-    vals = tl.where(replace, score[:, None], vals)
+    # The worst entry is the one equal to the threshold (list values are distinct in a row); ``top`` beats it
+    # if its score part is higher: above the threshold with all of its low (slot) bits set.
+    replace = (vals == thresh[:, None]) & (top > (thresh | (BLOCK_N - 1)))[:, None]
+    slot = tl.arange(0, vals.shape[1])[None, :]
+    vals = tl.where(replace, (top & -BLOCK_N)[:, None] | slot, vals)
     ids = tl.where(replace, (block0 + BLOCK_N - 1 - (top & (BLOCK_N - 1)))[:, None], ids)
     # Keys below ``top`` have ``top - 1 - key`` in [0, 2**32) as unsigned, smallest for the largest one;
     # keys at or above it wrap to above every such gap. One subtraction and one unsigned min per score,
@@ -104,7 +111,7 @@ def _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
 def _merge_tile(keys, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
     """Merge one ``[BLOCK_M, BLOCK_N]`` tile of score keys (blocks ``block0 ...``) into the running lists.
 
-    ``thresh`` is the lowest score part of each list. Also returns whether the next tile needs signed keys
+    ``thresh`` is the lowest value of each list (its worst entry). Also returns whether the next tile needs signed keys
     (thresholds only rise, so once every one is at least +0.0's, negative scores never enter again)."""
     top = tl.max(keys, axis=1)
     # Nearly every tile has a query with a candidate: the first round runs without the CTA-wide test.
@@ -177,10 +184,12 @@ def _route_topk_kernel(
         scan_end = 0
     unmasked_end = (unmasked_end // BLOCK_N) * BLOCK_N
 
-    # Running lists: slots >= PICKS hold the largest key (never the worst, never evicted).
+    # Running lists, values score part | slot (see the module docstring); they start at -inf's score part,
+    # which no score beats strictly. Slots >= PICKS hold the largest value (never the worst, never evicted).
     col = tl.arange(0, K_PAD)
+    tl.static_assert(K_PAD <= BLOCK_N, "the slot must fit the low bits of a score part")
     NEG_INF: tl.constexpr = (_NEG_INF_FLIPPED & -BLOCK_N) + _KEY_OFFSET - BLOCK_N  # score part of -inf's keys
-    vals = tl.where(col[None, :] < PICKS, tl.full([BLOCK_M, K_PAD], NEG_INF, tl.int32), 2**31 - 1)
+    vals = tl.where(col < PICKS, NEG_INF | col, 2**31 - 1)[None, :] + tl.zeros([BLOCK_M, K_PAD], tl.int32)
     ids = col[None, :] + tl.full([BLOCK_M, K_PAD], _NO_BLOCK, tl.int32)
     thresh = tl.min(vals, axis=1)
     signed = tl.min(thresh, axis=0) < _KEY_OFFSET - BLOCK_N  # some list takes negatives (+0.0's score part)
@@ -200,7 +209,7 @@ def _route_topk_kernel(
 
     # Block ids of the picks plus the own block, ascending: repeated minimum extraction (ids are
     # distinct; empty slots hold ids >= _NO_BLOCK and end up as the -1 padding).
-    picked = (col[None, :] < PICKS) & (vals > NEG_INF)
+    picked = (col[None, :] < PICKS) & ((vals & -BLOCK_N) > NEG_INF)
     ids = tl.where(picked, ids, _NO_BLOCK + col[None, :])
     if CAUSAL:
         ids = tl.where(col[None, :] == PICKS, own[:, None], ids)
@@ -218,13 +227,14 @@ def _route_topk_kernel(
         tl.store(BlockKeys + h * stride_kh + rows[:, None] * TOPK + col[None, :], keys, mask=store_ok)
 
 
-def _topk_config(dtype: torch.dtype):
+def _topk_config(dtype: torch.dtype, k_pad: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg). 16-bit: 64 x 64 tiles, one warpgroup, the fastest
     of the configs swept by ``benchmarks/bench_routing.py --tune`` on an H200 (docs/benchmarks.md). The
     register cap (80, no spills; 104 uncapped) fits 6 programs per SM instead of 4: the merge rounds are
-    chains of shuffles and barriers whose latency the extra warps hide (11 % faster at 512K)."""
+    chains of shuffles and barriers whose latency the extra warps hide (11 % faster at 512K). A list slot
+    lives in the low log2(BLOCK_N) bits of a score part, so BLOCK_N >= k_pad (at most 64)."""
     if dtype == torch.float32:  # exact fp32 products run on CUDA cores: small tiles
-        return 32, 32, 4, 2, None
+        return 32, max(32, k_pad), 4, 2, None
     return 64, 64, 4, 3, 80
 
 
@@ -262,7 +272,7 @@ def route_topk(
     if N > 0:
         q = q if q.stride(-1) == 1 else q.contiguous()
         K_PAD = triton.next_power_of_2(topk)
-        BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg = _topk_config(q.dtype)
+        BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg = _topk_config(q.dtype, K_PAD)
         cu_tiles, tile_seq, num_tiles_max = block_layout(cu_seqlens, N, BLOCK_M)
         BLOCK_D = triton.next_power_of_2(D)
         # TMA tiles of BLOCK_N centroids of one KV head; reads past the tensor (or past D) give zeros.
