@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import flashmoba
 from flashmoba.routing import block_layout
-from flashmoba.routing.result import MoBARouting, _heads_per_sort_row, block_key_dtype
+from flashmoba.routing.result import MoBARouting, block_key_dtype, block_sort_rows
 from factory import make_packed
 from kernel_checks import assert_block_index_inverse, expected_layout
 
@@ -129,5 +129,5 @@ def test_block_index_of_many_blocks(lens, heads, key_dtype, heads_per_row):
     indices = torch.where(repeated | (torch.rand(picks.shape, generator=g) < 0.2), -1, picks).to(torch.int32)
     routing = MoBARouting(indices, cu, 1, topk, False, *layout)
     assert block_key_dtype(routing.num_blocks_max) == key_dtype
-    assert _heads_per_sort_row(heads, routing.num_blocks_max, key_dtype) == heads_per_row
+    assert block_sort_rows(heads, routing.num_blocks_max)[0] == heads_per_row
     assert_block_index_inverse(routing, lens)

@@ -14,8 +14,8 @@ Query view (``indices``)
 
 Block view (``BlockIndex``, a CSR over *segments*)
     A segment is one (query head ``h``, global block ``g``) pair, numbered ``h * (num_blocks_max + 1) + g``:
-    head-major, so that the segments come from sorts of 16-bit keys over a few heads at a time (half the
-    radix passes of a flat sort by (block, head) at long lengths; :func:`block_index_from_keys`).
+    head-major, so that the segments come from stable sorts of 16-bit keys, a few heads per sort row (half
+    the radix passes of a flat sort by (block, head) at long lengths; :func:`block_sort_rows`).
     Segment ``g = num_blocks_max`` of each head collects its empty (-1) slots. The entries of head ``h``
     are its pair positions ``i = t * topk + slot`` (``indices[t, h, slot] == j``; the pair id is
     ``(t * HQ + h) * topk + slot``), in ascending order of the query token ``t = i // topk``. Segment
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["BlockIndex", "MoBARouting", "block_index_from_keys", "block_key_dtype", "block_layout",
-           "build_block_index", "entries_dtype", "max_num_blocks"]
+           "block_sort_rows", "build_block_index", "entries_dtype", "max_num_blocks"]
 
 
 def max_num_blocks(num_tokens: int, block_size: int, num_seqs: int) -> int:
@@ -99,49 +99,54 @@ def block_key_dtype(num_blocks_max: int) -> torch.dtype:
     raise ValueError(f"too many blocks for the block index: {num_blocks_max}")
 
 
-def _heads_per_sort_row(num_heads: int, num_blocks_max: int, key_dtype: torch.dtype) -> int:
-    """How many heads share one row of the block-index sort: the most (a divisor of ``num_heads``) whose
-    segment ids all fit one 16-bit key. Few long rows sort faster than many short ones (4 rows of 33M
-    pairs: 2.8 ms, 16 rows of 8.4M: 3.3 ms on an H200); 32-bit keys keep a row per head."""
-    if key_dtype != torch.int16:
-        return 1
+def block_sort_rows(num_heads: int, num_blocks_max: int) -> tuple[int, int]:
+    """How the block index sorts: ``(heads_per_row, key_base)``.
+
+    The pairs are sorted in rows of ``heads_per_row`` heads, under the sort key
+    ``(h % heads_per_row) * (num_blocks_max + 1) + g + key_base`` (of :func:`block_key_dtype`) for head
+    ``h``'s pair in global block ``g``. With 16-bit keys a row takes as many heads (a divisor of
+    ``num_heads``) as the signed 16-bit range holds, ``key_base = -2**15`` shifting them into it: a few long
+    rows sort faster than many short ones (4 rows of 33M pairs: 2.8 ms, 16 rows of 8.4M: 3.3 ms on an
+    H200). 32-bit keys keep a row per head.
+    """
+    if block_key_dtype(num_blocks_max) != torch.int16:
+        return 1, 0
     fits = 2**16 // (num_blocks_max + 1)
-    return max(d for d in range(1, num_heads + 1) if num_heads % d == 0 and d <= max(fits, 1))
+    heads_per_row = max(d for d in range(1, num_heads + 1) if num_heads % d == 0 and d <= fits)
+    return heads_per_row, (-(2**15) if heads_per_row > 1 else 0)
 
 
 def block_index_from_keys(keys: torch.Tensor, topk: int, num_blocks_max: int) -> BlockIndex:
-    """The block view from the global block of every pair, head-major.
+    """The block view from the sort key of every pair, head-major.
 
     Args:
-        keys: ``[HQ, N, topk]`` of :func:`block_key_dtype`: the global block ``g`` of head ``h``'s pair
-            ``(t, slot)``, or ``num_blocks_max`` where ``indices`` is -1.
+        keys: ``[HQ, N, topk]`` sort keys (:func:`block_sort_rows`) of the global block ``g`` of head ``h``'s
+            pair ``(t, slot)``, with ``g = num_blocks_max`` where ``indices`` is -1.
 
     A stable sort keeps each segment in ascending pair-position order, which is ascending token order; the
     sort's permutation gives the entries, and a binary search of the sorted keys the offsets (no atomics).
-    Heads are sorted in rows of several (:func:`_heads_per_sort_row`): a head's segment ids within its row,
-    ``(h % heads_per_row) * (num_blocks_max + 1) + g``, shifted into the signed range, stay 16-bit keys.
     """
     num_heads = keys.shape[0]
     stride = num_blocks_max + 1  # segments per head
     keys = keys.reshape(num_heads, -1)
     pairs_per_head = keys.shape[1]
     device = keys.device
-    per_row = _heads_per_sort_row(num_heads, num_blocks_max, keys.dtype)
-    head_in_row = torch.arange(num_heads, device=device).view(-1, 1) % per_row
-    first_id = 0
-    if per_row > 1:  # in int16 throughout: every id lies in [-2**15, 2**15)
-        first_id = -(2**15)
-        keys = keys + (head_in_row * stride + first_id).to(keys.dtype)
-    sorted_ids, order = torch.sort(keys.reshape(num_heads // per_row, -1), dim=-1, stable=True)
-    bounds = torch.arange(per_row * stride, device=device) + first_id
-    starts = torch.searchsorted(sorted_ids, bounds.to(keys.dtype).expand(sorted_ids.shape[0], -1).contiguous())
-    row_base = torch.arange(sorted_ids.shape[0], device=device).view(-1, 1) * (per_row * pairs_per_head)
+    heads_per_row, key_base = block_sort_rows(num_heads, num_blocks_max)
+    rows = num_heads // heads_per_row
+    sorted_keys, order = torch.sort(keys.reshape(rows, -1), dim=-1, stable=True)
+    bounds = (torch.arange(heads_per_row * stride, device=device) + key_base).to(keys.dtype)
+    starts = torch.searchsorted(sorted_keys, bounds.expand(rows, -1).contiguous())
+    row_start = torch.arange(rows, device=device).view(-1, 1) * (heads_per_row * pairs_per_head)
     total = torch.full((1,), num_heads * pairs_per_head, dtype=torch.int64, device=device)
-    # Row positions -> per-head pair positions; the subtraction runs after the narrowing copy (fewer bytes).
-    positions = order.view(num_heads, pairs_per_head).to(entries_dtype(pairs_per_head))
-    if per_row > 1:
-        positions -= (head_in_row * pairs_per_head).to(positions.dtype)
-    return BlockIndex(offsets=torch.cat([(starts + row_base).flatten(), total]), entries=positions.flatten(),
+    # Row positions -> per-head pair positions, in one pass that also narrows them to int32 where they fit:
+    # the low halves of the int64 positions (little-endian; every position is below 2**31).
+    order = order.view(num_heads, pairs_per_head)
+    head_start = torch.arange(num_heads, device=device).view(-1, 1) % heads_per_row * pairs_per_head
+    if entries_dtype(pairs_per_head) == torch.int32:
+        positions = torch.sub(order.view(torch.int32)[:, ::2], head_start.to(torch.int32))
+    else:
+        positions = order - head_start
+    return BlockIndex(offsets=torch.cat([(starts + row_start).flatten(), total]), entries=positions.flatten(),
                       num_heads=num_heads, topk=topk)
 
 
@@ -159,8 +164,10 @@ def build_block_index(
     token_seq = torch.searchsorted(
         cu_seqlens[1:].long(), torch.arange(N, device=device), right=True
     )
-    g = cu_blocks[token_seq].view(N, 1, 1) + indices
-    keys = torch.where(indices >= 0, g, num_blocks_max).to(block_key_dtype(num_blocks_max))
+    g = torch.where(indices >= 0, cu_blocks[token_seq].view(N, 1, 1) + indices, num_blocks_max)
+    heads_per_row, key_base = block_sort_rows(HQ, num_blocks_max)
+    row_offset = torch.arange(HQ, device=device) % heads_per_row * (num_blocks_max + 1) + key_base
+    keys = (g + row_offset.view(1, HQ, 1)).to(block_key_dtype(num_blocks_max))
     return block_index_from_keys(keys.permute(1, 0, 2), topk, num_blocks_max)
 
 

@@ -49,7 +49,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashmoba.attention.forward import dot_precision
 from flashmoba.routing.centroids import block_centroids
-from flashmoba.routing.result import BlockIndex, block_index_from_keys, block_layout, block_key_dtype
+from flashmoba.routing.result import BlockIndex, block_index_from_keys, block_key_dtype, block_layout, block_sort_rows
 
 _NO_BLOCK = tl.constexpr(2**30)  # ids of empty slots are _NO_BLOCK + slot: distinct, above every block
 _NEG_INF_FLIPPED = tl.constexpr(-2139095041)  # the bits of -inf (0xFF800000), magnitude flipped, as int32
@@ -138,7 +138,7 @@ def _route_topk_kernel(
     stride_qn, stride_qh,
     stride_in, stride_ih, stride_kh,
     num_seqs, num_tiles, num_blocks_max,
-    GROUP,
+    GROUP, key_heads, key_base,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE,
     TOPK: tl.constexpr,
@@ -222,8 +222,9 @@ def _route_topk_kernel(
     store_ok = row_ok[:, None] & (col[None, :] < TOPK)
     tl.store(Indices + out, ordered, mask=store_ok)
     if WRITE_KEYS:
-        # The block index's sort keys, head-major: each pick's global block (see result.py).
+        # The block index's sort keys, head-major: each pick's global block, placed in its sort row (result.py).
         keys = tl.where(ordered >= 0, first_block + ordered, num_blocks_max)
+        keys += (h % key_heads) * (num_blocks_max + 1) + key_base
         tl.store(BlockKeys + h * stride_kh + rows[:, None] * TOPK + col[None, :], keys, mask=store_ok)
 
 
@@ -253,7 +254,7 @@ def route_topk(
     Args:
         q: ``[N, HQ, D]``; centroids: ``[num_blocks_max, HKV, D]`` in q's dtype, from :func:`block_centroids`.
         layout: ``block_layout(cu_seqlens, N, block_size)`` if the caller has it already.
-        return_block_keys: also return the ``[HQ, N, topk]`` global block keys for
+        return_block_keys: also return the ``[HQ, N, topk]`` sort keys of the picks' global blocks for
             :func:`~flashmoba.routing.result.block_index_from_keys`.
 
     Returns:
@@ -283,7 +284,8 @@ def route_topk(
             q.stride(0), q.stride(1),
             indices.stride(0), indices.stride(1), keys.stride(0),
             cu_seqlens.numel() - 1, num_tiles_max, num_blocks_max,
-            GROUP=HQ // HKV, HEAD_DIM=D, BLOCK_SIZE=block_size, TOPK=topk, K_PAD=K_PAD,
+            HQ // HKV, *block_sort_rows(HQ, num_blocks_max),
+            HEAD_DIM=D, BLOCK_SIZE=block_size, TOPK=topk, K_PAD=K_PAD,
             CAUSAL=causal, WRITE_KEYS=return_block_keys,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             PRECISION=dot_precision(q.dtype),

@@ -126,3 +126,16 @@ def test_float32_inputs(lens, hq, hkv, d, block_size, topk):
     dout = torch.randn_like(q)
     routing = assert_attention_matches(q, k, v, cu, dout, block_size=block_size, topk=topk, causal=True)
     assert_routing_valid(q, k, cu, routing.indices, block_size, topk, True, score_tol=1e-3)
+
+
+def test_router_sort_keys_in_rows_of_some_heads():
+    # 4 heads of 2 x 140K tokens in 16-token blocks: too many segments for one 16-bit sort row, so the
+    # router's keys place 2 heads a row. Its block index must be the one built from its own indices.
+    from flashmoba.routing.result import block_sort_rows, build_block_index
+
+    q, k, _, cu = make_packed((140_000, 140_000), 4, 2, 64, dtype=torch.bfloat16, device="cuda")
+    routing = flashmoba.moba_route_varlen(q, k, cu, block_size=16, topk=4, causal=True, backend="triton")
+    assert block_sort_rows(4, routing.num_blocks_max) == (2, -(2**15))
+    built = build_block_index(routing.indices, cu, 16)
+    assert torch.equal(routing.block_index.offsets, built.offsets)
+    assert torch.equal(routing.block_index.entries, built.entries)
