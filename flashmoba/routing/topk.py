@@ -27,9 +27,9 @@ Ties (equal score parts). The scan visits blocks in ascending order and a new bl
 threshold strictly, so a later block never displaces an earlier one of equal score: the reference's rule
 (the lower block wins). The one departure: when two entries of a list tie for the worst, the lower slot is
 evicted, which may be the lower block. Either choice is a valid top-k of the rounded scores; on random
-inputs about 1 row in 20,000 sees such a tie (docs/benchmarks.md).
+inputs 1 row in 19,000 (512K tokens) to 36,000 (64K) sees such a tie (docs/benchmarks.md).
 
-Where the time goes (H200, Nsight Compute, docs/benchmarks.md): the rounds and the per-tile bookkeeping
+Where the time goes (H200, Nsight Compute before the slot-coded lists, docs/benchmarks.md): the rounds and the per-tile bookkeeping
 run on the CUDA cores for every score of a tile, not on the tensor cores or in memory traffic (nor in the
 centroid loads, which the software pipeliner leaves unpipelined because the tile loop contains the round
 loop: pipelining them measured no gain). The integer (ALU) pipe is about 65 % busy, and the leading stall
