@@ -113,7 +113,11 @@ def test_block_layout_by_hand():
 
 @pytest.mark.parametrize(
     "lens, heads, key_dtype, heads_per_row",
-    [([12000, 0, 8000], 4, torch.int16, 2), ([14000, 0, 9000], 3, torch.int16, 1), ([20000, 0, 13000], 2, torch.int32, 1)],
+    [
+        ([12000, 0, 8000], 4, torch.int16, 2),
+        ([14000, 0, 9000], 3, torch.int16, 1),
+        ([20000, 0, 13000], 2, torch.int32, 1),
+    ],
 )
 def test_block_index_of_many_blocks(lens, heads, key_dtype, heads_per_row):
     # One-token blocks: past 2**16 segments, so the sort takes rows of fewer heads than all (the small cases

@@ -29,12 +29,12 @@ threshold strictly, so a later block never displaces an earlier one of equal sco
 evicted, which may be the lower block. Either choice is a valid top-k of the rounded scores; on random
 inputs 1 row in 19,000 (512K tokens) to 36,000 (64K) sees such a tie (docs/benchmarks.md).
 
-Where the time goes (H200, Nsight Compute before the slot-coded lists, docs/benchmarks.md): the rounds and the per-tile bookkeeping
-run on the CUDA cores for every score of a tile, not on the tensor cores or in memory traffic (nor in the
-centroid loads, which the software pipeliner leaves unpipelined because the tile loop contains the round
-loop: pipelining them measured no gain). The integer (ALU) pipe is about 65 % busy, and the leading stall
-is the latency of the rounds' shuffles and barriers, which more resident programs hide: small programs
-(one warpgroup, 64 queries) under a register cap, six per SM, were fastest.
+Where the time goes (H200, Nsight Compute before the slot-coded lists, docs/benchmarks.md): the rounds and
+the per-tile bookkeeping run on the CUDA cores for every score of a tile, not on the tensor cores or in
+memory traffic (nor in the centroid loads, which the software pipeliner leaves unpipelined because the tile
+loop contains the round loop: pipelining them measured no gain). The integer (ALU) pipe is about 65 % busy,
+and the leading stall is the latency of the rounds' shuffles and barriers, which more resident programs
+hide: small programs (one warpgroup, 64 queries) under a register cap, six per SM, were fastest.
 
 Causal tiles are staged as in flash attention: the blocks every query of the tile may see are scanned
 without masks, and only the last few tiles (the diagonal) pay for the causal mask.
@@ -111,8 +111,8 @@ def _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
 def _merge_tile(keys, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
     """Merge one ``[BLOCK_M, BLOCK_N]`` tile of score keys (blocks ``block0 ...``) into the running lists.
 
-    ``thresh`` is the lowest value of each list (its worst entry). Also returns whether the next tile needs signed keys
-    (thresholds only rise, so once every one is at least +0.0's, negative scores never enter again)."""
+    ``thresh`` is the lowest value of each list (its worst entry). Also returns whether the next tile needs
+    signed keys (thresholds only rise, so once every one is at least +0.0's, negative scores never enter again)."""
     top = tl.max(keys, axis=1)
     # Nearly every tile has a query with a candidate: the first round runs without the CTA-wide test.
     top, vals, ids, thresh = _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N)
@@ -222,7 +222,8 @@ def _route_topk_kernel(
     store_ok = row_ok[:, None] & (col[None, :] < TOPK)
     tl.store(Indices + out, ordered, mask=store_ok)
     if WRITE_KEYS:
-        # The block index's sort keys, head-major: each pick's global block, placed in its sort row (result.py).
+        # The block index's sort keys, head-major: each pick's global block, placed in its sort row
+        # (block_sort_rows in result.py).
         keys = tl.where(ordered >= 0, first_block + ordered, num_blocks_max)
         keys += (h % key_heads) * (num_blocks_max + 1) + key_base
         tl.store(BlockKeys + h * stride_kh + rows[:, None] * TOPK + col[None, :], keys, mask=store_ok)
@@ -231,9 +232,10 @@ def _route_topk_kernel(
 def _topk_config(dtype: torch.dtype, k_pad: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg). 16-bit: 64 x 64 tiles, one warpgroup, the fastest
     of the configs swept by ``benchmarks/bench_routing.py --tune`` on an H200 (docs/benchmarks.md). The
-    register cap (80, no spills; 104 uncapped) fits 6 programs per SM instead of 4: the merge rounds are
-    chains of shuffles and barriers whose latency the extra warps hide (11 % faster at 512K). A list slot
-    lives in the low log2(BLOCK_N) bits of a score part, so BLOCK_N >= k_pad (at most 64)."""
+    register cap (80, with 8 bytes of stack outside the loops; 101 uncapped) fits 6 programs per SM instead
+    of 4: the merge rounds are chains of shuffles and barriers whose latency the extra warps hide (11 %
+    faster at 512K, also after the slot-coded lists). A list slot lives in the low log2(BLOCK_N) bits of a
+    score part, so BLOCK_N >= k_pad (at most 64)."""
     if dtype == torch.float32:  # exact fp32 products run on CUDA cores: small tiles
         return 32, max(32, k_pad), 4, 2, None
     return 64, 64, 4, 3, 80
