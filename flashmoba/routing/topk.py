@@ -80,15 +80,17 @@ def _bitwise_or(a, b):
 
 
 @triton.jit
-def _round_state(top, thresh, BLOCK_N: tl.constexpr):
-    """One CTA-wide reduction for two flags: bit 0, some query's best remaining score beats its
-    threshold (another round); bit 1, some threshold is below +0.0's score part (signed keys needed)."""
-    flags = (top > (thresh | (BLOCK_N - 1))).to(tl.int32) | ((thresh < _KEY_OFFSET - BLOCK_N).to(tl.int32) << 1)
+def _round_state(top, thresh, BLOCK_N: tl.constexpr, SIGN: tl.constexpr):
+    """One CTA-wide reduction: bit 0, some query's best remaining score beats its threshold (another
+    round); with ``SIGN``, bit 1, some threshold is below +0.0's score part (signed keys needed)."""
+    flags = (top > (thresh | (BLOCK_N - 1))).to(tl.int32)
+    if SIGN:
+        flags |= (thresh < _KEY_OFFSET - BLOCK_N).to(tl.int32) << 1
     return tl.reduce(flags, 0, _bitwise_or)
 
 
 @triton.jit
-def _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
+def _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N: tl.constexpr, CLAMP: tl.constexpr):
     """Move every query's best remaining key ``top`` into its list if its score part beats the threshold;
     return the next best key: the largest key below ``top`` (the keys of a row are distinct)."""
     # The worst entry is the one equal to the threshold (list values are distinct in a row); ``top`` beats it
@@ -96,31 +98,42 @@ def _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
     replace = (vals == thresh[:, None]) & (top > (thresh | (BLOCK_N - 1)))[:, None]
     slot = tl.arange(0, vals.shape[1])[None, :]
     vals = tl.where(replace, (top & -BLOCK_N)[:, None] | slot, vals)
-    ids = tl.where(replace, (block0 + BLOCK_N - 1 - (top & (BLOCK_N - 1)))[:, None], ids)
+    # The column is the inverted low bits; block0 is a multiple of BLOCK_N, so OR adds them.
+    ids = tl.where(replace, (block0 | (~top & (BLOCK_N - 1)))[:, None], ids)
     # Keys below ``top`` have ``top - 1 - key`` in [0, 2**32) as unsigned, smallest for the largest one;
     # keys at or above it wrap to above every such gap. One subtraction and one unsigned min per score,
-    # with no knock-out pass over the tile. No key below ``top`` leaves a key >= top: that is _NO_KEY.
+    # with no knock-out pass over the tile. Where no key lies below ``top`` this finds one above it, so
+    # ``CLAMP`` turns that into _NO_KEY (see _merge_tile for when it cannot happen).
     below = top - 1
     gap = tl.min((below[:, None] - keys).to(tl.uint32, bitcast=True), axis=1)
     next_top = below - gap.to(tl.int32, bitcast=True)
-    next_top = tl.where(next_top < top, next_top, _NO_KEY)
+    if CLAMP:
+        next_top = tl.where(next_top < top, next_top, _NO_KEY)
     return next_top, vals, ids, tl.min(vals, axis=1)
 
 
 @triton.jit
-def _merge_tile(keys, block0, vals, ids, thresh, BLOCK_N: tl.constexpr):
+def _merge_tile(keys, block0, vals, ids, thresh, BLOCK_N: tl.constexpr, CLAMP: tl.constexpr):
     """Merge one ``[BLOCK_M, BLOCK_N]`` tile of score keys (blocks ``block0 ...``) into the running lists.
 
     ``thresh`` is the lowest value of each list (its worst entry). Also returns whether the next tile needs
-    signed keys (thresholds only rise, so once every one is at least +0.0's, negative scores never enter again)."""
+    signed keys (thresholds only rise, so once every one is at least +0.0's, negative scores never enter
+    again; the test after the first round is conservative and saves one in every further round).
+
+    When to ``CLAMP``: a row takes a prefix of its keys in descending order, at most PICKS of them (then its
+    list holds only this tile's keys, all above the next one), so every round after the first has a row
+    taking a key, there are at most PICKS rounds, and a row walks down at most PICKS + 1 keys. With every
+    key of the tile valid (distinct), one always lies below ``top`` when PICKS < BLOCK_N; masked tiles
+    (many equal _NO_KEY keys) and wider lists need the clamp."""
     top = tl.max(keys, axis=1)
     # Nearly every tile has a query with a candidate: the first round runs without the CTA-wide test.
-    top, vals, ids, thresh = _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N)
-    state = _round_state(top, thresh, BLOCK_N)
+    top, vals, ids, thresh = _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N, CLAMP)
+    state = _round_state(top, thresh, BLOCK_N, True)
+    signed = (state & 2) != 0
     while (state & 1) != 0:
-        top, vals, ids, thresh = _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N)
-        state = _round_state(top, thresh, BLOCK_N)
-    return vals, ids, thresh, state != 0
+        top, vals, ids, thresh = _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N, CLAMP)
+        state = _round_state(top, thresh, BLOCK_N, False)
+    return vals, ids, thresh, signed
 
 
 @triton.jit
@@ -198,14 +211,14 @@ def _route_topk_kernel(
     for j0 in range(0, unmasked_end, BLOCK_N):
         scores = _tile_scores(q, C, first_block + j0, kv_head, BLOCK_N, BLOCK_D, PRECISION)
         keys = _score_keys(scores, signed, BLOCK_N)
-        vals, ids, thresh, signed = _merge_tile(keys, j0, vals, ids, thresh, BLOCK_N)
+        vals, ids, thresh, signed = _merge_tile(keys, j0, vals, ids, thresh, BLOCK_N, PICKS >= BLOCK_N)
     for j0 in range(unmasked_end, scan_end, BLOCK_N):  # the diagonal (causal) and the sequence end
         scores = _tile_scores(q, C, first_block + j0, kv_head, BLOCK_N, BLOCK_D, PRECISION)
         valid = ((j0 + blocks) < scan_end)[None, :]
         if CAUSAL:
             valid = valid & ((j0 + blocks)[None, :] < own[:, None])
         keys = tl.where(valid, _score_keys(scores, signed, BLOCK_N), _NO_KEY)
-        vals, ids, thresh, signed = _merge_tile(keys, j0, vals, ids, thresh, BLOCK_N)
+        vals, ids, thresh, signed = _merge_tile(keys, j0, vals, ids, thresh, BLOCK_N, True)
 
     # Block ids of the picks plus the own block, ascending: repeated minimum extraction (ids are
     # distinct; empty slots hold ids >= _NO_BLOCK and end up as the -1 padding).
