@@ -118,13 +118,13 @@ def _merge_tile(keys, block0, vals, ids, thresh, BLOCK_N: tl.constexpr, CLAMP: t
 
     ``thresh`` is the lowest value of each list (its worst entry). Also returns whether the next tile needs
     signed keys (thresholds only rise, so once every one is at least +0.0's, negative scores never enter
-    again; the test after the first round is conservative and saves one in every further round).
+    again; taken from the first round's test alone, it is conservative, and the further rounds skip it).
 
-    When to ``CLAMP``: a row takes a prefix of its keys in descending order, at most PICKS of them (then its
-    list holds only this tile's keys, all above the next one), so every round after the first has a row
-    taking a key, there are at most PICKS rounds, and a row walks down at most PICKS + 1 keys. With every
-    key of the tile valid (distinct), one always lies below ``top`` when PICKS < BLOCK_N; masked tiles
-    (many equal _NO_KEY keys) and wider lists need the clamp."""
+    When to ``CLAMP``: a row takes a prefix of its keys in descending order, at most PICKS of them (the
+    places its list contests; then the list holds only this tile's keys, all above the next one), so every
+    round after the first has a row taking a key, there are at most PICKS rounds, and a row walks down at
+    most PICKS + 1 keys. With every key of the tile valid (distinct), one always lies below ``top`` when
+    PICKS < BLOCK_N; masked tiles (many equal _NO_KEY keys) and wider lists need the clamp."""
     top = tl.max(keys, axis=1)
     # Nearly every tile has a query with a candidate: the first round runs without the CTA-wide test.
     top, vals, ids, thresh = _merge_round(keys, top, block0, vals, ids, thresh, BLOCK_N, CLAMP)
