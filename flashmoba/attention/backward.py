@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from flashmoba.attention.forward import LOG2E, dot_precision, key_tile_of_program
+from flashmoba.attention.forward import (
+    LOG2E, dot_precision, gathered_queries, key_tile_of_program, segment_bounds,
+)
 
 
 @triton.jit
@@ -50,10 +52,7 @@ def _attn_bwd_tile(
     """One gathered tile of up to BLOCK_M queries against this program's key tile."""
     e = e_start + tl.arange(0, BLOCK_M)
     row_ok = e < e_end
-    # Entries are head h's pair positions t * TOPK + slot; per-pair scratch rows are indexed by pair id.
-    pos = tl.load(Entries + e, mask=row_ok, other=0).to(tl.int64)
-    t = pos // TOPK
-    pair = (t * HQ + h) * TOPK + (pos - t * TOPK)
+    t, pair = gathered_queries(Entries, e, row_ok, h, HQ, TOPK)
     d = tl.arange(0, BLOCK_D)
     io_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
     q = tl.load(Q + t[:, None] * stride_qn + h * stride_qh + d[None, :], mask=io_mask, other=0.0)
@@ -110,9 +109,7 @@ def _attn_bwd_kernel(
 
     for hh in range(GROUP):
         h = kvh * GROUP + hh
-        seg = h * (num_blocks_max + 1) + g.to(tl.int64)  # head-major segments (routing/result.py)
-        seg_start = tl.load(Offsets + seg)
-        seg_end = tl.load(Offsets + seg + 1)
+        seg_start, seg_end = segment_bounds(Offsets, h, g, num_blocks_max)
         for e0 in range(seg_start, seg_start + num_own, BLOCK_M):
             dk, dv = _attn_bwd_tile(
                 Q, DO, RowLse, Delta, DQ, Entries, k, v, dk, dv, key_offset, key_ok, block_start,

@@ -37,6 +37,23 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def segment_bounds(Offsets, h, g, num_blocks_max):
+    """``[start, end)`` in the entries of segment (query head ``h``, global block ``g``), head-major
+    (:mod:`flashmoba.routing.result`); shared by forward and backward."""
+    seg = h * (num_blocks_max + 1) + g.to(tl.int64)
+    return tl.load(Offsets + seg), tl.load(Offsets + seg + 1)
+
+
+@triton.jit
+def gathered_queries(Entries, e, row_ok, h, HQ: tl.constexpr, TOPK: tl.constexpr):
+    """Query tokens and pair ids of entries ``e`` of head ``h``: entries are the head's pair positions
+    ``t * TOPK + slot``, and per-pair scratch rows are indexed by pair id ``(t * HQ + h) * TOPK + slot``."""
+    pos = tl.load(Entries + e, mask=row_ok, other=0).to(tl.int64)
+    t = pos // TOPK
+    return t, (t * HQ + h) * TOPK + (pos - t * TOPK)
+
+
+@triton.jit
 def _attn_fwd_tile(
     Q, Entries, PairLse, RowLse, Out,
     k, v, key_offset, key_ok, block_start,
@@ -50,10 +67,7 @@ def _attn_fwd_tile(
     """One gathered tile of up to BLOCK_M queries against this program's key tile."""
     e = e_start + tl.arange(0, BLOCK_M)
     row_ok = e < e_end
-    # Entries are head h's pair positions t * TOPK + slot; per-pair scratch rows are indexed by pair id.
-    pos = tl.load(Entries + e, mask=row_ok, other=0).to(tl.int64)
-    t = pos // TOPK
-    pair = (t * HQ + h) * TOPK + (pos - t * TOPK)
+    t, pair = gathered_queries(Entries, e, row_ok, h, HQ, TOPK)
     d = tl.arange(0, BLOCK_D)
     io_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
     q = tl.load(Q + t[:, None] * stride_qn + h * stride_qh + d[None, :], mask=io_mask, other=0.0)
@@ -137,9 +151,7 @@ def _attn_fwd_kernel(
 
     for hh in range(GROUP):
         h = kvh * GROUP + hh
-        seg = h * (num_blocks_max + 1) + g.to(tl.int64)  # head-major segments (routing/result.py)
-        seg_start = tl.load(Offsets + seg)
-        seg_end = tl.load(Offsets + seg + 1)
+        seg_start, seg_end = segment_bounds(Offsets, h, g, num_blocks_max)
         # the own block's queries: token-level causal mask
         for e0 in range(seg_start, seg_start + num_own, BLOCK_M):
             _attn_fwd_tile(

@@ -128,8 +128,7 @@ def block_index_from_keys(keys: torch.Tensor, topk: int, num_blocks_max: int) ->
     """
     num_heads = keys.shape[0]
     stride = num_blocks_max + 1  # segments per head
-    keys = keys.reshape(num_heads, -1)
-    pairs_per_head = keys.shape[1]
+    pairs_per_head = keys[0].numel()
     device = keys.device
     heads_per_row, key_base = block_sort_rows(num_heads, num_blocks_max)
     rows = num_heads // heads_per_row
