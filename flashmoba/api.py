@@ -107,6 +107,12 @@ def _check_backend_support(backend: str, q, block_size: int, topk: int):
         return
     if q.dtype not in _TRITON_DTYPES:
         raise TypeError(f"dtype {q.dtype} is not supported by backend='triton' ({_TRITON_DTYPES})")
+    if q.dtype == torch.bfloat16 and q.device.type != "cuda":
+        raise TypeError(
+            "dtype torch.bfloat16 is not supported by backend='triton' under the Triton interpreter "
+            "(CPU tensors): the interpreter computes tl.dot on bfloat16 operands wrongly. Use float16 or "
+            "float32 there, or backend='reference'."
+        )
     if d % 8 != 0 or not 16 <= d <= 256:
         raise ValueError(f"head dim {d} is not supported by backend='triton': it must be {TRITON_HEAD_DIMS}")
     if block_size < TRITON_MIN_BLOCK:
@@ -150,8 +156,8 @@ def _check_common(block_size, topk, causal, softmax_scale=None):
     if softmax_scale is not None:
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
             raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        if not math.isfinite(softmax_scale):
-            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+        if not math.isfinite(softmax_scale) or softmax_scale == 0:
+            raise ValueError(f"softmax_scale must be finite and nonzero, got {softmax_scale}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -271,7 +277,7 @@ def _attend(q, k, v, cu_seqlens, block_size, topk, causal, softmax_scale, return
         from flashmoba.attention import moba_attn_triton
 
         out, lse = moba_attn_triton(
-            q, k, v, cu_seqlens, block_size, topk, causal, scale, deterministic
+            q, k, v, cu_seqlens, block_size, topk, causal, scale, deterministic, return_lse
         )
     return (out, lse) if return_lse else out
 

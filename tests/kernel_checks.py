@@ -3,8 +3,9 @@
 * :func:`assert_routing_valid`: a Triton selection must be a correct top-k of the float64 scores; rows
   whose k-th and (k+1)-th scores are closer than rounding may pick either block.
 * :func:`assert_attention_matches`: the FlashAttention test rule: the kernel's error against a float64
-  computation is at most 2x (output, lse) / 3x (gradients) the error of the same reference computed in
-  the input's low precision, on the kernel's own routing (so routing near-ties cannot blur the check).
+  computation is at most 2x the error of the same reference computed in the input's low precision (out,
+  lse and every gradient, in norm and in the worst entry), on the kernel's own routing (so routing
+  near-ties cannot blur the check).
 * :func:`assert_block_index_inverse`: the block -> query index is the exact inverse of ``indices``,
   rebuilt with plain loops.
 """
@@ -66,12 +67,23 @@ def _magnitudes(q, k, v, dout):
             "dk": scale * ds * nq, "dv": ndo}
 
 
-def _errors(x, ref):
+def _max_error(x, ref):
     return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
 
 
+def _norm_error(x, ref):
+    return (x.double() - ref.double()).norm().item() if x.numel() else 0.0
+
+
 def assert_attention_matches(q, k, v, cu_seqlens, dout, *, block_size, topk, causal, deterministic=False):
-    """Triton forward + backward vs the reference in float64 and in the input dtype (FA rule)."""
+    """Triton forward + backward vs the reference in float64 and in the input dtype (FA rule).
+
+    For out, lse, dq, dk and dv alike, the kernel's error against float64 is at most twice the error of
+    the same rows computed by plain PyTorch in the input dtype, both in norm and in the worst entry. The
+    only slack is one float32 rounding of the quantity's magnitude, so that a quantity the low-precision
+    reference gets exactly (e.g. dq of a row with a single key) does not demand more than float32
+    accumulation gives: it is far below any 16-bit error, so a several-fold regression cannot hide in it.
+    """
     low = q.dtype
     routing = flashmoba.moba_route_varlen(q, k, cu_seqlens, block_size=block_size, topk=topk,
                                           causal=causal, backend="triton")
@@ -90,16 +102,17 @@ def assert_attention_matches(q, k, v, cu_seqlens, dout, *, block_size, topk, cau
         results[name] = (o, l, *[t.grad for t in ref_leaves])
     exact, lowp = results["exact"], results["low"]
     kernel = (out, lse, *[t.grad for t in leaves])
-    eps = torch.finfo(low).eps
+    eps32 = torch.finfo(torch.float32).eps
+    magnitudes = _magnitudes(q, k, v, dout)
     for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
-        factor = 2.0 if i < 2 else 3.0
-        err = _errors(kernel[i], exact[i])
-        ref_err = _errors(lowp[i], exact[i])
-        # A floor of one rounding of the quantity's natural magnitude, so that a structurally exact
-        # low-precision reference (e.g. a single key: dq == 0 exactly) does not demand the impossible.
-        floor = eps * _magnitudes(q, k, v, dout)[name]
-        assert err <= factor * ref_err + floor, f"{name}: error {err:.3g} > {factor} x {ref_err:.3g} + {floor:.3g}"
         assert torch.isfinite(kernel[i]).all(), f"{name} has non-finite values"
+        floor = eps32 * magnitudes[name]
+        for measure, slack in ((_max_error, floor), (_norm_error, floor * math.sqrt(kernel[i].numel()))):
+            err = measure(kernel[i], exact[i])
+            ref_err = measure(lowp[i], exact[i])
+            assert err <= 2.0 * ref_err + slack, (
+                f"{name}: {measure.__name__[1:]} {err:.3g} > 2 x {ref_err:.3g} (PyTorch in {low}) + {slack:.3g}"
+            )
     return routing
 
 

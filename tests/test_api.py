@@ -106,12 +106,19 @@ ATTENTION_ONLY_ERRORS = [
     ("scale-str", _with(softmax_scale="0.1"), TypeError, r"softmax_scale must be a float"),
     ("scale-inf", _with(softmax_scale=math.inf), ValueError, r"softmax_scale must be finite"),
     ("scale-nan", _with(softmax_scale=math.nan), ValueError, r"softmax_scale must be finite"),
+    ("scale-zero", _with(softmax_scale=0.0), ValueError, r"softmax_scale must be finite and nonzero"),
     ("deterministic-not-bool", _with(deterministic=None), TypeError, r"deterministic must be a bool"),
 ]
 
 # Limits of the Triton backend, as mutations of otherwise valid Triton arguments (block_size 16).
 TRITON_ERRORS = [
     ("float64", _replace("q k v", lambda t: t.double()), TypeError, r"dtype torch.float64 .* backend='triton'"),
+    (
+        "bfloat16-interpreted",
+        _replace("q k v", lambda t: t.bfloat16()),
+        TypeError,
+        r"bfloat16 .* backend='triton' under the Triton interpreter",
+    ),
     ("head-dim-12", _replace("q k v", lambda t: t[..., :12]), ValueError, r"head dim 12 .* backend='triton'"),
     (
         "head-dim-264",

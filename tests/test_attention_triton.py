@@ -4,6 +4,7 @@ Small awkward shapes from the shared factory, fp16 and fp32 (the 3.6 interpreter
 bf16 is checked on the GPU in tests/gpu). Kernels are compared with float64 computations.
 """
 
+import math
 import os
 
 import pytest
@@ -12,6 +13,8 @@ from factory import AWKWARD_CASES_TRITON, make_packed
 from kernel_checks import assert_attention_matches, assert_routing_valid
 
 import flashmoba
+from flashmoba import reference
+from flashmoba.attention.forward import max_weight_log2
 
 # CPU tensors through the interpreter; on a GPU machine tests/gpu checks the compiled kernels.
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton interpreter tests")
@@ -85,3 +88,26 @@ def test_future_perturbation_never_changes_the_past():
     out2 = flashmoba.moba_attn_varlen(q2, k2, v2, cu, block_size=16, topk=2, backend="triton")
     assert torch.equal(out[:cut], out2[:cut])
     assert not torch.equal(out[cut:], out2[cut:])
+
+
+@pytest.mark.parametrize(
+    "dtype, causal, deterministic",
+    [(torch.float16, True, False), (torch.float32, True, True), (torch.float32, False, False)],
+    ids=["fp16-causal", "fp32-causal-deterministic", "fp32-noncausal"],
+)
+def test_rows_far_above_their_reference_are_recomputed_exactly(dtype, causal, deterministic):
+    """The forward weighs keys against each row's diagonal logit; rows whose keys lie too far above it
+    (or, without the causal diagonal, too far below) are recomputed by the exact rescue. Large logits on
+    every other query make many such rows, next to ordinary ones."""
+    q, k, v, cu = make_packed((70, 45), 4, 2, 16, dtype=dtype)
+    q[::2] *= 6
+    k *= 6
+    dout = torch.randn_like(q)
+    # Rows whose best key beats the diagonal by more than any weight may (P_MAX, in natural units, plus
+    # the log of the key count) must have been rescued: make sure the inputs have some.
+    _, lse = reference.attention(q.double(), k.double(), v.double(), cu, 16, 3, causal, 0.25)
+    diag = 0.25 * (q.double() * k.double().repeat_interleave(2, dim=1)).sum(-1)
+    p_max = max_weight_log2(dtype) * math.log(2)
+    assert ((lse - diag) > p_max + math.log(48)).sum() >= 10
+    assert_attention_matches(q, k, v, cu, dout, block_size=16, topk=3, causal=causal,
+                             deterministic=deterministic)

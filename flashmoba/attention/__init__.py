@@ -1,11 +1,14 @@
 """FlashMoBA attention in Triton: key-block-centric forward and backward over the routed blocks.
 
-* :mod:`~flashmoba.attention.forward`: two-pass forward with an exact log-sum-exp merge;
+* :mod:`~flashmoba.attention.tiles`: what a key-tile program sees (its keys, its gathered queries);
+* :mod:`~flashmoba.attention.forward`: one-pass forward against a per-row softmax reference;
 * :mod:`~flashmoba.attention.backward`: key-block-parallel backward with recomputation;
 * :mod:`~flashmoba.attention.ops`: torch.library custom ops (autograd, torch.compile).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,17 +23,19 @@ def moba_attn_triton(
     causal: bool,
     scale: float,
     deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton backend of :func:`flashmoba.moba_attn_varlen` (arguments already validated).
 
     Returns:
-        ``(out [N, HQ, D], lse float32 [N, HQ])``, differentiable in q, k, v.
+        ``(out [N, HQ, D], lse float32 [N, HQ] natural log, or None unless return_lse)``; out is
+        differentiable in q, k, v.
     """
     from flashmoba.attention.ops import moba_attn_fwd_op
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, lse, _, _ = moba_attn_fwd_op(q, k, v, cu_seqlens, block_size, topk, causal, scale, deterministic)
-    return out, lse
+    out, stats, _, _ = moba_attn_fwd_op(q, k, v, cu_seqlens, block_size, topk, causal, scale, deterministic)
+    return out, (torch.add(stats[0] * scale, stats[1], alpha=math.log(2.0)) if return_lse else None)
 
 
 __all__ = ["moba_attn_triton"]

@@ -3,7 +3,7 @@
 One program per (key block, KV head, key tile of ``BLOCK_N`` keys). It holds its keys, values and their
 gradients on chip, walks the block -> query index of every query head that reads this KV head (so dK/dV are
 summed over the GQA group without copies or atomics), and for each gathered tile of queries recomputes
-``P = exp(s - lse)`` from the forward's row log-sum-exp:
+``P`` from the forward's softmax statistics ``(r, lse2)`` (:mod:`flashmoba.attention.forward`):
 
     dV += P^T dO        dP = dO V^T        dS = P * (dP - delta)        dK += dS^T Q        dQ += dS K
 
@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from flashmoba.attention.forward import (
-    LOG2E, dot_precision, gathered_queries, key_tile_of_program, segment_bounds,
-)
+from flashmoba import configs
+from flashmoba.attention.forward import LOG2E
+from flashmoba.attention.tiles import gathered_queries, key_tile_of_program, segment_bounds
 
 
 @triton.jit
@@ -40,9 +40,9 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _attn_bwd_tile(
-    Q, DO, RowLse, Delta, DQ, Entries,
+    Q, DO, Stats, Delta, DQ, Entries,
     k, v, dk, dv, key_offset, key_ok, block_start,
-    e_start, e_end, h, split,
+    e_start, e_end, h, split, num_rows,
     stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
     scale, scale_log2,
     HQ: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_SPLITS,
@@ -57,15 +57,17 @@ def _attn_bwd_tile(
     io_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
     q = tl.load(Q + t[:, None] * stride_qn + h * stride_qh + d[None, :], mask=io_mask, other=0.0)
     do = tl.load(DO + t[:, None] * stride_don + h * stride_doh + d[None, :], mask=io_mask, other=0.0)
-    lse = tl.load(RowLse + t * HQ + h, mask=row_ok, other=float("inf"))
+    ref = tl.load(Stats + t * HQ + h, mask=row_ok, other=0.0)
+    lse2 = tl.load(Stats + num_rows + t * HQ + h, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + t * HQ + h, mask=row_ok, other=0.0)
 
     # Transposed tiles ([BLOCK_N, BLOCK_M]) so that dV and dK come out of the dots without transposes.
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
+    # Exponents from the products' difference, as the forward formed them.
+    s_t = (tl.dot(k, tl.trans(q), input_precision=PRECISION) - ref[None, :]) * scale_log2 - lse2[None, :]
     allowed = key_ok[:, None] & row_ok[None, :]
     if CAUSAL_MASK:  # int32 offsets from the block start (an int64 tile costs 2x registers)
         allowed = allowed & (key_offset[:, None] <= (t - block_start).to(tl.int32)[None, :])
-    p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
+    p_t = tl.where(allowed, tl.exp2(s_t), 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -81,8 +83,8 @@ def _attn_bwd_tile(
 
 @triton.jit
 def _attn_bwd_kernel(
-    Q, K, V, DO, RowLse, Delta, DQ, DK, DV, Entries, Offsets,
-    cu_seqlens, cu_blocks, block_seq,
+    Q, K, V, DO, Stats, Delta, DQ, DK, DV, Entries, Offsets,
+    cu_seqlens, cu_blocks, block_seq, num_rows,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
     num_seqs, num_blocks_max, scale, scale_log2,
@@ -112,16 +114,16 @@ def _attn_bwd_kernel(
         seg_start, seg_end = segment_bounds(Offsets, h, g, num_blocks_max)
         for e0 in range(seg_start, seg_start + num_own, BLOCK_M):
             dk, dv = _attn_bwd_tile(
-                Q, DO, RowLse, Delta, DQ, Entries, k, v, dk, dv, key_offset, key_ok, block_start,
-                e0, seg_start + num_own, h, split,
+                Q, DO, Stats, Delta, DQ, Entries, k, v, dk, dv, key_offset, key_ok, block_start,
+                e0, seg_start + num_own, h, split, num_rows,
                 stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
                 scale, scale_log2, HQ, TOPK, HEAD_DIM, KEY_SPLITS, True, DETERMINISTIC,
                 BLOCK_M, BLOCK_D, PRECISION,
             )
         for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
             dk, dv = _attn_bwd_tile(
-                Q, DO, RowLse, Delta, DQ, Entries, k, v, dk, dv, key_offset, key_ok, block_start,
-                e0, seg_end, h, split,
+                Q, DO, Stats, Delta, DQ, Entries, k, v, dk, dv, key_offset, key_ok, block_start,
+                e0, seg_end, h, split, num_rows,
                 stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
                 scale, scale_log2, HQ, TOPK, HEAD_DIM, KEY_SPLITS, False, DETERMINISTIC,
                 BLOCK_M, BLOCK_D, PRECISION,
@@ -133,26 +135,13 @@ def _attn_bwd_kernel(
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-def _bwd_config(block_size: int, head_dim: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). A 128-key tile halves the gathers and dQ merges of a
-    64-key one and measured 1.7x faster on an H100 at D=128 despite its register spills
-    (benchmarks/tune_attention.py). float32 inputs need 32-row tiles to fit in shared memory."""
-    if dtype == torch.float32:
-        block_m, block_n, warps, stages = 32, 32, 4, 1
-    elif head_dim <= 128:
-        block_m, block_n, warps, stages = 64, 128, 8, 2
-    else:
-        block_m, block_n, warps, stages = 32, 64, 8, 1
-    return block_m, min(block_n, max(16, triton.next_power_of_2(block_size))), warps, stages
-
-
 def attn_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     cu_seqlens: torch.Tensor,
     cu_blocks: torch.Tensor,
     block_seq: torch.Tensor,
@@ -167,7 +156,8 @@ def attn_bwd(
     """Gradients of MoBA attention (none through the routing).
 
     Args:
-        dout, q, out: ``[N, HQ, D]``; k, v: ``[N, HKV, D]``; lse: float32 ``[N, HQ]`` (natural log).
+        dout, q, out: ``[N, HQ, D]``; k, v: ``[N, HKV, D]``; stats: float32 ``[2, N, HQ]``, the forward's
+            softmax statistics (:func:`flashmoba.attention.forward.attn_fwd`).
         Layout and index arguments as in :func:`flashmoba.attention.forward.attn_fwd`.
 
     Returns:
@@ -176,7 +166,8 @@ def attn_bwd(
     N, HQ, D = q.shape
     HKV = k.shape[1]
     num_blocks_max = block_seq.numel()
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _bwd_config(block_size, D, q.dtype)
+    cfg = configs.attn_bwd(block_size, D, q.dtype, q.device)
+    BLOCK_M, BLOCK_N = cfg.block_m, cfg.block_n
     BLOCK_D = triton.next_power_of_2(D)
     key_splits = triton.cdiv(block_size, BLOCK_N)
     dout = dout.contiguous()
@@ -194,18 +185,17 @@ def attn_bwd(
         _attn_bwd_delta_kernel[(triton.cdiv(N * HQ, BLOCK_R),)](
             out, dout, delta, N * HQ, HEAD_DIM=D, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
         )
-        row_lse_log2 = (lse * LOG2E).contiguous()
         _attn_bwd_kernel[(num_blocks_max, HKV, key_splits)](
-            q, k, v, dout, row_lse_log2, delta, dq_acc, dk, dv, entries, offsets,
-            cu_seqlens, cu_blocks, block_seq,
+            q, k, v, dout, stats, delta, dq_acc, dk, dv, entries, offsets,
+            cu_seqlens, cu_blocks, block_seq, N * HQ,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), HQ * D, D,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             cu_seqlens.numel() - 1, num_blocks_max, scale, scale * LOG2E,
             HQ=HQ, GROUP=HQ // HKV, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size,
             KEY_SPLITS=key_splits, CAUSAL=causal, DETERMINISTIC=deterministic,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
-            num_warps=num_warps, num_stages=num_stages,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=configs.dot_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if deterministic:
         dq_acc = dq_acc.view(N, HQ, topk * key_splits, D).sum(dim=2)

@@ -1,22 +1,45 @@
-"""MoBA forward: key-block-centric "gather and densify" in two passes with an exact log-sum-exp merge.
+"""MoBA forward: key-block-centric "gather and densify" in one pass, against a per-row softmax reference.
 
-Schedule. One program per (key block, KV head). It walks the block -> query index (see
+Schedule. One program per (key block, KV head, key tile). It walks the block -> query index (see
 :mod:`flashmoba.routing.result`) of the query heads that read this KV head, gathers ``BLOCK_M`` of those
-queries into a dense tile, and runs them against the block's keys on tensor cores. Every block has about
+queries into a dense tile, and runs them against the tile's keys on tensor cores. Every block has about
 ``topk * block_size`` queries whatever the sequence length, so tiles stay full even at 512K tokens, where a
 query-block-centric schedule (the FlashMoBA paper's) gathers only a few rows per (query block, key block).
 
-Merge. A query's keys are spread over ``topk`` programs, so the softmax cannot be finished in one of them.
-* Pass 1 (``STAGE=0``) computes, for every (query, selected block) pair, the log-sum-exp of its scores
-  over that block (one float per pair, indexed by pair id).
-* The row log-sum-exp ``lse = logsumexp(pair lse)`` is then exact.
-* Pass 2 (``STAGE=1``) recomputes the scores, forms the final probabilities ``exp(s - lse)`` and adds
-  ``P @ V`` into a float32 output: with atomics, or (``DETERMINISTIC``) into one row per pair that is
-  summed afterwards in a fixed order.
+Merge. A query's keys are spread over ``topk`` programs, which run in no particular order, so no program
+can know the row maximum that an online softmax rescales by. Each row gets a fixed reference instead, its
+diagonal product ``r = q_t . k_t`` (the key ``t`` is always visible in causal mode, so its logit is a lower
+bound of the row maximum), and every program adds ``sum_j w_j v_j`` and ``sum_j w_j`` with weights
+``w_j = exp2(scale * log2(e) * (q . k_j - r))`` into float32 row accumulators. Both sums are exact for any
+reference; the finalize kernel divides them. One pass over the queries, with no per-pair log-sum-exp
+buffer and no second gather.
+
+Softmax statistics. Exponents are formed as ``(q . k_j - r) * scale * log2(e)``: the difference of two
+products before any scaling, so a large logit is rounded once (in the product), as PyTorch rounds it, and
+not again after scaling. For the same reason the row's log-sum-exp is kept as the pair ``(r, lse2)`` with
+``lse2 = log2(sum_j w_j)``, a number of the size of the row's spread of logits rather than of the logits
+themselves; the backward forms ``P_j = exp2((q . k_j - r) * scale * log2(e) - lse2)`` from it. A single
+float of the logits' size would round the normaliser, and with it every recomputed weight, by up to half
+its last place: at logits in the hundreds that alone is twice PyTorch's error. The natural-log lse is
+``scale * r + ln(2) * lse2``.
+
+The rescue. The reference only has to keep the weights in range: a row fails when one of its keys lies
+more than ``P_MAX`` (log2) above it (its weight, or the weight's 16-bit copy for the ``P @ V`` product,
+would overflow), or when its sum is below one half (no visible key near the reference: possible only
+without the causal diagonal). Programs record such a row's largest exponent (in causal mode only where
+it overflows, so normally never; without the diagonal for every row). A row-wise kernel then moves each
+failed row's reference to its largest logit and clears its sums, and a rescue pass of the same kernel
+recomputes those rows alone, skipping every tile without one (it reads the index, not Q, K or V). The
+rescued rows are thereby computed with the same products as all others, which the backward recomputes
+bit for bit. On random inputs no row fails; the rescue exists so that no input is silently wrong (huge
+logits, a head that avoids its own token).
+
+Accumulation. Atomics into one ``[N, HQ, D]`` row per query, or (``DETERMINISTIC``) a row per (pair, key
+tile) that the finalize kernel sums in a fixed order.
 
 Masking. In causal mode a block's own queries are the first ``len(block)`` entries of each of its
-segments (they always select it, and segments are in token order); only those tiles get the token-level
-causal mask. Routed queries are strictly later than the block, so their tiles run unmasked.
+segments; only those tiles get the token-level causal mask. Routed queries are strictly later than the
+block, so their tiles run unmasked.
 """
 
 from __future__ import annotations
@@ -27,108 +50,105 @@ import torch
 import triton
 import triton.language as tl
 
+from flashmoba import configs
+from flashmoba.attention.tiles import gathered_queries, key_tile_of_program, segment_bounds
 
 LOG2E = math.log2(math.e)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs get exact float32 products (Triton would use TF32); 16-bit ones are exact anyway."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+# Row maxima are recorded as ``max exponent + _MAX_OFFSET`` into a zero-filled buffer, so that one
+# float atomic max works for negative exponents too; its rounding (2**-7) only moves the new reference.
+_MAX_OFFSET = tl.constexpr(65536.0)
+
+
+def max_weight_log2(dtype: torch.dtype) -> int:
+    """``P_MAX``: the largest ``log2`` of a weight, so that the weight, sums of up to 2**20 of them times
+    values, and the weight's copy in ``dtype`` for ``P @ V`` stay finite."""
+    return 15 if dtype == torch.float16 else 64
 
 
 @triton.jit
-def segment_bounds(Offsets, h, g, num_blocks_max):
-    """``[start, end)`` in the entries of segment (query head ``h``, global block ``g``), head-major
-    (:mod:`flashmoba.routing.result`); shared by forward and backward."""
-    seg = h * (num_blocks_max + 1) + g.to(tl.int64)
-    return tl.load(Offsets + seg), tl.load(Offsets + seg + 1)
-
-
-@triton.jit
-def gathered_queries(Entries, e, row_ok, h, HQ: tl.constexpr, TOPK: tl.constexpr):
-    """Query tokens and pair ids of entries ``e`` of head ``h``: entries are the head's pair positions
-    ``t * TOPK + slot``, and per-pair scratch rows are indexed by pair id ``(t * HQ + h) * TOPK + slot``."""
-    pos = tl.load(Entries + e, mask=row_ok, other=0).to(tl.int64)
-    t = pos // TOPK
-    return t, (t * HQ + h) * TOPK + (pos - t * TOPK)
+def _attn_fwd_row_ref_kernel(
+    Q, K, RowRef, num_tokens,
+    stride_qn, stride_qh, stride_kn, stride_kh,
+    HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``RowRef[t, h] = q[t, h] . k[t, h // GROUP]`` in float32."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    kvh = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    t_ok = t < num_tokens
+    mask = t_ok[:, None] & (d < HEAD_DIM)[None, :]
+    t64 = t.to(tl.int64)
+    k = tl.load(K + t64[:, None] * stride_kn + kvh * stride_kh + d[None, :], mask=mask, other=0.0)
+    for hh in range(GROUP):
+        h = kvh * GROUP + hh
+        q = tl.load(Q + t64[:, None] * stride_qn + h * stride_qh + d[None, :], mask=mask, other=0.0)
+        tl.store(RowRef + t64 * HQ + h, tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1), mask=t_ok)
 
 
 @triton.jit
 def _attn_fwd_tile(
-    Q, Entries, PairLse, RowLse, Out,
+    Q, Entries, RowRef, Acc, RowSum, RowMax,
     k, v, key_offset, key_ok, block_start,
     e_start, e_end, h, split,
-    stride_qn, stride_qh, stride_on, stride_oh,
+    stride_qn, stride_qh,
     scale_log2,
     HQ: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_SPLITS,
-    STAGE: tl.constexpr, CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr, P_MAX: tl.constexpr,
+    RECORD_ALL: tl.constexpr, RESCUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One gathered tile of up to BLOCK_M queries against this program's key tile."""
+    """One gathered tile of up to BLOCK_M queries against this program's key tile. ``RESCUE``: only the
+    rows flagged in ``RowMax``, and nothing at all (no loads of Q) when the tile has none."""
     e = e_start + tl.arange(0, BLOCK_M)
     row_ok = e < e_end
     t, pair = gathered_queries(Entries, e, row_ok, h, HQ, TOPK)
-    d = tl.arange(0, BLOCK_D)
-    io_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
-    q = tl.load(Q + t[:, None] * stride_qn + h * stride_qh + d[None, :], mask=io_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-    allowed = key_ok[None, :]
-    if CAUSAL_MASK:  # in int32 offsets from the block start: an int64 [M, N] tile would cost 2x registers
-        allowed = allowed & (key_offset[None, :] <= (t - block_start).to(tl.int32)[:, None])
-    s = tl.where(allowed, s, -float("inf"))
-    if STAGE == 0:
-        m = tl.max(s, axis=1)
-        m_ref = tl.where(m == -float("inf"), 0.0, m)  # rows with no visible key in this tile
-        l = tl.sum(tl.exp2(s - m_ref[:, None]), axis=1)
-        # -inf when this key tile holds no visible key (a query before the tile, blocks > BLOCK_N)
-        lse = tl.where(l > 0, m_ref + tl.log2(tl.where(l > 0, l, 1.0)), -float("inf"))
-        tl.store(PairLse + pair * KEY_SPLITS + split, lse, mask=row_ok)
+    row = t * HQ + h
+    if RESCUE:
+        row_ok = row_ok & (tl.load(RowMax + row, mask=row_ok, other=0.0) != 0)
+        any_row = tl.max(row_ok.to(tl.int32), axis=0) != 0
     else:
-        row_lse = tl.load(RowLse + t * HQ + h, mask=row_ok, other=float("inf"))
-        p = tl.exp2(s - row_lse[:, None])
+        any_row = True
+    if any_row:
+        d = tl.arange(0, BLOCK_D)
+        io_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
+        q = tl.load(Q + t[:, None] * stride_qn + h * stride_qh + d[None, :], mask=io_mask, other=0.0)
+        ref = tl.load(RowRef + row, mask=row_ok, other=0.0)
+        s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) - ref[:, None]) * scale_log2
+        allowed = key_ok[None, :]
+        if CAUSAL_MASK:  # in int32 offsets from the block start: an int64 [M, N] tile costs 2x registers
+            allowed = allowed & (key_offset[None, :] <= (t - block_start).to(tl.int32)[:, None])
+        s = tl.where(allowed, s, -float("inf"))
+        if not RESCUE:
+            # Record the largest exponent where a weight would overflow (or everywhere, RECORD_ALL).
+            s_max = tl.max(s, axis=1)
+            record = row_ok & (s_max > -float("inf"))
+            if not RECORD_ALL:
+                record = record & (s_max > P_MAX)
+            tl.atomic_max(RowMax + row, s_max + _MAX_OFFSET, mask=record, sem="relaxed")
+        p = tl.exp2(s)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        row_sum = tl.sum(p, axis=1)
         if DETERMINISTIC:
-            tl.store(Out + (pair * KEY_SPLITS + split)[:, None] * HEAD_DIM + d[None, :], acc, mask=io_mask)
+            part = pair * KEY_SPLITS + split
+            tl.store(Acc + part[:, None] * HEAD_DIM + d[None, :], acc, mask=io_mask)
+            tl.store(RowSum + part, row_sum, mask=row_ok)
         else:
-            tl.atomic_add(Out + t[:, None] * stride_on + h * stride_oh + d[None, :], acc, mask=io_mask,
-                          sem="relaxed")
-
-
-@triton.jit
-def key_tile_of_program(g, split, cu_seqlens, cu_blocks, block_seq, num_seqs, BLOCK_SIZE,
-                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """The keys of program (global block ``g``, key tile ``split``), shared by forward and backward.
-
-    Returns ``(active, block_start, key_offset, key_ok, num_own)``: ``active`` is false for programs past
-    the real blocks (the grid is sized from shapes only) and past the end of a partial last block;
-    ``key_offset`` [BLOCK_N] counts from the block start; ``num_own`` is the number of the block's own
-    queries at the head of each of its segments (causal) or 0.
-    """
-    seq = tl.load(block_seq + g)
-    active = seq < num_seqs
-    seq = tl.where(active, seq, 0)
-    seq_end = tl.load(cu_seqlens + seq + 1).to(tl.int64)
-    block_start = tl.load(cu_seqlens + seq).to(tl.int64) + (g - tl.load(cu_blocks + seq)) * BLOCK_SIZE
-    block_end = tl.minimum(block_start + BLOCK_SIZE, seq_end)
-    active = active & (block_start + split * BLOCK_N < block_end)
-    key_offset = split * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = block_start + key_offset < block_end
-    if CAUSAL:
-        num_own = block_end - block_start
-    else:
-        num_own = tl.zeros_like(block_end)
-    return active, block_start, key_offset, key_ok, num_own
+            tl.atomic_add(Acc + row[:, None] * HEAD_DIM + d[None, :], acc, mask=io_mask, sem="relaxed")
+            tl.atomic_add(RowSum + row, row_sum, mask=row_ok, sem="relaxed")
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Entries, Offsets, PairLse, RowLse, Out,
+    Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax,
     cu_seqlens, cu_blocks, block_seq,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     num_seqs, num_blocks_max, scale_log2,
     HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE, KEY_SPLITS, CAUSAL: tl.constexpr, STAGE: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
+    BLOCK_SIZE, KEY_SPLITS, CAUSAL: tl.constexpr, DETERMINISTIC: tl.constexpr, P_MAX: tl.constexpr,
+    RESCUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     g = tl.program_id(0)
@@ -139,15 +159,12 @@ def _attn_fwd_kernel(
     if not active:
         return
 
-    # This program's keys (and values) stay on chip while it walks the gathered queries.
+    # This program's keys and values stay on chip while it walks the gathered queries.
     kpos = block_start + key_offset
     d = tl.arange(0, BLOCK_D)
     kv_mask = key_ok[:, None] & (d < HEAD_DIM)[None, :]
     k = tl.load(K + kpos[:, None] * stride_kn + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-    if STAGE == 1:
-        v = tl.load(V + kpos[:, None] * stride_vn + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
-    else:
-        v = k  # unused
+    v = tl.load(V + kpos[:, None] * stride_vn + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
 
     for hh in range(GROUP):
         h = kvh * GROUP + hh
@@ -155,29 +172,78 @@ def _attn_fwd_kernel(
         # the own block's queries: token-level causal mask
         for e0 in range(seg_start, seg_start + num_own, BLOCK_M):
             _attn_fwd_tile(
-                Q, Entries, PairLse, RowLse, Out, k, v, key_offset, key_ok, block_start,
-                e0, seg_start + num_own, h, split,
-                stride_qn, stride_qh, stride_on, stride_oh, scale_log2,
-                HQ, TOPK, HEAD_DIM, KEY_SPLITS, STAGE, True, DETERMINISTIC, BLOCK_M, BLOCK_D, PRECISION,
+                Q, Entries, RowRef, Acc, RowSum, RowMax, k, v, key_offset, key_ok, block_start,
+                e0, seg_start + num_own, h, split, stride_qn, stride_qh, scale_log2,
+                HQ, TOPK, HEAD_DIM, KEY_SPLITS, True, DETERMINISTIC, P_MAX, not CAUSAL, RESCUE,
+                BLOCK_M, BLOCK_D, PRECISION,
             )
         # routed queries lie after the block: no mask
         for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
             _attn_fwd_tile(
-                Q, Entries, PairLse, RowLse, Out, k, v, key_offset, key_ok, block_start,
-                e0, seg_end, h, split,
-                stride_qn, stride_qh, stride_on, stride_oh, scale_log2,
-                HQ, TOPK, HEAD_DIM, KEY_SPLITS, STAGE, False, DETERMINISTIC, BLOCK_M, BLOCK_D, PRECISION,
+                Q, Entries, RowRef, Acc, RowSum, RowMax, k, v, key_offset, key_ok, block_start,
+                e0, seg_end, h, split, stride_qn, stride_qh, scale_log2,
+                HQ, TOPK, HEAD_DIM, KEY_SPLITS, False, DETERMINISTIC, P_MAX, not CAUSAL, RESCUE,
+                BLOCK_M, BLOCK_D, PRECISION,
             )
 
 
-def _fwd_config(block_size: int, head_dim: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), measured on an H100 (benchmarks/tune_attention.py):
-    128-query tiles beat 64 (14.3 vs 17.2 ms at 64K, D=128); 8 warps keep the tiles in registers.
-    float32 inputs (exact products, a correctness path) need 32-row tiles to fit in shared memory."""
-    if dtype == torch.float32:
-        return 32, min(32, max(16, triton.next_power_of_2(block_size))), 4, 1
-    block_n = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(block_size)))
-    return (128 if head_dim <= 128 else 64), block_n, 8, 2
+@triton.jit
+def _row_sums(Acc, RowSum, r64, r_ok, mask, d, HEAD_DIM: tl.constexpr, PARTS: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The ``PARTS`` partial accumulators and sums of rows ``r64``, added in a fixed order."""
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for i in range(PARTS):
+        acc += tl.load(Acc + (r64 * PARTS + i)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+        row_sum += tl.load(RowSum + r64 * PARTS + i, mask=r_ok, other=0.0)
+    return acc, row_sum
+
+
+@triton.jit
+def _attn_fwd_prepare_rescue_kernel(
+    Acc, RowSum, RowMax, RowRef, num_rows, scale_log2,
+    HEAD_DIM: tl.constexpr, PARTS: tl.constexpr, P_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Rows that failed their reference: move the reference to the row's largest logit, clear the row's
+    sums, and leave 1 in ``RowMax`` (0 for every other row) for the rescue pass."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < num_rows
+    r64 = r.to(tl.int64)
+    row_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for i in range(PARTS):
+        row_sum += tl.load(RowSum + r64 * PARTS + i, mask=r_ok, other=0.0)
+    recorded = tl.load(RowMax + r64, mask=r_ok, other=0.0)
+    top = recorded - _MAX_OFFSET  # the largest exponent, where recorded (> 0)
+    failed = r_ok & (((recorded > 0) & (top > P_MAX)) | ~(row_sum >= 0.5))
+    shift = tl.where(recorded > 0, top / scale_log2, 0.0)
+    ref = tl.load(RowRef + r64, mask=failed, other=0.0)
+    tl.store(RowRef + r64, ref + shift, mask=failed)
+    tl.store(RowMax + r64, failed.to(tl.float32), mask=r_ok)
+    if tl.max(failed.to(tl.int32), axis=0) != 0:
+        for i in range(PARTS):
+            tl.store(RowSum + r64 * PARTS + i, 0.0, mask=failed)
+            for d0 in range(0, HEAD_DIM, BLOCK_R):
+                d = d0 + tl.arange(0, BLOCK_R)
+                tl.store(Acc + (r64 * PARTS + i)[:, None] * HEAD_DIM + d[None, :], 0.0,
+                         mask=failed[:, None] & (d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _attn_fwd_finalize_kernel(
+    Acc, RowSum, Out, Lse2, num_rows,
+    HEAD_DIM: tl.constexpr, PARTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Rows ``t * HQ + h``: sum the ``PARTS`` partial accumulators in order, divide, write out and
+    ``lse2 = log2(sum)``."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < num_rows
+    r64 = r.to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    mask = r_ok[:, None] & (d < HEAD_DIM)[None, :]
+    acc, row_sum = _row_sums(Acc, RowSum, r64, r_ok, mask, d, HEAD_DIM, PARTS, BLOCK_R, BLOCK_D)
+    tl.store(Out + r64[:, None] * HEAD_DIM + d[None, :], (acc / row_sum[:, None]).to(Out.dtype.element_ty),
+             mask=mask)
+    tl.store(Lse2 + r64, tl.log2(row_sum), mask=r_ok)
 
 
 def attn_fwd(
@@ -203,39 +269,58 @@ def attn_fwd(
         offsets ``[HQ * (G + 1) + 1]``, entries ``[HQ * N * topk]``: the block -> query index
             (:mod:`flashmoba.routing.result`).
         topk: slots per (query, head); pair ids are ``(t * HQ + h) * topk + slot``.
+        scale: the softmax scale, nonzero.
 
     Returns:
-        ``(out [N, HQ, D] in q's dtype, lse [N, HQ] float32 natural log)``.
+        ``(out [N, HQ, D] in q's dtype, stats float32 [2, N, HQ])``: the softmax statistics ``(r, lse2)``
+        of every row (module docstring; the natural-log lse is ``scale * r + ln(2) * lse2``), as the
+        backward takes them.
     """
     N, HQ, D = q.shape
     HKV = k.shape[1]
     num_blocks_max = block_seq.numel()
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _fwd_config(block_size, D, q.dtype)
+    cfg = configs.attn_fwd(block_size, D, q.dtype, q.device)
     BLOCK_D = triton.next_power_of_2(D)
-    key_splits = triton.cdiv(block_size, BLOCK_N)
-    num_pairs = N * HQ * topk
+    key_splits = triton.cdiv(block_size, cfg.block_n)
+    parts = topk * key_splits if deterministic else 1
+    num_rows = N * HQ
 
-    pair_lse = torch.full((num_pairs * key_splits,), -float("inf"), dtype=torch.float32, device=q.device)
-    if deterministic:
-        out_acc = torch.zeros(num_pairs * key_splits, D, dtype=torch.float32, device=q.device)
-    else:
-        out_acc = torch.zeros(N, HQ, D, dtype=torch.float32, device=q.device)
-    row_lse_log2 = torch.empty(N, HQ, dtype=torch.float32, device=q.device)
-    if N > 0 and num_blocks_max > 0:
-        for stage in (0, 1):
-            if stage == 1:
-                row_lse_log2 = torch.logsumexp(pair_lse.view(N, HQ, -1) / LOG2E, dim=-1) * LOG2E
-            _attn_fwd_kernel[(num_blocks_max, HKV, key_splits)](
-                q, k, v, entries, offsets, pair_lse, row_lse_log2, out_acc,
-                cu_seqlens, cu_blocks, block_seq,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                HQ * D, D,
-                cu_seqlens.numel() - 1, num_blocks_max, scale * LOG2E,
-                HQ=HQ, GROUP=HQ // HKV, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size,
-                KEY_SPLITS=key_splits, CAUSAL=causal, STAGE=stage, DETERMINISTIC=deterministic,
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
-                num_warps=num_warps, num_stages=num_stages,
+    # One zero-filled float32 buffer: accumulators [rows, parts, D], row sums [rows, parts], row maxima.
+    scratch = torch.zeros(num_rows * parts * (D + 1) + num_rows, dtype=torch.float32, device=q.device)
+    acc = scratch[: num_rows * parts * D]
+    row_sum = scratch[num_rows * parts * D : num_rows * parts * (D + 1)]
+    row_max = scratch[num_rows * parts * (D + 1) :]
+    stats = torch.empty(2, N, HQ, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if N == 0:
+        return out, stats
+    scale_log2 = scale * LOG2E
+    group = HQ // HKV
+    p_max = max_weight_log2(q.dtype)
+    BLOCK_T = max(16, 4096 // BLOCK_D)
+    _attn_fwd_row_ref_kernel[(triton.cdiv(N, BLOCK_T), HKV)](
+        q, k, stats[0], N, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        HQ=HQ, GROUP=group, HEAD_DIM=D, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+    )
+    BLOCK_R = max(16, min(64, 4096 // BLOCK_D))
+    row_grid = (triton.cdiv(num_rows, BLOCK_R),)
+    for rescue in (False, True):
+        if rescue:
+            _attn_fwd_prepare_rescue_kernel[row_grid](
+                acc, row_sum, row_max, stats[0], num_rows, scale_log2,
+                HEAD_DIM=D, PARTS=parts, P_MAX=p_max, BLOCK_R=BLOCK_R,
             )
-    if deterministic:
-        out_acc = out_acc.view(N, HQ, topk * key_splits, D).sum(dim=2)
-    return out_acc.to(q.dtype), row_lse_log2 / LOG2E
+        _attn_fwd_kernel[(num_blocks_max, HKV, key_splits)](
+            q, k, v, entries, offsets, stats[0], acc, row_sum, row_max,
+            cu_seqlens, cu_blocks, block_seq,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            cu_seqlens.numel() - 1, num_blocks_max, scale_log2,
+            HQ=HQ, GROUP=group, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size, KEY_SPLITS=key_splits,
+            CAUSAL=causal, DETERMINISTIC=deterministic, P_MAX=p_max, RESCUE=rescue,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=BLOCK_D,
+            PRECISION=configs.dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    _attn_fwd_finalize_kernel[row_grid](
+        acc, row_sum, out, stats[1], num_rows, HEAD_DIM=D, PARTS=parts, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+    )
+    return out, stats

@@ -27,15 +27,15 @@ def moba_attn_fwd_op(
     scale: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out [N, HQ, D], lse float32 [N, HQ], block offsets, block entries)."""
+    """-> (out [N, HQ, D], softmax stats float32 [2, N, HQ] (see attn_fwd), block offsets, block entries)."""
     layout = block_layout(cu_seqlens, q.shape[0], block_size)
     _, block_index = route_triton(q, k, cu_seqlens, block_size, topk, causal, layout)
     cu_blocks, block_seq, _ = layout
-    out, lse = attn_fwd(
+    out, stats = attn_fwd(
         q, k, v, cu_seqlens, cu_blocks, block_seq, block_index.offsets, block_index.entries,
         topk, block_size, causal, scale, deterministic,
     )
-    return out, lse, block_index.offsets, block_index.entries
+    return out, stats, block_index.offsets, block_index.entries
 
 
 @moba_attn_fwd_op.register_fake
@@ -44,7 +44,7 @@ def _(q, k, v, cu_seqlens, block_size, topk, causal, scale, deterministic):
     num_blocks_max = max_num_blocks(N, block_size, cu_seqlens.shape[0] - 1)
     return (
         torch.empty_like(q),
-        q.new_empty(N, HQ, dtype=torch.float32),
+        q.new_empty(2, N, HQ, dtype=torch.float32),
         q.new_empty(HQ * (num_blocks_max + 1) + 1, dtype=torch.int64),
         q.new_empty(HQ * N * topk, dtype=entries_dtype(N * topk)),
     )
@@ -57,7 +57,7 @@ def moba_attn_bwd_op(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     cu_seqlens: torch.Tensor,
     offsets: torch.Tensor,
     entries: torch.Tensor,
@@ -70,27 +70,27 @@ def moba_attn_bwd_op(
     """-> (dq, dk, dv)."""
     cu_blocks, block_seq, _ = block_layout(cu_seqlens, q.shape[0], block_size)
     return attn_bwd(
-        dout, q, k, v, out, lse, cu_seqlens, cu_blocks, block_seq, offsets, entries,
+        dout, q, k, v, out, stats, cu_seqlens, cu_blocks, block_seq, offsets, entries,
         topk, block_size, causal, scale, deterministic,
     )
 
 
 @moba_attn_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, offsets, entries, block_size, topk, causal, scale, deterministic):
+def _(dout, q, k, v, out, stats, cu_seqlens, offsets, entries, block_size, topk, causal, scale, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, block_size, topk, causal, scale, deterministic = inputs
-    out, lse, offsets, entries = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, offsets, entries)
+    out, stats, offsets, entries = output
+    ctx.save_for_backward(q, k, v, out, stats, cu_seqlens, offsets, entries)
     ctx.params = (block_size, topk, causal, scale, deterministic)
-    ctx.mark_non_differentiable(lse, offsets, entries)
+    ctx.mark_non_differentiable(stats, offsets, entries)
 
 
-def _backward(ctx, dout, dlse, doffsets, dentries):
-    q, k, v, out, lse, cu_seqlens, offsets, entries = ctx.saved_tensors
-    dq, dk, dv = moba_attn_bwd_op(dout, q, k, v, out, lse, cu_seqlens, offsets, entries, *ctx.params)
+def _backward(ctx, dout, dstats, doffsets, dentries):
+    q, k, v, out, stats, cu_seqlens, offsets, entries = ctx.saved_tensors
+    dq, dk, dv = moba_attn_bwd_op(dout, q, k, v, out, stats, cu_seqlens, offsets, entries, *ctx.params)
     return dq, dk, dv, None, None, None, None, None, None
 
 

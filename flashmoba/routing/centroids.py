@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flashmoba import configs
 from flashmoba.routing.result import block_layout
 
 
@@ -69,7 +70,7 @@ def block_centroids(k: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, 
         return centroids
     k = k if k.stride(-1) == 1 else k.contiguous()
     BLOCK_D = triton.next_power_of_2(D)
-    BLOCK_T = min(triton.next_power_of_2(block_size), max(16, 8192 // BLOCK_D))
+    BLOCK_T, num_warps = configs.centroids(block_size, D, k.device)
     _block_centroids_kernel[(num_blocks_max, HKV)](
         k, centroids,
         cu_seqlens, cu_blocks, block_seq,
@@ -77,6 +78,6 @@ def block_centroids(k: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, 
         centroids.stride(0), centroids.stride(1),
         cu_seqlens.numel() - 1,
         HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
-        num_warps=2,  # many small programs: 2 warps read at copy bandwidth on an H200, 4 at 74 % of it
+        num_warps=num_warps,
     )
     return centroids

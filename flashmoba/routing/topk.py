@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from flashmoba.attention.forward import dot_precision
+from flashmoba import configs
 from flashmoba.routing.centroids import block_centroids
 from flashmoba.routing.result import BlockIndex, block_index_from_keys, block_key_dtype, block_layout, block_sort_rows
 
@@ -242,18 +242,6 @@ def _route_topk_kernel(
         tl.store(BlockKeys + h * stride_kh + rows[:, None] * TOPK + col[None, :], keys, mask=store_ok)
 
 
-def _topk_config(dtype: torch.dtype, k_pad: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg). 16-bit: 64 x 64 tiles, one warpgroup, the fastest
-    of the configs swept by ``benchmarks/bench_routing.py --tune`` on an H200 (docs/benchmarks.md). The
-    register cap (80, with 8 bytes of stack outside the loops; 101 uncapped) fits 6 programs per SM instead
-    of 4: the merge rounds are chains of shuffles and barriers whose latency the extra warps hide (11 %
-    faster at 512K, also after the slot-coded lists). A list slot lives in the low log2(BLOCK_N) bits of a
-    score part, so BLOCK_N >= k_pad (at most 64)."""
-    if dtype == torch.float32:  # exact fp32 products run on CUDA cores: small tiles
-        return 32, max(32, k_pad), 4, 2, None
-    return 64, 64, 4, 3, 80
-
-
 def route_topk(
     q: torch.Tensor,
     centroids: torch.Tensor,
@@ -288,7 +276,8 @@ def route_topk(
     if N > 0:
         q = q if q.stride(-1) == 1 else q.contiguous()
         K_PAD = triton.next_power_of_2(topk)
-        BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg = _topk_config(q.dtype, K_PAD)
+        cfg = configs.route_topk(q.dtype, K_PAD, q.device)
+        BLOCK_M, BLOCK_N = cfg.block_m, cfg.block_n
         cu_tiles, tile_seq, num_tiles_max = block_layout(cu_seqlens, N, BLOCK_M)
         BLOCK_D = triton.next_power_of_2(D)
         # TMA tiles of BLOCK_N centroids of one KV head; reads past the tensor (or past D) give zeros.
@@ -303,8 +292,8 @@ def route_topk(
             HEAD_DIM=D, BLOCK_SIZE=block_size, TOPK=topk, K_PAD=K_PAD,
             CAUSAL=causal, WRITE_KEYS=return_block_keys,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-            PRECISION=dot_precision(q.dtype),
-            num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
+            PRECISION=configs.dot_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
         )
     return (indices, keys) if return_block_keys else indices
 

@@ -1,0 +1,171 @@
+"""Launch configurations of the Triton kernels: one home for every tile shape, per GPU architecture.
+
+Each kernel family asks this module for its configuration with the problem's static parameters (block
+size, head dim, dtype) and the device. The architecture comes from the device's compute capability at run
+time, never from a card name:
+
+* ``"sm90"`` (Hopper: H100, H200): tables measured on an H200 (``benchmarks/tune_attention.py``,
+  ``benchmarks/bench_routing.py --tune``; numbers in docs/benchmarks.md);
+* ``"default"``: every other CUDA GPU (sm80, sm86/sm89, sm100, sm120): tiles that fit in 99 KB of shared
+  memory, the smallest opt-in limit of the architectures Triton supports, so they run everywhere;
+* ``"interpreter"``: CPU tensors under ``TRITON_INTERPRET=1`` (the tests): the default tiles.
+
+Benchmarks and tuning scripts try other configurations with :func:`override`, never by patching private
+functions::
+
+    with configs.override(attn_fwd=configs.TileConfig(64, 128, 4, 2)):
+        attn_fwd(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Union
+
+import torch
+
+__all__ = ["TileConfig", "TopkConfig", "arch", "attn_bwd", "attn_fwd", "centroids", "dot_precision", "override",
+           "route_topk"]
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """A tiled kernel's launch: ``block_m`` query rows x ``block_n`` keys per tile, warps and pipeline depth."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class TopkConfig:
+    """The routing top-k's launch: ``block_m`` queries x ``block_n`` centroids per tile; ``maxnreg`` caps
+    the registers per thread (None: no cap)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    maxnreg: int | None
+
+
+_Override = Union[TileConfig, TopkConfig, int, Callable[..., object]]
+_overrides: dict[str, _Override] = {}
+
+
+def arch(device: torch.device) -> str:
+    """``"sm90"``, ``"default"`` or ``"interpreter"`` (CPU tensors) for tensors on ``device``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "interpreter"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major == 9 else "default"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of ``tl.dot``: float32 inputs get exact (IEEE) products, where Triton's default
+    would round them to TF32; 16-bit inputs multiply exactly either way."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _key_tile(block_size: int, cap: int) -> int:
+    """Keys per tile: the block rounded up to a power of two (at least 16, the dot's minimum), at most cap."""
+    return min(cap, max(16, _next_pow2(block_size)))
+
+
+def _chosen(name: str, default: Callable[[], object], *args):
+    chosen = _overrides.get(name)
+    if chosen is None:
+        return default()
+    return chosen(*args) if callable(chosen) else chosen
+
+
+def attn_fwd(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    """The MoBA forward's tiles (:mod:`flashmoba.attention.forward`): gathered queries x one key tile."""
+
+    def table():
+        if dtype == torch.float32:  # exact (IEEE) fp32 products: small tiles fit in shared memory
+            return TileConfig(32, _key_tile(block_size, 32), 4, 1)
+        if arch(device) == "sm90":
+            if head_dim <= 128:
+                return TileConfig(128, _key_tile(block_size, 128), 8, 2)
+            return TileConfig(64, _key_tile(block_size, 64), 8, 2)
+        if head_dim <= 128:
+            return TileConfig(64, _key_tile(block_size, 64), 4, 2)
+        return TileConfig(32, _key_tile(block_size, 64), 4, 1)
+
+    return _chosen("attn_fwd", table, block_size, head_dim, dtype, device)
+
+
+def attn_bwd(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    """The MoBA backward's tiles (:mod:`flashmoba.attention.backward`): ``block_m`` gathered queries
+    against a key tile of ``block_n`` keys that keeps K, V, dK and dV on chip. On Hopper a 128-key tile
+    halves the gathers and dQ merges of a 64-key one and is faster despite its register spills."""
+
+    def table():
+        if dtype == torch.float32:
+            return TileConfig(32, _key_tile(block_size, 32), 4, 1)
+        if arch(device) == "sm90":
+            if head_dim <= 128:
+                return TileConfig(64, _key_tile(block_size, 128), 8, 2)
+            return TileConfig(32, _key_tile(block_size, 64), 8, 1)
+        if head_dim <= 64:
+            return TileConfig(64, _key_tile(block_size, 64), 4, 2)
+        return TileConfig(32, _key_tile(block_size, 64), 4, 1)
+
+    return _chosen("attn_bwd", table, block_size, head_dim, dtype, device)
+
+
+def route_topk(dtype: torch.dtype, k_pad: int, device: torch.device) -> TopkConfig:
+    """The routing top-k's tiles (:mod:`flashmoba.routing.topk`). A list slot lives in the low
+    ``log2(block_n)`` bits of a score, so ``block_n >= k_pad`` (at most 64).
+
+    16-bit inputs: 64 x 64 tiles and one warpgroup, the fastest swept on an H200; the register cap (80)
+    fits 6 programs per SM instead of 4, whose extra warps hide the latency of the merge rounds' shuffles
+    and barriers. float32 inputs (exact products on the CUDA cores): small tiles, no cap."""
+
+    def table():
+        if dtype == torch.float32:
+            return TopkConfig(32, max(32, k_pad), 4, 2, None)
+        return TopkConfig(64, 64, 4, 3, 80 if arch(device) == "sm90" else None)
+
+    return _chosen("route_topk", table, dtype, k_pad, device)
+
+
+def centroids(block_size: int, head_dim: int, device: torch.device) -> tuple[int, int]:
+    """``(BLOCK_T, num_warps)`` of the centroid kernel (:mod:`flashmoba.routing.centroids`): many small
+    programs, each summing one block's keys in tiles of ``BLOCK_T`` tokens; 2 warps read at copy bandwidth
+    on an H200 (``benchmarks/tune_centroids.py``)."""
+
+    def table():
+        block_d = _next_pow2(head_dim)
+        return min(_next_pow2(block_size), max(16, 8192 // block_d)), 2
+
+    return _chosen("centroids", table, block_size, head_dim, device)
+
+
+@contextlib.contextmanager
+def override(**chosen: _Override) -> Iterator[None]:
+    """Use other configurations inside the ``with`` block (benchmarks, tuning, tests).
+
+    Keyword names are the functions of this module (``attn_fwd``, ``attn_bwd``, ``route_topk``,
+    ``centroids``); a value is the configuration to return, or a callable taking that function's
+    arguments. Not thread-safe: it changes a module-level table.
+    """
+    known = {"attn_fwd", "attn_bwd", "route_topk", "centroids"}
+    unknown = set(chosen) - known
+    if unknown:
+        raise ValueError(f"unknown kernel families {sorted(unknown)}; known: {sorted(known)}")
+    saved = dict(_overrides)
+    _overrides.update(chosen)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
