@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Union
 import torch
 
 __all__ = ["TileConfig", "TopkConfig", "arch", "attn_bwd", "attn_fwd", "centroids", "dot_precision", "override",
-           "route_topk"]
+           "route_topk", "shipped"]
 
 
 @dataclass(frozen=True)
@@ -79,47 +79,67 @@ def _key_tile(block_size: int, cap: int) -> int:
     return min(cap, max(16, _next_pow2(block_size)))
 
 
-def _chosen(name: str, default: Callable[[], object], *args):
-    chosen = _overrides.get(name)
+def _attn_fwd_table(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    if dtype == torch.float32:  # exact (IEEE) fp32 products: small tiles fit in shared memory
+        return TileConfig(32, _key_tile(block_size, 32), 4, 1)
+    if arch(device) == "sm90":
+        if head_dim <= 128:
+            return TileConfig(128, _key_tile(block_size, 128), 8, 2)
+        return TileConfig(64, _key_tile(block_size, 64), 8, 2)
+    if head_dim <= 128:
+        return TileConfig(64, _key_tile(block_size, 64), 4, 2)
+    return TileConfig(32, _key_tile(block_size, 64), 4, 1)
+
+
+def _attn_bwd_table(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    if dtype == torch.float32:
+        return TileConfig(32, _key_tile(block_size, 32), 4, 1)
+    if arch(device) == "sm90":
+        if head_dim <= 128:
+            return TileConfig(64, _key_tile(block_size, 128), 8, 2)
+        return TileConfig(32, _key_tile(block_size, 64), 8, 1)
+    if head_dim <= 64:
+        return TileConfig(64, _key_tile(block_size, 64), 4, 2)
+    return TileConfig(32, _key_tile(block_size, 64), 4, 1)
+
+
+def _route_topk_table(dtype: torch.dtype, k_pad: int, device: torch.device) -> TopkConfig:
+    if dtype == torch.float32:
+        return TopkConfig(32, max(32, k_pad), 4, 2, None)
+    return TopkConfig(64, 64, 4, 3, 80 if arch(device) == "sm90" else None)
+
+
+def _centroids_table(block_size: int, head_dim: int, device: torch.device) -> tuple[int, int]:
+    return min(_next_pow2(block_size), max(16, 8192 // _next_pow2(head_dim))), 2
+
+
+_TABLES = {"attn_fwd": _attn_fwd_table, "attn_bwd": _attn_bwd_table, "route_topk": _route_topk_table,
+           "centroids": _centroids_table}
+
+
+def shipped(family: str, *args):
+    """The configuration of ``family`` from the tables, ignoring any :func:`override` (for tuning scripts
+    that vary one field of it)."""
+    return _TABLES[family](*args)
+
+
+def _chosen(family: str, *args):
+    chosen = _overrides.get(family)
     if chosen is None:
-        return default()
+        return _TABLES[family](*args)
     return chosen(*args) if callable(chosen) else chosen
 
 
 def attn_fwd(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
     """The MoBA forward's tiles (:mod:`flashmoba.attention.forward`): gathered queries x one key tile."""
-
-    def table():
-        if dtype == torch.float32:  # exact (IEEE) fp32 products: small tiles fit in shared memory
-            return TileConfig(32, _key_tile(block_size, 32), 4, 1)
-        if arch(device) == "sm90":
-            if head_dim <= 128:
-                return TileConfig(128, _key_tile(block_size, 128), 8, 2)
-            return TileConfig(64, _key_tile(block_size, 64), 8, 2)
-        if head_dim <= 128:
-            return TileConfig(64, _key_tile(block_size, 64), 4, 2)
-        return TileConfig(32, _key_tile(block_size, 64), 4, 1)
-
-    return _chosen("attn_fwd", table, block_size, head_dim, dtype, device)
+    return _chosen("attn_fwd", block_size, head_dim, dtype, device)
 
 
 def attn_bwd(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
     """The MoBA backward's tiles (:mod:`flashmoba.attention.backward`): ``block_m`` gathered queries
     against a key tile of ``block_n`` keys that keeps K, V, dK and dV on chip. On Hopper a 128-key tile
     halves the gathers and dQ merges of a 64-key one and is faster despite its register spills."""
-
-    def table():
-        if dtype == torch.float32:
-            return TileConfig(32, _key_tile(block_size, 32), 4, 1)
-        if arch(device) == "sm90":
-            if head_dim <= 128:
-                return TileConfig(64, _key_tile(block_size, 128), 8, 2)
-            return TileConfig(32, _key_tile(block_size, 64), 8, 1)
-        if head_dim <= 64:
-            return TileConfig(64, _key_tile(block_size, 64), 4, 2)
-        return TileConfig(32, _key_tile(block_size, 64), 4, 1)
-
-    return _chosen("attn_bwd", table, block_size, head_dim, dtype, device)
+    return _chosen("attn_bwd", block_size, head_dim, dtype, device)
 
 
 def route_topk(dtype: torch.dtype, k_pad: int, device: torch.device) -> TopkConfig:
@@ -129,25 +149,14 @@ def route_topk(dtype: torch.dtype, k_pad: int, device: torch.device) -> TopkConf
     16-bit inputs: 64 x 64 tiles and one warpgroup, the fastest swept on an H200; the register cap (80)
     fits 6 programs per SM instead of 4, whose extra warps hide the latency of the merge rounds' shuffles
     and barriers. float32 inputs (exact products on the CUDA cores): small tiles, no cap."""
-
-    def table():
-        if dtype == torch.float32:
-            return TopkConfig(32, max(32, k_pad), 4, 2, None)
-        return TopkConfig(64, 64, 4, 3, 80 if arch(device) == "sm90" else None)
-
-    return _chosen("route_topk", table, dtype, k_pad, device)
+    return _chosen("route_topk", dtype, k_pad, device)
 
 
 def centroids(block_size: int, head_dim: int, device: torch.device) -> tuple[int, int]:
     """``(BLOCK_T, num_warps)`` of the centroid kernel (:mod:`flashmoba.routing.centroids`): many small
     programs, each summing one block's keys in tiles of ``BLOCK_T`` tokens; 2 warps read at copy bandwidth
     on an H200 (``benchmarks/tune_centroids.py``)."""
-
-    def table():
-        block_d = _next_pow2(head_dim)
-        return min(_next_pow2(block_size), max(16, 8192 // block_d)), 2
-
-    return _chosen("centroids", table, block_size, head_dim, device)
+    return _chosen("centroids", block_size, head_dim, device)
 
 
 @contextlib.contextmanager
@@ -158,10 +167,9 @@ def override(**chosen: _Override) -> Iterator[None]:
     ``centroids``); a value is the configuration to return, or a callable taking that function's
     arguments. Not thread-safe: it changes a module-level table.
     """
-    known = {"attn_fwd", "attn_bwd", "route_topk", "centroids"}
-    unknown = set(chosen) - known
+    unknown = set(chosen) - set(_TABLES)
     if unknown:
-        raise ValueError(f"unknown kernel families {sorted(unknown)}; known: {sorted(known)}")
+        raise ValueError(f"unknown kernel families {sorted(unknown)}; known: {sorted(_TABLES)}")
     saved = dict(_overrides)
     _overrides.update(chosen)
     try:

@@ -141,7 +141,24 @@ def _attn_fwd_tile(
 
 
 @triton.jit
-def _attn_fwd_kernel(
+def _has_flagged_query(Entries, Offsets, RowMax, g, kvh, num_blocks_max,
+                       HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Whether a query of block ``g``'s segments of KV head ``kvh`` is flagged (``RowMax != 0``)."""
+    flagged = 0
+    for hh in range(GROUP):
+        h = kvh * GROUP + hh
+        seg_start, seg_end = segment_bounds(Offsets, h, g, num_blocks_max)
+        for e0 in range(seg_start, seg_end, BLOCK_M):
+            e = e0 + tl.arange(0, BLOCK_M)
+            row_ok = e < seg_end
+            t, _ = gathered_queries(Entries, e, row_ok, h, HQ, TOPK)
+            hit = tl.load(RowMax + t * HQ + h, mask=row_ok, other=0.0) != 0
+            flagged = tl.maximum(flagged, tl.max(hit.to(tl.int32), axis=0))
+    return flagged != 0
+
+
+@triton.jit
+def _attn_fwd_program(
     Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax,
     cu_seqlens, cu_blocks, block_seq,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
@@ -151,40 +168,80 @@ def _attn_fwd_kernel(
     RESCUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Program (global block, KV head, key tile) of the main pass or of the rescue pass."""
     g = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     active, block_start, key_offset, key_ok, num_own = key_tile_of_program(
         g, split, cu_seqlens, cu_blocks, block_seq, num_seqs, BLOCK_SIZE, BLOCK_N, CAUSAL)
-    if not active:
-        return
+    if RESCUE:  # read no keys unless one of this program's queries is flagged
+        active = active & _has_flagged_query(Entries, Offsets, RowMax, g, kvh, num_blocks_max,
+                                             HQ, GROUP, TOPK, BLOCK_M)
+    if active:
+        # This program's keys and values stay on chip while it walks the gathered queries.
+        kpos = block_start + key_offset
+        d = tl.arange(0, BLOCK_D)
+        kv_mask = key_ok[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(K + kpos[:, None] * stride_kn + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + kpos[:, None] * stride_vn + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
 
-    # This program's keys and values stay on chip while it walks the gathered queries.
-    kpos = block_start + key_offset
-    d = tl.arange(0, BLOCK_D)
-    kv_mask = key_ok[:, None] & (d < HEAD_DIM)[None, :]
-    k = tl.load(K + kpos[:, None] * stride_kn + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + kpos[:, None] * stride_vn + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        for hh in range(GROUP):
+            h = kvh * GROUP + hh
+            seg_start, seg_end = segment_bounds(Offsets, h, g, num_blocks_max)
+            # the own block's queries: token-level causal mask
+            for e0 in range(seg_start, seg_start + num_own, BLOCK_M):
+                _attn_fwd_tile(
+                    Q, Entries, RowRef, Acc, RowSum, RowMax, k, v, key_offset, key_ok, block_start,
+                    e0, seg_start + num_own, h, split, stride_qn, stride_qh, scale_log2,
+                    HQ, TOPK, HEAD_DIM, KEY_SPLITS, True, DETERMINISTIC, P_MAX, not CAUSAL, RESCUE,
+                    BLOCK_M, BLOCK_D, PRECISION,
+                )
+            # routed queries lie after the block: no mask
+            for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
+                _attn_fwd_tile(
+                    Q, Entries, RowRef, Acc, RowSum, RowMax, k, v, key_offset, key_ok, block_start,
+                    e0, seg_end, h, split, stride_qn, stride_qh, scale_log2,
+                    HQ, TOPK, HEAD_DIM, KEY_SPLITS, False, DETERMINISTIC, P_MAX, not CAUSAL, RESCUE,
+                    BLOCK_M, BLOCK_D, PRECISION,
+                )
 
-    for hh in range(GROUP):
-        h = kvh * GROUP + hh
-        seg_start, seg_end = segment_bounds(Offsets, h, g, num_blocks_max)
-        # the own block's queries: token-level causal mask
-        for e0 in range(seg_start, seg_start + num_own, BLOCK_M):
-            _attn_fwd_tile(
-                Q, Entries, RowRef, Acc, RowSum, RowMax, k, v, key_offset, key_ok, block_start,
-                e0, seg_start + num_own, h, split, stride_qn, stride_qh, scale_log2,
-                HQ, TOPK, HEAD_DIM, KEY_SPLITS, True, DETERMINISTIC, P_MAX, not CAUSAL, RESCUE,
-                BLOCK_M, BLOCK_D, PRECISION,
-            )
-        # routed queries lie after the block: no mask
-        for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
-            _attn_fwd_tile(
-                Q, Entries, RowRef, Acc, RowSum, RowMax, k, v, key_offset, key_ok, block_start,
-                e0, seg_end, h, split, stride_qn, stride_qh, scale_log2,
-                HQ, TOPK, HEAD_DIM, KEY_SPLITS, False, DETERMINISTIC, P_MAX, not CAUSAL, RESCUE,
-                BLOCK_M, BLOCK_D, PRECISION,
-            )
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax,
+    cu_seqlens, cu_blocks, block_seq,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    num_seqs, num_blocks_max, scale_log2,
+    HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE, KEY_SPLITS, CAUSAL: tl.constexpr, DETERMINISTIC: tl.constexpr, P_MAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The main pass: every row, weighed against its reference."""
+    _attn_fwd_program(
+        Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, cu_seqlens, cu_blocks, block_seq,
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, num_seqs, num_blocks_max, scale_log2,
+        HQ, GROUP, TOPK, HEAD_DIM, BLOCK_SIZE, KEY_SPLITS, CAUSAL, DETERMINISTIC, P_MAX, False,
+        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+    )
+
+
+@triton.jit
+def _attn_fwd_rescue_kernel(
+    Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax,
+    cu_seqlens, cu_blocks, block_seq,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    num_seqs, num_blocks_max, scale_log2,
+    HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE, KEY_SPLITS, CAUSAL: tl.constexpr, DETERMINISTIC: tl.constexpr, P_MAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The rescue pass: only the rows flagged in ``RowMax``, against their moved references."""
+    _attn_fwd_program(
+        Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, cu_seqlens, cu_blocks, block_seq,
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, num_seqs, num_blocks_max, scale_log2,
+        HQ, GROUP, TOPK, HEAD_DIM, BLOCK_SIZE, KEY_SPLITS, CAUSAL, DETERMINISTIC, P_MAX, True,
+        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+    )
 
 
 @triton.jit
@@ -304,19 +361,19 @@ def attn_fwd(
     )
     BLOCK_R = max(16, min(64, 4096 // BLOCK_D))
     row_grid = (triton.cdiv(num_rows, BLOCK_R),)
-    for rescue in (False, True):
-        if rescue:
+    for kernel in (_attn_fwd_kernel, _attn_fwd_rescue_kernel):
+        if kernel is _attn_fwd_rescue_kernel:
             _attn_fwd_prepare_rescue_kernel[row_grid](
                 acc, row_sum, row_max, stats[0], num_rows, scale_log2,
                 HEAD_DIM=D, PARTS=parts, P_MAX=p_max, BLOCK_R=BLOCK_R,
             )
-        _attn_fwd_kernel[(num_blocks_max, HKV, key_splits)](
+        kernel[(num_blocks_max, HKV, key_splits)](
             q, k, v, entries, offsets, stats[0], acc, row_sum, row_max,
             cu_seqlens, cu_blocks, block_seq,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             cu_seqlens.numel() - 1, num_blocks_max, scale_log2,
             HQ=HQ, GROUP=group, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size, KEY_SPLITS=key_splits,
-            CAUSAL=causal, DETERMINISTIC=deterministic, P_MAX=p_max, RESCUE=rescue,
+            CAUSAL=causal, DETERMINISTIC=deterministic, P_MAX=p_max,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=BLOCK_D,
             PRECISION=configs.dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
