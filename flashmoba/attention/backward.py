@@ -174,8 +174,8 @@ def attn_bwd(
     out = out.contiguous()
 
     delta = torch.empty(N, HQ, dtype=torch.float32, device=q.device)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
+    dk = torch.empty_like(k)  # every key row belongs to a block, whose programs write it
+    dv = torch.empty_like(v)
     if deterministic:
         dq_acc = torch.zeros(N * HQ * topk * key_splits, D, dtype=torch.float32, device=q.device)
     else:

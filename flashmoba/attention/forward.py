@@ -159,7 +159,7 @@ def _has_flagged_query(Entries, Offsets, RowMax, g, kvh, num_blocks_max,
 
 @triton.jit
 def _attn_fwd_program(
-    Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax,
+    Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, AnyFailed,
     cu_seqlens, cu_blocks, block_seq,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     num_seqs, num_blocks_max, scale_log2,
@@ -174,9 +174,10 @@ def _attn_fwd_program(
     split = tl.program_id(2)
     active, block_start, key_offset, key_ok, num_own = key_tile_of_program(
         g, split, cu_seqlens, cu_blocks, block_seq, num_seqs, BLOCK_SIZE, BLOCK_N, CAUSAL)
-    if RESCUE:  # read no keys unless one of this program's queries is flagged
-        active = active & _has_flagged_query(Entries, Offsets, RowMax, g, kvh, num_blocks_max,
-                                             HQ, GROUP, TOPK, BLOCK_M)
+    if RESCUE:  # nothing to do unless some row failed, and no keys to read unless one of ours did
+        active = active & (tl.load(AnyFailed) != 0)
+        if active:
+            active = _has_flagged_query(Entries, Offsets, RowMax, g, kvh, num_blocks_max, HQ, GROUP, TOPK, BLOCK_M)
     if active:
         # This program's keys and values stay on chip while it walks the gathered queries.
         kpos = block_start + key_offset
@@ -208,7 +209,7 @@ def _attn_fwd_program(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax,
+    Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, AnyFailed,
     cu_seqlens, cu_blocks, block_seq,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     num_seqs, num_blocks_max, scale_log2,
@@ -218,7 +219,7 @@ def _attn_fwd_kernel(
 ):
     """The main pass: every row, weighed against its reference."""
     _attn_fwd_program(
-        Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, cu_seqlens, cu_blocks, block_seq,
+        Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, AnyFailed, cu_seqlens, cu_blocks, block_seq,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, num_seqs, num_blocks_max, scale_log2,
         HQ, GROUP, TOPK, HEAD_DIM, BLOCK_SIZE, KEY_SPLITS, CAUSAL, DETERMINISTIC, P_MAX, False,
         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
@@ -227,7 +228,7 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_fwd_rescue_kernel(
-    Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax,
+    Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, AnyFailed,
     cu_seqlens, cu_blocks, block_seq,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     num_seqs, num_blocks_max, scale_log2,
@@ -237,7 +238,7 @@ def _attn_fwd_rescue_kernel(
 ):
     """The rescue pass: only the rows flagged in ``RowMax``, against their moved references."""
     _attn_fwd_program(
-        Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, cu_seqlens, cu_blocks, block_seq,
+        Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, AnyFailed, cu_seqlens, cu_blocks, block_seq,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, num_seqs, num_blocks_max, scale_log2,
         HQ, GROUP, TOPK, HEAD_DIM, BLOCK_SIZE, KEY_SPLITS, CAUSAL, DETERMINISTIC, P_MAX, True,
         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
@@ -258,11 +259,11 @@ def _row_sums(Acc, RowSum, r64, r_ok, mask, d, HEAD_DIM: tl.constexpr, PARTS: tl
 
 @triton.jit
 def _attn_fwd_prepare_rescue_kernel(
-    Acc, RowSum, RowMax, RowRef, num_rows, scale_log2,
+    Acc, RowSum, RowMax, RowRef, AnyFailed, num_rows, scale_log2,
     HEAD_DIM: tl.constexpr, PARTS: tl.constexpr, P_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Rows that failed their reference: move the reference to the row's largest logit, clear the row's
-    sums, and leave 1 in ``RowMax`` (0 for every other row) for the rescue pass."""
+    sums, and leave 1 in ``RowMax`` (0 for every other row) and in ``AnyFailed`` for the rescue pass."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < num_rows
     r64 = r.to(tl.int64)
@@ -277,6 +278,7 @@ def _attn_fwd_prepare_rescue_kernel(
     tl.store(RowRef + r64, ref + shift, mask=failed)
     tl.store(RowMax + r64, failed.to(tl.float32), mask=r_ok)
     if tl.max(failed.to(tl.int32), axis=0) != 0:
+        tl.atomic_max(AnyFailed, 1.0, sem="relaxed")
         for i in range(PARTS):
             tl.store(RowSum + r64 * PARTS + i, 0.0, mask=failed)
             for d0 in range(0, HEAD_DIM, BLOCK_R):
@@ -342,11 +344,13 @@ def attn_fwd(
     parts = topk * key_splits if deterministic else 1
     num_rows = N * HQ
 
-    # One zero-filled float32 buffer: accumulators [rows, parts, D], row sums [rows, parts], row maxima.
-    scratch = torch.zeros(num_rows * parts * (D + 1) + num_rows, dtype=torch.float32, device=q.device)
+    # One zero-filled float32 buffer: accumulators [rows, parts, D], row sums [rows, parts], row maxima,
+    # and the flag that some row needs the rescue.
+    scratch = torch.zeros(num_rows * parts * (D + 1) + num_rows + 1, dtype=torch.float32, device=q.device)
     acc = scratch[: num_rows * parts * D]
     row_sum = scratch[num_rows * parts * D : num_rows * parts * (D + 1)]
-    row_max = scratch[num_rows * parts * (D + 1) :]
+    row_max = scratch[num_rows * parts * (D + 1) : -1]
+    any_failed = scratch[-1:]
     stats = torch.empty(2, N, HQ, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if N == 0:
@@ -364,11 +368,11 @@ def attn_fwd(
     for kernel in (_attn_fwd_kernel, _attn_fwd_rescue_kernel):
         if kernel is _attn_fwd_rescue_kernel:
             _attn_fwd_prepare_rescue_kernel[row_grid](
-                acc, row_sum, row_max, stats[0], num_rows, scale_log2,
+                acc, row_sum, row_max, stats[0], any_failed, num_rows, scale_log2,
                 HEAD_DIM=D, PARTS=parts, P_MAX=p_max, BLOCK_R=BLOCK_R,
             )
         kernel[(num_blocks_max, HKV, key_splits)](
-            q, k, v, entries, offsets, stats[0], acc, row_sum, row_max,
+            q, k, v, entries, offsets, stats[0], acc, row_sum, row_max, any_failed,
             cu_seqlens, cu_blocks, block_seq,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             cu_seqlens.numel() - 1, num_blocks_max, scale_log2,
