@@ -46,7 +46,7 @@ def _attn_bwd_tile(
     stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
     scale, scale_log2,
     HQ: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_SPLITS,
-    CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr, KEYS_MAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One gathered tile of up to BLOCK_M queries against this program's key tile."""
@@ -61,18 +61,33 @@ def _attn_bwd_tile(
     lse2 = tl.load(Stats + num_rows + t * HQ + h, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + t * HQ + h, mask=row_ok, other=0.0)
 
-    # Transposed tiles ([BLOCK_N, BLOCK_M]) so that dV and dK come out of the dots without transposes.
     # Exponents from the products' difference, as the forward formed them.
-    s_t = (tl.dot(k, tl.trans(q), input_precision=PRECISION) - ref[None, :]) * scale_log2 - lse2[None, :]
-    allowed = key_ok[:, None] & row_ok[None, :]
-    if CAUSAL_MASK:  # int32 offsets from the block start (an int64 tile costs 2x registers)
-        allowed = allowed & (key_offset[:, None] <= (t - block_start).to(tl.int32)[None, :])
-    p_t = tl.where(allowed, tl.exp2(s_t), 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-    dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * scale
+    if KEYS_MAJOR:
+        # Tiles [BLOCK_N, BLOCK_M]: dV and dK come out of the dots without transposes, and four of the
+        # five products have BLOCK_N rows (a 64-row multiple runs on Hopper's warpgroup MMA).
+        s_t = (tl.dot(k, tl.trans(q), input_precision=PRECISION) - ref[None, :]) * scale_log2 - lse2[None, :]
+        allowed = key_ok[:, None] & row_ok[None, :]
+        if CAUSAL_MASK:  # int32 offsets from the block start (an int64 tile costs 2x registers)
+            allowed = allowed & (key_offset[:, None] <= (t - block_start).to(tl.int32)[None, :])
+        p_t = tl.where(allowed, tl.exp2(s_t), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * scale
+    else:
+        # Tiles [BLOCK_M, BLOCK_N] for key tiles under 64 rows: three of the five products then have
+        # BLOCK_M rows (S, dP, dQ) instead of one.
+        s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) - ref[:, None]) * scale_log2 - lse2[:, None]
+        allowed = row_ok[:, None] & key_ok[None, :]
+        if CAUSAL_MASK:
+            allowed = allowed & (key_offset[None, :] <= (t - block_start).to(tl.int32)[:, None])
+        p = tl.where(allowed, tl.exp2(s), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
     if DETERMINISTIC:
         tl.store(DQ + (pair * KEY_SPLITS + split)[:, None] * HEAD_DIM + d[None, :], dq, mask=io_mask)
     else:
@@ -117,7 +132,7 @@ def _attn_bwd_kernel(
                 Q, DO, Stats, Delta, DQ, Entries, k, v, dk, dv, key_offset, key_ok, block_start,
                 e0, seg_start + num_own, h, split, num_rows,
                 stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
-                scale, scale_log2, HQ, TOPK, HEAD_DIM, KEY_SPLITS, True, DETERMINISTIC,
+                scale, scale_log2, HQ, TOPK, HEAD_DIM, KEY_SPLITS, True, DETERMINISTIC, BLOCK_N >= 64,
                 BLOCK_M, BLOCK_D, PRECISION,
             )
         for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
@@ -125,7 +140,7 @@ def _attn_bwd_kernel(
                 Q, DO, Stats, Delta, DQ, Entries, k, v, dk, dv, key_offset, key_ok, block_start,
                 e0, seg_end, h, split, num_rows,
                 stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
-                scale, scale_log2, HQ, TOPK, HEAD_DIM, KEY_SPLITS, False, DETERMINISTIC,
+                scale, scale_log2, HQ, TOPK, HEAD_DIM, KEY_SPLITS, False, DETERMINISTIC, BLOCK_N >= 64,
                 BLOCK_M, BLOCK_D, PRECISION,
             )
 
