@@ -83,9 +83,14 @@ def _attn_fwd_table(block_size: int, head_dim: int, dtype: torch.dtype, device: 
     if dtype == torch.float32:  # exact (IEEE) fp32 products: small tiles fit in shared memory
         return TileConfig(32, _key_tile(block_size, 32), 4, 1)
     if arch(device) == "sm90":
-        if head_dim <= 128:
-            return TileConfig(128, _key_tile(block_size, 128), 8, 2)
-        return TileConfig(64, _key_tile(block_size, 64), 8, 2)
+        block_n = _key_tile(block_size, 128 if head_dim <= 128 else 64)
+        if head_dim > 128:
+            return TileConfig(64, block_n, 8, 2)
+        if block_n >= 128:
+            return TileConfig(128, block_n, 8, 3)
+        if block_n == 64:
+            return TileConfig(64, block_n, 4, 3)
+        return TileConfig(128, block_n, 4, 2)
     if head_dim <= 128:
         return TileConfig(64, _key_tile(block_size, 64), 4, 2)
     return TileConfig(32, _key_tile(block_size, 64), 4, 1)
@@ -95,9 +100,14 @@ def _attn_bwd_table(block_size: int, head_dim: int, dtype: torch.dtype, device: 
     if dtype == torch.float32:
         return TileConfig(32, _key_tile(block_size, 32), 4, 1)
     if arch(device) == "sm90":
-        if head_dim <= 128:
-            return TileConfig(64, _key_tile(block_size, 128), 8, 2)
-        return TileConfig(32, _key_tile(block_size, 64), 8, 1)
+        block_n = _key_tile(block_size, 128 if head_dim <= 128 else 64)
+        if head_dim > 128:
+            return TileConfig(32, block_n, 8, 1)
+        if block_n >= 128:
+            return TileConfig(64, block_n, 8, 2)
+        if block_n == 64:
+            return TileConfig(32, block_n, 4, 2)
+        return TileConfig(64, block_n, 4, 2)
     if head_dim <= 64:
         return TileConfig(64, _key_tile(block_size, 64), 4, 2)
     return TileConfig(32, _key_tile(block_size, 64), 4, 1)
