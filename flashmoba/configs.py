@@ -104,10 +104,10 @@ def _attn_bwd_table(block_size: int, head_dim: int, dtype: torch.dtype, device: 
         if head_dim > 128:
             return TileConfig(32, block_n, 8, 1)
         if block_n >= 128:
-            return TileConfig(64, block_n, 8, 2)
+            return TileConfig(64, block_n, 8, 3)
         if block_n == 64:
-            return TileConfig(32, block_n, 4, 2)
-        return TileConfig(64, block_n, 4, 2)
+            return TileConfig(32, block_n, 4, 3)
+        return TileConfig(64, block_n, 4, 3)
     if head_dim <= 64:
         return TileConfig(64, _key_tile(block_size, 64), 4, 2)
     return TileConfig(32, _key_tile(block_size, 64), 4, 1)
