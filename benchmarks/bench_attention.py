@@ -31,12 +31,19 @@ def bench_ms(fn, rep_ms: float = 200.0) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
 
 
-def peak_gb(fn) -> float:
+def peak_gb(fn, leaves=()) -> tuple[float, float]:
+    """Peak memory of one call of ``fn``: ``(total, above what was allocated before it)`` in GB, with the
+    gradients of ``leaves`` dropped first; the second leaves out the inputs, as the peers' numbers in the
+    anchors do."""
+    for t in leaves:
+        t.grad = None
     torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 1e9
+    peak = torch.cuda.max_memory_allocated()
+    return peak / 1e9, (peak - before) / 1e9
 
 
 def attended_keys(indices: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, causal: bool) -> int:
@@ -136,7 +143,7 @@ def run_moba(T, block, topk, args, dtype, device, ceiling):
     if args.graph:
         row["fwd_graph_ms"] = graph_ms(fwd, rep)
         row["fwd_bwd_graph_ms"] = graph_ms(fwd_bwd, rep)
-    row["peak_gb"] = peak_gb(fwd_bwd)
+    row["peak_gb"], row["peak_above_inputs_gb"] = peak_gb(fwd_bwd, (q, k, v))
     row["stages_ms"] = kernel_breakdown(fwd_bwd)
 
     with torch.no_grad():
@@ -187,7 +194,7 @@ def run_fla_nsa(T, args, dtype, device):
     rep = 200.0 if T <= 65536 else 60.0
     row["fwd_ms"] = bench_ms(fwd, rep)
     row["fwd_bwd_ms"] = bench_ms(fwd_bwd, rep)
-    row["peak_gb"] = peak_gb(fwd_bwd)
+    row["peak_gb"], row["peak_above_inputs_gb"] = peak_gb(fwd_bwd, (q, k, v))
     return row
 
 
@@ -212,7 +219,7 @@ def run_sdpa(T, args, dtype, device, backend_name):
     rep = 200.0 if T <= 32768 else 40.0
     row["fwd_ms"] = bench_ms(fwd, rep)
     row["fwd_bwd_ms"] = bench_ms(fwd_bwd, rep)
-    row["peak_gb"] = peak_gb(fwd_bwd)
+    row["peak_gb"], row["peak_above_inputs_gb"] = peak_gb(fwd_bwd, (q, k, v))
     return row
 
 
@@ -275,7 +282,7 @@ def run_flex(T, args, dtype, device, variant):
     rep = 200.0 if T <= 32768 else 40.0
     row["fwd_ms"] = bench_ms(fwd, rep)
     row["fwd_bwd_ms"] = bench_ms(fwd_bwd, rep)
-    row["peak_gb"] = peak_gb(fwd_bwd)
+    row["peak_gb"], row["peak_above_inputs_gb"] = peak_gb(fwd_bwd, (q, k, v))
     return row
 
 
@@ -317,8 +324,8 @@ def plot(rows, path: Path) -> None:
 
 def to_markdown(rows) -> str:
     cols = ["T", "impl", "block", "topk", "HKV", "route_ms", "fwd_ms", "fwd_bwd_ms", "fwd_graph_ms",
-            "fwd_bwd_graph_ms", "peak_gb", "ns_per_pair", "fwd_tflops", "bwd_tflops", "fwd_bwd_tflops",
-            "pct_of_floor"]
+            "fwd_bwd_graph_ms", "peak_gb", "peak_above_inputs_gb", "ns_per_pair", "fwd_tflops", "bwd_tflops",
+            "fwd_bwd_tflops", "pct_of_floor"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
