@@ -72,7 +72,7 @@ def matmul_ceiling_tflops(device) -> float:
 
 STAGES = (  # kernel-name fragments -> stage, first match wins
     ("_block_centroids", "centroids"), ("_route_topk", "topk"), ("_attn_fwd_row_ref", "fwd row ref"),
-    ("_attn_fwd_rescue_kernel", "fwd rescue"), ("_attn_fwd_prepare", "fwd rescue"),
+    ("_attn_fwd_prepare", "fwd rescue"),
     ("_attn_fwd_kernel", "fwd main"), ("_attn_fwd_finalize", "fwd finalize"),
     ("_attn_bwd_delta", "bwd delta"), ("_attn_bwd_kernel", "bwd main"),
     ("Memset", "zero fills"), ("fill", "zero fills"), ("zero", "zero fills"),
@@ -310,7 +310,8 @@ def plot(rows, path: Path) -> None:
         dense = [r["fwd_bwd_ms"] for r in rows if r["impl"] == "sdpa-cudnn" and r["T"] == T and "fwd_bwd_ms" in r]
         if dense:
             ax_t.axhline(dense[0], color=line.get_color(), ls=":", label=f"SDPA cuDNN dense, T={T // 1024}K")
-    for ax, ylabel in ((ax_t, "forward + backward incl. routing (ms)"), (ax_p, "attention ns per (query, head, block)")):
+    for ax, ylabel in ((ax_t, "forward + backward incl. routing (ms)"),
+                       (ax_p, "attention ns per (query, head, block)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("block size (top-k = 1024 / block: same attended keys)")

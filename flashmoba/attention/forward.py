@@ -29,7 +29,8 @@ would overflow), or when its sum is below one half (no visible key near the refe
 without the causal diagonal). Programs record such a row's largest exponent (in causal mode only where
 it overflows, so normally never; without the diagonal for every row). A row-wise kernel then moves each
 failed row's reference to its largest logit and clears its sums, and a rescue pass of the same kernel
-recomputes those rows alone, skipping every tile without one (it reads the index, not Q, K or V). The
+(``RESCUE``) recomputes those rows alone: it ends at once unless some row failed, and reads no keys unless
+one of its program's queries did. The
 rescued rows are thereby computed with the same products as all others, which the backward recomputes
 bit for bit. On random inputs no row fails; the rescue exists so that no input is silently wrong (huge
 logits, a head that avoids its own token).
@@ -158,7 +159,7 @@ def _has_flagged_query(Entries, Offsets, RowMax, g, kvh, num_blocks_max,
 
 
 @triton.jit
-def _attn_fwd_program(
+def _attn_fwd_kernel(
     Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, AnyFailed,
     cu_seqlens, cu_blocks, block_seq,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
@@ -168,7 +169,8 @@ def _attn_fwd_program(
     RESCUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Program (global block, KV head, key tile) of the main pass or of the rescue pass."""
+    """Program (global block, KV head, key tile) of the main pass, or with ``RESCUE`` of the rescue pass
+    (only the rows flagged in ``RowMax``, against their moved references)."""
     g = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -177,7 +179,8 @@ def _attn_fwd_program(
     if RESCUE:  # nothing to do unless some row failed, and no keys to read unless one of ours did
         active = active & (tl.load(AnyFailed) != 0)
         if active:
-            active = _has_flagged_query(Entries, Offsets, RowMax, g, kvh, num_blocks_max, HQ, GROUP, TOPK, BLOCK_M)
+            active = _has_flagged_query(Entries, Offsets, RowMax, g, kvh, num_blocks_max,
+                                        HQ, GROUP, TOPK, BLOCK_M)
     if active:
         # This program's keys and values stay on chip while it walks the gathered queries.
         kpos = block_start + key_offset
@@ -205,44 +208,6 @@ def _attn_fwd_program(
                     HQ, TOPK, HEAD_DIM, KEY_SPLITS, False, DETERMINISTIC, P_MAX, not CAUSAL, RESCUE,
                     BLOCK_M, BLOCK_D, PRECISION,
                 )
-
-
-@triton.jit
-def _attn_fwd_kernel(
-    Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, AnyFailed,
-    cu_seqlens, cu_blocks, block_seq,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-    num_seqs, num_blocks_max, scale_log2,
-    HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE, KEY_SPLITS, CAUSAL: tl.constexpr, DETERMINISTIC: tl.constexpr, P_MAX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The main pass: every row, weighed against its reference."""
-    _attn_fwd_program(
-        Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, AnyFailed, cu_seqlens, cu_blocks, block_seq,
-        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, num_seqs, num_blocks_max, scale_log2,
-        HQ, GROUP, TOPK, HEAD_DIM, BLOCK_SIZE, KEY_SPLITS, CAUSAL, DETERMINISTIC, P_MAX, False,
-        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
-    )
-
-
-@triton.jit
-def _attn_fwd_rescue_kernel(
-    Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, AnyFailed,
-    cu_seqlens, cu_blocks, block_seq,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-    num_seqs, num_blocks_max, scale_log2,
-    HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE, KEY_SPLITS, CAUSAL: tl.constexpr, DETERMINISTIC: tl.constexpr, P_MAX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The rescue pass: only the rows flagged in ``RowMax``, against their moved references."""
-    _attn_fwd_program(
-        Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, AnyFailed, cu_seqlens, cu_blocks, block_seq,
-        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, num_seqs, num_blocks_max, scale_log2,
-        HQ, GROUP, TOPK, HEAD_DIM, BLOCK_SIZE, KEY_SPLITS, CAUSAL, DETERMINISTIC, P_MAX, True,
-        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
-    )
 
 
 @triton.jit
@@ -365,19 +330,19 @@ def attn_fwd(
     )
     BLOCK_R = max(16, min(64, 4096 // BLOCK_D))
     row_grid = (triton.cdiv(num_rows, BLOCK_R),)
-    for kernel in (_attn_fwd_kernel, _attn_fwd_rescue_kernel):
-        if kernel is _attn_fwd_rescue_kernel:
+    for rescue in (False, True):
+        if rescue:
             _attn_fwd_prepare_rescue_kernel[row_grid](
                 acc, row_sum, row_max, stats[0], any_failed, num_rows, scale_log2,
                 HEAD_DIM=D, PARTS=parts, P_MAX=p_max, BLOCK_R=BLOCK_R,
             )
-        kernel[(num_blocks_max, HKV, key_splits)](
+        _attn_fwd_kernel[(num_blocks_max, HKV, key_splits)](
             q, k, v, entries, offsets, stats[0], acc, row_sum, row_max, any_failed,
             cu_seqlens, cu_blocks, block_seq,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             cu_seqlens.numel() - 1, num_blocks_max, scale_log2,
             HQ=HQ, GROUP=group, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size, KEY_SPLITS=key_splits,
-            CAUSAL=causal, DETERMINISTIC=deterministic, P_MAX=p_max,
+            CAUSAL=causal, DETERMINISTIC=deterministic, P_MAX=p_max, RESCUE=rescue,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=BLOCK_D,
             PRECISION=configs.dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
