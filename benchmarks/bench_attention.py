@@ -33,8 +33,8 @@ def bench_ms(fn, rep_ms: float = 200.0) -> float:
 
 def peak_gb(fn, leaves=()) -> tuple[float, float]:
     """Peak memory of one call of ``fn``: ``(total, above what was allocated before it)`` in GB, with the
-    gradients of ``leaves`` dropped first; the second leaves out the inputs, as the peers' numbers in the
-    anchors do."""
+    gradients of ``leaves`` dropped first; the second leaves out the inputs, as the official FlashMoBA
+    numbers in the docs do."""
     for t in leaves:
         t.grad = None
     torch.cuda.synchronize()
@@ -287,7 +287,7 @@ def run_flex(T, args, dtype, device, variant):
 
 
 # Official FlashMoBA (CUDA, v2.0.0) on an H200, batch 2, 16 heads, D 128, bf16, causal, forward+backward
-# with routing, ms, measured by the team on 2026-12-02/03 (shared anchors): drawn as reference points.
+# with routing, ms, measured by the team on 2026-12-02/03: drawn as reference points.
 FLASHMOBA_ANCHORS = {(128, 8, 8192): 5.94, (128, 8, 65536): 61.5, (64, 16, 8192): 9.58, (64, 16, 65536): 114.0}
 
 

@@ -38,7 +38,7 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
                  intermediate_size=352, swa_window=32, moba_block_size=16, moba_topk=2,
                  max_position_embeddings=512, tie_word_embeddings=True),
-    # Short GPU runs (issue 7): head dim 64 and the paper's routing at a few thousand tokens.
+    # Short GPU runs: head dim 64 and the paper's routing at a few thousand tokens.
     "small": dict(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64,
                   intermediate_size=1408, tie_word_embeddings=True),
     "340m": dict(vocab_size=32000, hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16, head_dim=64,
