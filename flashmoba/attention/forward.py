@@ -211,15 +211,12 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _row_sums(Acc, RowSum, r64, r_ok, mask, d, HEAD_DIM: tl.constexpr, PARTS: tl.constexpr,
-              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The ``PARTS`` partial accumulators and sums of rows ``r64``, added in a fixed order."""
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+def _row_sums(RowSum, r64, r_ok, PARTS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The weight sums of rows ``r64``: their ``PARTS`` partial sums, added in a fixed order."""
     row_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
     for i in range(PARTS):
-        acc += tl.load(Acc + (r64 * PARTS + i)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
         row_sum += tl.load(RowSum + r64 * PARTS + i, mask=r_ok, other=0.0)
-    return acc, row_sum
+    return row_sum
 
 
 @triton.jit
@@ -232,9 +229,7 @@ def _attn_fwd_prepare_rescue_kernel(
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < num_rows
     r64 = r.to(tl.int64)
-    row_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for i in range(PARTS):
-        row_sum += tl.load(RowSum + r64 * PARTS + i, mask=r_ok, other=0.0)
+    row_sum = _row_sums(RowSum, r64, r_ok, PARTS, BLOCK_R)
     recorded = tl.load(RowMax + r64, mask=r_ok, other=0.0)
     top = recorded - _MAX_OFFSET  # the largest exponent, where recorded (> 0)
     failed = r_ok & (((recorded > 0) & (top > P_MAX)) | ~(row_sum >= 0.5))
@@ -264,7 +259,10 @@ def _attn_fwd_finalize_kernel(
     r64 = r.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     mask = r_ok[:, None] & (d < HEAD_DIM)[None, :]
-    acc, row_sum = _row_sums(Acc, RowSum, r64, r_ok, mask, d, HEAD_DIM, PARTS, BLOCK_R, BLOCK_D)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for i in range(PARTS):  # in a fixed order (bitwise reproducible in deterministic mode)
+        acc += tl.load(Acc + (r64 * PARTS + i)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+    row_sum = _row_sums(RowSum, r64, r_ok, PARTS, BLOCK_R)
     tl.store(Out + r64[:, None] * HEAD_DIM + d[None, :], (acc / row_sum[:, None]).to(Out.dtype.element_ty),
              mask=mask)
     tl.store(Lse2 + r64, tl.log2(row_sum), mask=r_ok)
