@@ -10,68 +10,33 @@ of host synchronisation (pass ``max_seqlen`` there, or nothing at all: the kerne
 
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 
-from flashmoba.routing.result import MoBARouting, block_layout
+from flashmoba._checks import (
+    BACKENDS,
+    TRITON_MAX_TOPK,
+    TRITON_MIN_BLOCK,
+    check_backend_support,
+    check_bool,
+    check_cu_seqlens,
+    check_routing_args,
+    check_tensor,
+    resolve_backend,
+)
+from flashmoba.routing.result import MoBARouting, block_layout, max_num_blocks
 
 __all__ = ["moba_attn", "moba_attn_varlen", "moba_route_varlen", "BACKENDS"]
-
-BACKENDS = ("auto", "reference", "triton")
-_REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_MAX_TOPK = 64
-TRITON_MIN_BLOCK = 16
-TRITON_HEAD_DIMS = "a multiple of 8 between 16 and 256"
 
 
 # ----------------------------------------------------------------------------------------------------
 # validation
 
 
-def _tracing() -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "reference"
-    if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (got device {device}); on the CPU it runs only "
-                "under TRITON_INTERPRET=1. Use backend='reference' or 'auto' for CPU tensors."
-            )
-        try:
-            import triton  # noqa: F401
-        except ImportError as e:  # pragma: no cover - triton is a dependency
-            raise ValueError("backend='triton' needs the triton package installed") from e
-    return backend
-
-
-def _check_int(name: str, value, minimum: int):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_tensor(name: str, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
 def _check_qkv(q, k, v, rank: int, layout: str):
     names = ("q", "k", "v") if v is not None else ("q", "k")
     tensors = (q, k, v) if v is not None else (q, k)
     for name, t in zip(names, tensors):
-        _check_tensor(name, t)
+        check_tensor(name, t)
         if t.dim() != rank:
             raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(t.shape)}")
     for name, t in zip(names[1:], tensors[1:]):
@@ -99,65 +64,16 @@ def _check_qkv(q, k, v, rank: int, layout: str):
         raise ValueError("head dim must be >= 1")
 
 
-def _check_backend_support(backend: str, q, block_size: int, topk: int):
-    d = q.shape[-1]
-    if backend == "reference":
-        if q.dtype not in _REFERENCE_DTYPES:
-            raise TypeError(f"dtype {q.dtype} is not supported by backend='reference' ({_REFERENCE_DTYPES})")
-        return
-    if q.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"dtype {q.dtype} is not supported by backend='triton' ({_TRITON_DTYPES})")
-    if q.dtype == torch.bfloat16 and q.device.type != "cuda":
-        raise TypeError(
-            "dtype torch.bfloat16 is not supported by backend='triton' under the Triton interpreter "
-            "(CPU tensors): the interpreter computes tl.dot on bfloat16 operands wrongly. Use float16 or "
-            "float32 there, or backend='reference'."
-        )
-    if d % 8 != 0 or not 16 <= d <= 256:
-        raise ValueError(f"head dim {d} is not supported by backend='triton': it must be {TRITON_HEAD_DIMS}")
-    if block_size < TRITON_MIN_BLOCK:
-        raise ValueError(
-            f"block_size {block_size} is not supported by backend='triton': it must be >= {TRITON_MIN_BLOCK}"
-        )
-    if topk > TRITON_MAX_TOPK:
-        raise ValueError(f"topk {topk} is not supported by backend='triton': it must be <= {TRITON_MAX_TOPK}")
+def _routing_shape(block_size: int, topk: int, num_tokens: int, num_seqs: int) -> tuple[int, int]:
+    """``(block_size, topk)`` as the kernels see them: no larger than the batch can use.
 
-
-def _check_cu_seqlens(cu_seqlens, num_tokens: int, device: torch.device, max_seqlen):
-    _check_tensor("cu_seqlens", cu_seqlens)
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D with at least one element, got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
-    if max_seqlen is not None:
-        _check_int("max_seqlen", max_seqlen, 0)
-    if _tracing():
-        return
-    host = cu_seqlens.tolist()
-    if host[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {host[0]}")
-    lens = [b - a for a, b in zip(host[:-1], host[1:])]
-    if any(n < 0 for n in lens):
-        raise ValueError("cu_seqlens must be non-decreasing")
-    if host[-1] != num_tokens:
-        raise ValueError(f"cu_seqlens must end at the number of tokens N={num_tokens}, got {host[-1]}")
-    longest = max(lens, default=0)
-    if max_seqlen is not None and max_seqlen < longest:
-        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
-
-
-def _check_common(block_size, topk, causal, softmax_scale=None):
-    _check_int("block_size", block_size, 1)
-    _check_int("topk", topk, 1)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        if not math.isfinite(softmax_scale) or softmax_scale == 0:
-            raise ValueError(f"softmax_scale must be finite and nonzero, got {softmax_scale}")
+    A block longer than every sequence is one block per sequence, whatever its nominal size, and no query
+    can select more blocks than the batch has (``max_num_blocks``); clamping both keeps the results and
+    bounds every allocation by the inputs' size. The block stays at least the Triton minimum so that the
+    clamp never turns a valid call into a refused one.
+    """
+    block_size = min(block_size, max(num_tokens, TRITON_MIN_BLOCK))
+    return block_size, min(topk, max_num_blocks(num_tokens, block_size, num_seqs))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,14 +104,21 @@ def moba_route_varlen(
 
     Returns:
         :class:`MoBARouting`; ``.indices`` is int32 ``[N, HQ, topk]`` (local block ids, ascending,
-        -1 padded) and ``.block_index`` the block -> query CSR view.
+        -1 padded) and ``.block_index`` the block -> query CSR view. A ``block_size`` longer than ``N`` is
+        kept as ``max(N, 16)`` (one block per sequence either way).
     """
     _check_qkv(q, k, None, 3, "[N, H, D]")
-    _check_common(block_size, topk, causal)
-    _check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
-    backend = _resolve_backend(backend, q.device)
-    _check_backend_support(backend, q, block_size, topk)
-    cu_blocks, block_seq, num_blocks_max = block_layout(cu_seqlens, q.shape[0], block_size)
+    block_size, topk = check_routing_args(block_size, topk, causal)
+    check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+    backend = resolve_backend(backend, q.device)
+    # The index has topk columns: no clamp, but a topk past every block of the batch and past the kernels'
+    # limit would only allocate padding.
+    block_size, usable = _routing_shape(block_size, topk, q.shape[0], cu_seqlens.numel() - 1)
+    check_backend_support(backend, q, block_size, topk)
+    if topk > max(usable, TRITON_MAX_TOPK):
+        raise ValueError(f"topk must be <= {max(usable, TRITON_MAX_TOPK)} here (this batch has at most {usable} "
+                         f"blocks per sequence), got {topk}")
+    layout = block_layout(cu_seqlens, q.shape[0], block_size)
     block_index = None
     if backend == "reference":
         from flashmoba import reference
@@ -204,20 +127,9 @@ def moba_route_varlen(
     else:
         from flashmoba.routing import route_triton
 
-        indices, block_index = route_triton(
-            q, k, cu_seqlens, block_size, topk, causal, (cu_blocks, block_seq, num_blocks_max)
-        )
-    return MoBARouting(
-        indices=indices,
-        cu_seqlens=cu_seqlens,
-        block_size=block_size,
-        topk=topk,
-        causal=causal,
-        cu_blocks=cu_blocks,
-        block_seq=block_seq,
-        num_blocks_max=num_blocks_max,
-        _block_index=block_index,
-    )
+        indices, block_index = route_triton(q, k, cu_seqlens, block_size, topk, causal, layout)
+    return MoBARouting(indices=indices, cu_seqlens=cu_seqlens, block_size=block_size, topk=topk, causal=causal,
+                       layout=layout, _block_index=block_index)
 
 
 def moba_attn_varlen(
@@ -255,18 +167,24 @@ def moba_attn_varlen(
         ``out [N, HQ, D]`` in q's dtype, or ``(out, lse)`` when ``return_lse``.
     """
     _check_qkv(q, k, v, 3, "[N, H, D]")
-    _check_common(block_size, topk, causal, softmax_scale)
-    _check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+    block_size, topk = check_routing_args(block_size, topk, causal, softmax_scale)
+    check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
     return _attend(q, k, v, cu_seqlens, block_size, topk, causal, softmax_scale, return_lse, backend,
                    deterministic)
 
 
 def _attend(q, k, v, cu_seqlens, block_size, topk, causal, softmax_scale, return_lse, backend, deterministic):
     """Packed inputs whose shapes and sequence boundaries are checked -> the chosen backend."""
-    backend = _resolve_backend(backend, q.device)
-    _check_backend_support(backend, q, block_size, topk)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    backend = resolve_backend(backend, q.device)
+    # The index has topk columns: no clamp, but a topk past every block of the batch and past the kernels'
+    # limit would only allocate padding.
+    block_size, usable = _routing_shape(block_size, topk, q.shape[0], cu_seqlens.numel() - 1)
+    check_backend_support(backend, q, block_size, topk)
+    if topk > max(usable, TRITON_MAX_TOPK):
+        raise ValueError(f"topk must be <= {max(usable, TRITON_MAX_TOPK)} here (this batch has at most {usable} "
+                         f"blocks per sequence), got {topk}")
+    check_bool("return_lse", return_lse)
+    check_bool("deterministic", deterministic)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if backend == "reference":
         from flashmoba import reference
@@ -307,7 +225,7 @@ def moba_attn(
     _check_qkv(q, k, v, 4, "[B, T, H, D]")
     B, T, HQ, D = q.shape
     cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=q.device) * T
-    _check_common(block_size, topk, causal, softmax_scale)
+    block_size, topk = check_routing_args(block_size, topk, causal, softmax_scale)
     res = _attend(
         q.reshape(B * T, HQ, D), k.reshape(B * T, k.shape[2], D), v.reshape(B * T, v.shape[2], D),
         cu_seqlens, block_size, topk, causal, softmax_scale, return_lse, backend, deterministic,

@@ -28,6 +28,7 @@ import torch
 __all__ = [
     "block_centroids",
     "route_scores",
+    "select_blocks",
     "route",
     "attention",
 ]
@@ -54,6 +55,7 @@ def block_centroids(k: torch.Tensor, block_size: int, compute_dtype: torch.dtype
         ``[ceil(L / block_size), HKV, D]``: the means rounded to k's dtype, returned in the compute dtype.
     """
     L, HKV, D = k.shape
+    block_size = min(block_size, max(L, 1))  # a block longer than the sequence is one block
     n = -(-L // block_size)
     compute = compute_dtype or _compute_dtype(k.dtype)
     padded = k.new_zeros(n * block_size, HKV, D, dtype=compute)
@@ -70,35 +72,45 @@ def route_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, compute_dtyp
     return torch.einsum("thd,nhd->thn", q.to(cent.dtype), cent)
 
 
+def select_blocks(scores: torch.Tensor, own: torch.Tensor, topk: int, causal: bool) -> torch.Tensor:
+    """The routing rule, the one place it is written: which blocks each query selects from its gate scores.
+
+    Args:
+        scores: ``[..., n]`` gate scores of ``n`` blocks (any float dtype).
+        own: int ``[...]`` (broadcastable to ``scores.shape[:-1]``): each query's own block.
+        topk: blocks per query; causal: the own block is forced and counts toward ``topk``, the other
+            ``topk - 1`` are the best blocks ``j < own``; else plain top-k over all ``n``.
+
+    Returns:
+        bool ``[..., n]``: the selected blocks. A -inf or NaN gate never wins a place; among equal
+        scores the lower block index wins (a stable descending sort).
+    """
+    n = scores.shape[-1]
+    blocks = torch.arange(n, device=scores.device)
+    own = own[..., None].expand(scores.shape)
+    eligible = (blocks < own) if causal else torch.ones_like(scores, dtype=torch.bool)
+    eligible = eligible & (scores > -math.inf)  # False for -inf and NaN
+    picks = min(topk - 1 if causal else topk, n)
+    order = torch.sort(scores.masked_fill(~eligible, -math.inf), dim=-1, descending=True, stable=True)
+    order = order.indices[..., :picks]
+    picked = torch.gather(eligible, -1, order)
+    selected = torch.zeros(*scores.shape[:-1], n + 1, dtype=torch.bool, device=scores.device)
+    selected.scatter_(-1, torch.where(picked, order, n), True)  # column n swallows unfilled places
+    selected = selected[..., :n]
+    return selected | (blocks == own) if causal else selected
+
+
 def _route_one(q, k, block_size, topk, causal):
     """Selected blocks of one sequence as ``[L, HQ, topk]`` (ascending, -1 padded)."""
     L, HQ = q.shape[0], q.shape[1]
     scores = route_scores(q, k, block_size)
+    own = (torch.arange(L, device=q.device) // block_size)[:, None].expand(L, HQ)
+    selected = select_blocks(scores, own, topk, causal)
+    # Ascending block ids, -1 padded at the end: sort the selected ids ahead of a sentinel n.
     n = scores.shape[-1]
-    blocks = torch.arange(n, device=q.device)
-    own = torch.arange(L, device=q.device) // block_size  # [L]
-    if causal:
-        # Only blocks that end before the own block starts compete, for topk - 1 places.
-        eligible = (blocks[None, :] < own[:, None])[:, None, :].expand(L, HQ, n)
-        picks = topk - 1
-    else:
-        eligible = torch.ones(L, HQ, n, dtype=torch.bool, device=q.device)
-        picks = topk
-    eligible = eligible & (scores > -math.inf)  # -inf and NaN gates never win a place
-    masked = scores.masked_fill(~eligible, -math.inf)
-    picks = min(picks, n)
-    # Stable descending sort: among equal scores the lower block index comes first.
-    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :picks]
-    chosen_ok = torch.gather(eligible, -1, order)
-    chosen = torch.where(chosen_ok, order, torch.full_like(order, -1))
-    if causal:
-        chosen = torch.cat([chosen, own[:, None, None].expand(L, HQ, 1)], dim=-1)
-    # Ascending, with -1 padding at the end: sort with -1 mapped to +inf.
-    big = torch.iinfo(torch.int64).max
-    chosen = torch.where(chosen < 0, torch.full_like(chosen, big), chosen).sort(-1).values
-    chosen = torch.where(chosen == big, torch.full_like(chosen, -1), chosen)
+    ids = torch.where(selected, torch.arange(n, device=q.device), n).sort(-1).values[..., :topk]
     out = torch.full((L, HQ, topk), -1, dtype=torch.int32, device=q.device)
-    out[..., : chosen.shape[-1]] = chosen.to(torch.int32)
+    out[..., : ids.shape[-1]] = torch.where(ids == n, -1, ids).to(torch.int32)
     return out
 
 

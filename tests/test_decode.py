@@ -22,7 +22,7 @@ from conftest import DEVICE
 from factory import (
     _as_numpy64, _sequence_bounds, make_packed, naive_attention, naive_route, round_to_dtype, rounding_bound,
 )
-from flashmoba.decode import MoBAKVCache, accumulate_block_sums, block_sums_dtype
+from flashmoba.decode import MoBAKVCache, accumulate_block_sums, block_sums_dtype, dense_decode
 from flashmoba.decode.kernels import decode_fwd
 
 
@@ -92,11 +92,13 @@ def _decode_problem(case, dtype=torch.float64, left_pad=True, head_major=False):
                 k_cache=k_cache, v_cache=v_cache, seqlens=seqlens, starts=starts, block_sums=block_sums)
 
 
+def _cache(p, block_size):
+    return MoBAKVCache.from_tensors(p["k_cache"], p["v_cache"], p["seqlens"], starts=p["starts"],
+                                    block_size=block_size, block_sums=p["block_sums"])
+
+
 def _decode(p, case, **kwargs):
-    return flashmoba.moba_decode(
-        p["q_new"], p["k_cache"], p["v_cache"], p["seqlens"], p["block_sums"], cache_starts=p["starts"],
-        block_size=case.block_size, topk=case.topk, return_lse=True, **kwargs,
-    )
+    return flashmoba.moba_decode(p["q_new"], _cache(p, case.block_size), topk=case.topk, return_lse=True, **kwargs)
 
 
 def _assert_close(actual, expected, bound):
@@ -216,8 +218,7 @@ def test_decode_through_a_cache_filled_step_by_step():
         live = torch.tensor([step < n for n in case.lens], device=DEVICE)
         idx = [a + min(step, e - a - 1) for a, e in bounds]
         cache.append(k[idx][:, None], v[idx][:, None], lengths=live.int())
-        out = flashmoba.moba_decode(q[idx][:, None], cache.k, cache.v, cache.seqlens, cache.block_sums,
-                                    block_size=4, topk=3, backend="reference")
+        out = flashmoba.moba_decode(q[idx][:, None], cache, topk=3, backend="reference")
         for b, i in enumerate(idx):
             if live[b]:
                 _assert_close(out[b, 0], full_out[i], 2 * out_bound)
@@ -302,24 +303,25 @@ def test_triton_splitting_blocks_over_programs_keeps_the_result(splits):
 def _valid_args():
     case = DecodeCase((20, 9), 4, 2, 16, 16, 2, 1)
     p = _decode_problem(case, dtype=torch.float32, left_pad=False)
-    return dict(q=p["q_new"], k_cache=p["k_cache"], v_cache=p["v_cache"], cache_seqlens=p["seqlens"],
-                block_sums=p["block_sums"], block_size=16, topk=2)
+    return dict(q=p["q_new"], k=p["k_cache"], v=p["v_cache"], seqlens=p["seqlens"], starts=None,
+                block_sums=p["block_sums"], cache_block_size=16, topk=2)
 
 
 BAD_INPUTS = [
     ("q-rank", lambda a: a.update(q=a["q"][0]), ValueError, "q must have rank 4"),
-    ("k-dtype", lambda a: a.update(k_cache=a["k_cache"].half()), TypeError, "k_cache has dtype"),
-    ("v-shape", lambda a: a.update(v_cache=a["v_cache"][:, :-1]), ValueError, "v_cache must have the shape"),
+    ("cache-dtype", lambda a: a.update(k=a["k"].half(), v=a["v"].half()), TypeError, "the cache holds torch.float16"),
+    ("v-shape", lambda a: a.update(v=a["v"][:, :-1]), ValueError, "v must match k"),
     ("heads", lambda a: a.update(q=torch.cat([a["q"], a["q"][:, :, :1]], 2)), ValueError, "multiple of the number"),
     ("sums-blocks", lambda a: a.update(block_sums=a["block_sums"][:, :1]), ValueError, "block_sums must have shape"),
     ("sums-dtype", lambda a: a.update(block_sums=a["block_sums"].double()), TypeError, "block_sums must be"),
-    ("seqlens-shape", lambda a: a.update(cache_seqlens=a["cache_seqlens"][:1]), ValueError, "cache_seqlens must"),
-    ("seqlens-short", lambda a: a.update(q=a["q"].expand(-1, 10, -1, -1)), ValueError, "cache_seqlens >= Tq"),
-    ("starts-out", lambda a: a.update(cache_starts=torch.full_like(a["cache_seqlens"], 20)), ValueError,
-     "inside the cache rows"),
+    ("seqlens-shape", lambda a: a.update(seqlens=a["seqlens"][:1]), ValueError, "seqlens must be an int32"),
+    ("seqlens-short", lambda a: a.update(q=a["q"].expand(-1, 10, -1, -1)), ValueError, "cache.seqlens >= Tq"),
+    ("starts-out", lambda a: a.update(starts=torch.full_like(a["seqlens"], 20)), ValueError, "inside the cache rows"),
     ("topk", lambda a: a.update(topk=0), ValueError, "topk must be >= 1"),
     ("shared", lambda a: a.update(shared_kv_routing=1), TypeError, "shared_kv_routing must be a bool"),
     ("backend", lambda a: a.update(backend="cuda"), ValueError, "backend must be one of"),
+    # The cache carries its block size: another one would route over sums of other blocks.
+    ("block-size", lambda a: a.update(block_size=32), ValueError, "does not match the cache's block size 16"),
 ]
 
 
@@ -328,8 +330,18 @@ def test_bad_input_is_named(mutate, error, match):
     args = _valid_args()
     mutate(args)
     with pytest.raises(error, match=match):
-        flashmoba.moba_decode(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("cache_seqlens"),
-                              args.pop("block_sums"), backend=args.pop("backend", "reference"), **args)
+        cache = MoBAKVCache.from_tensors(args.pop("k"), args.pop("v"), args.pop("seqlens"), starts=args.pop("starts"),
+                                         block_size=args.pop("cache_block_size"), block_sums=args.pop("block_sums"))
+        flashmoba.moba_decode(args.pop("q"), cache, backend=args.pop("backend", "reference"), **args)
+
+
+def test_decode_refuses_what_is_not_a_routing_cache():
+    args = _valid_args()
+    with pytest.raises(TypeError, match="cache must be a flashmoba.MoBAKVCache"):
+        flashmoba.moba_decode(args["q"], args["k"], topk=2)
+    dense_only = MoBAKVCache.from_tensors(args["k"], args["v"], args["seqlens"], block_size=None)
+    with pytest.raises(ValueError, match="keeps no block sums"):
+        flashmoba.moba_decode(args["q"], dense_only, topk=2)
 
 
 def test_cache_refuses_to_overflow_and_bad_shapes():
@@ -344,6 +356,44 @@ def test_cache_refuses_to_overflow_and_bad_shapes():
         cache.append(kv[:, :2], kv[:, :2], lengths=torch.tensor([3, 0], device=DEVICE))
     with pytest.raises(ValueError, match="block_size must be >= 1"):
         MoBAKVCache(2, 10, 1, 8, block_size=0)
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        MoBAKVCache(2, 10, 1, 8, block_size=4.0)
+    # Keys of another dtype are refused, not cast: the cache holds what attention reads.
+    with pytest.raises(TypeError, match="cache holds torch.float32"):
+        cache.append(kv[:, :2].double(), kv[:, :2].double())
+    assert cache.seqlens.tolist() == [6, 6]  # nothing was written by the refused appends
+
+
+def test_a_growing_cache_equals_a_preallocated_one():
+    """MoBAKVCache.growing() takes its shapes from the first append and doubles its rows when they run out."""
+    kv = torch.randn(2, 40, 2, 8, dtype=torch.float64, device=DEVICE)
+    fixed = MoBAKVCache(2, 40, 2, 8, block_size=4, dtype=torch.float64, device=DEVICE)
+    growing = MoBAKVCache.growing(block_size=4)
+    assert growing.is_empty
+    for a, b in ((0, 3), (3, 4), (4, 17), (17, 40)):
+        for cache in (fixed, growing):
+            cache.append(kv[:, a:b], kv[:, a:b] + 1)
+    assert growing.k.shape[1] >= 40 and torch.equal(growing.k[:, :40], fixed.k)
+    assert torch.equal(growing.v[:, :40], fixed.v) and torch.equal(growing.seqlens, fixed.seqlens)
+    torch.testing.assert_close(growing.block_sums[:, :10], fixed.block_sums)
+
+
+def test_dense_decode_equals_full_causal_and_window_attention():
+    """dense_decode over a left-padded cache equals SDPA over each whole sequence, with and without a window."""
+    lens, new, hq, hkv, d = (23, 9), 3, 4, 2, 8
+    p = _decode_problem(DecodeCase(lens, hq, hkv, d, 4, 2, new))
+    cache = MoBAKVCache.from_tensors(p["k_cache"], p["v_cache"], p["seqlens"], starts=p["starts"], block_size=None)
+    for window in (None, 5):
+        out = dense_decode(p["q_new"], cache, window=window)
+        for b, (a, e) in enumerate(_sequence_bounds(p["cu"])):
+            pos = torch.arange(e - a, device=DEVICE)
+            allowed = pos[:, None] >= pos[None, :]
+            if window is not None:
+                allowed &= pos[:, None] - pos[None, :] < window
+            full = torch.nn.functional.scaled_dot_product_attention(
+                p["q"][a:e].transpose(0, 1), p["k"][a:e].transpose(0, 1), p["v"][a:e].transpose(0, 1),
+                attn_mask=allowed, enable_gqa=True).transpose(0, 1)
+            torch.testing.assert_close(out[b], full[-new:])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,8 +434,8 @@ def test_triton_decode_on_gpu_at_realistic_shapes(dtype, shared):
 
     block_size, topk = 128, 8
     q, k, v, seqlens, starts, sums = _long_problem((40_000, 5_000, 300), 32, 8, 128, block_size, 4, dtype)
-    out, lse = flashmoba.moba_decode(q, k, v, seqlens, sums, cache_starts=starts, block_size=block_size,
-                                     topk=topk, shared_kv_routing=shared, return_lse=True, backend="triton")
+    cache = MoBAKVCache.from_tensors(k, v, seqlens, starts=starts, block_size=block_size, block_sums=sums)
+    out, lse = flashmoba.moba_decode(q, cache, topk=topk, shared_kv_routing=shared, return_lse=True, backend="triton")
     args = (seqlens, starts, sums, block_size, topk, shared, 128**-0.5)
     exact = reference.decode(q.double(), k.double(), v.double(), *args)
     low = reference.decode(q, k, v, *args, compute_dtype=dtype)
@@ -409,8 +459,7 @@ def test_a_captured_decode_step_replays_like_eager_steps():
 
     def step(cache):
         cache.append(k_new, v_new)
-        return flashmoba.moba_decode(q, cache.k, cache.v, cache.seqlens, cache.block_sums,
-                                     block_size=block_size, topk=8)
+        return flashmoba.moba_decode(q, cache, topk=8)
 
     graphed, eager = caches
     # Warm up (compiles the kernels) on a throw-away copy, then capture on the graphed cache.

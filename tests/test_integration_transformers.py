@@ -28,7 +28,7 @@ from transformers import (
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from conftest import DEVICE
-from flashmoba import reference
+from flashmoba import MoBAKVCache, reference
 from flashmoba.integrations.transformers import MoBACache, MoBACacheLayer, register
 
 CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}
@@ -187,9 +187,16 @@ def test_generate_with_cache_equals_recomputing_the_prefix(family, dense_layers,
     assert torch.equal(tokens, tokens_full)
     _assert_logits_close(logits, logits_full)
     _assert_differ(logits, logits_sdpa)
-    # Every MoBA layer folded all cache rows into its block sums, one step at a time.
-    moba_layers = [layer for i, layer in enumerate(cache.layers) if i not in {i % 2 for i in dense_layers}]
-    assert all(isinstance(layer, MoBACacheLayer) and layer.sums_rows == tokens.shape[1] - 1 for layer in moba_layers)
+    # Every MoBA layer's cache holds the block sums of all its tokens, folded in one step at a time: they equal
+    # the sums of a cache built over the same rows at once. Dense layers keep none.
+    dense = {i % 2 for i in dense_layers}
+    for i, layer in enumerate(cache.layers):
+        assert isinstance(layer, MoBACacheLayer) and layer.get_seq_length() == tokens.shape[1] - 1
+        kv = layer.cache
+        assert kv.block_size == (None if i in dense else BLOCK)
+        if i not in dense:
+            at_once = MoBAKVCache.from_tensors(kv.k, kv.v, kv.seqlens, starts=kv.starts, block_size=BLOCK)
+            torch.testing.assert_close(kv.block_sums, at_once.block_sums)
 
 
 def test_generate_with_a_plain_cache_warns_and_matches():
@@ -220,7 +227,9 @@ def test_prompt_prefilled_in_chunks_equals_one_pass():
     with torch.no_grad():
         whole = moba(ids, attention_mask=mask).logits
         first = moba(ids[:, :11], attention_mask=mask[:, :11], past_key_values=cache, use_cache=True).logits
-        assert [layer.sums_rows for layer in cache.layers] == [11, 11]  # prefill seeds the block sums
+        # The prefill tells every layer's cache its rows' left padding.
+        assert [layer.get_seq_length() for layer in cache.layers] == [11, 11]
+        assert all(layer.cache.starts.tolist() == (11 - mask[:, :11].sum(1)).tolist() for layer in cache.layers)
         second = moba(ids[:, 11:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
     _assert_logits_close(torch.cat([first, second], dim=1), whole, mask)
 

@@ -174,7 +174,9 @@ def test_cache_is_returned_and_continued(global_attn):
         full = model(ids).logits
     tol = _rounding_scale(model, ids)
     assert float((torch.cat([first.logits, rest.logits], 1) - full).abs().max()) < tol
-    assert cache.layers[1].lengths == [33, 33]
+    assert cache.layers[1].seqlens.tolist() == [33, 33]
+    # A MoBA layer decodes sparsely: its cache routes over block sums of the layer's block size.
+    assert cache.layers[1].block_size == (model.config.moba_block_size if global_attn == "moba" else None)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

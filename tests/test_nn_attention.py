@@ -14,7 +14,8 @@ import torch
 
 import flashmoba
 from factory import AWKWARD_CASES, naive_attention, rounding_bound
-from flashmoba.nn import KVCache, MoBAAttention, sliding_window_attention
+from flashmoba import MoBAKVCache
+from flashmoba.nn import MoBAAttention, sliding_window_attention
 
 
 def naive_sliding_window(q, k, v, cu_seqlens, window):
@@ -124,7 +125,7 @@ def test_decoding_with_cache_equals_full_pass(attn_type, kconv, rope):
     full_x = torch.cat(x)
     full = layer(full_x, cu)
     _, bound = _oracle(layer, full_x, cu)
-    cache = KVCache()
+    cache = MoBAKVCache.growing(block_size=None)
     plan = [[30, 1, 17], [1, 1, 1], [0, 13, 5], [30, 5, 21]]  # tokens per sequence per call
     done = [0, 0, 0]
     outputs = [[] for _ in lens]
@@ -135,7 +136,7 @@ def test_decoding_with_cache_equals_full_pass(attn_type, kconv, rope):
             for s, (a, b) in enumerate(zip(_cu(sizes)[:-1].tolist(), _cu(sizes)[1:].tolist())):
                 outputs[s].append(out[a:b])
             done = [d + n for d, n in zip(done, sizes)]
-    assert done == lens and cache.lengths == lens
+    assert done == lens and cache.seqlens.tolist() == lens
     _assert_layer_close(torch.cat([torch.cat(o) for o in outputs]), full, layer, bound)
 
 
@@ -160,7 +161,7 @@ def test_qk_gives_the_keys_attention_uses():
         (dict(topk=0), ValueError, "topk"),
         (dict(window=0), ValueError, "window"),
         (dict(kconv_size=-1), ValueError, "kconv_size"),
-        (dict(block_size=2.0), ValueError, "block_size"),
+        (dict(block_size=2.0), TypeError, "block_size must be an int"),
         (dict(backend="cuda"), ValueError, "backend"),
         (dict(rope=True, head_dim=15), ValueError, "even head_dim"),
     ],
@@ -179,7 +180,7 @@ def test_bad_inputs():
         layer(torch.randn(2, 5, 32, dtype=torch.float64), _cu((5, 5)))
     with pytest.raises(ValueError, match="hidden_states must be"):
         layer(torch.randn(5, dtype=torch.float64))
-    cache = KVCache()
+    cache = MoBAKVCache.growing(block_size=None)
     layer(torch.randn(10, 32, dtype=torch.float64), _cu((4, 6)), cache)
     with pytest.raises(ValueError, match="holds 2 sequences"):
         layer(torch.randn(3, 32, dtype=torch.float64), _cu((1, 1, 1)), cache)

@@ -131,7 +131,7 @@ def test_block_index_of_many_blocks(lens, heads, key_dtype, heads_per_row):
     picks = (torch.rand(N, heads, topk, generator=g) * (own[:, None, None] + 1)).long().sort(-1).values
     repeated = torch.cat([torch.zeros_like(picks[..., :1], dtype=torch.bool), picks[..., 1:] == picks[..., :-1]], -1)
     indices = torch.where(repeated | (torch.rand(picks.shape, generator=g) < 0.2), -1, picks).to(torch.int32)
-    routing = MoBARouting(indices, cu, 1, topk, False, *layout)
+    routing = MoBARouting(indices, cu, 1, topk, False, layout)
     assert block_key_dtype(routing.num_blocks_max) == key_dtype
     assert block_sort_rows(heads, routing.num_blocks_max)[0] == heads_per_row
     assert_block_index_inverse(routing, lens)

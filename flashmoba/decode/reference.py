@@ -12,7 +12,8 @@ For query ``i`` of the ``Tq`` newest tokens of sequence ``b`` (local position ``
   head's centroid, or, with ``shared_kv_routing``, by the sum of the scores of the KV group's query
   heads (one selection per token and KV head); ties: the lower block index wins.
 
-Per query head this is exactly the causal rule of :mod:`flashmoba.reference` at position ``t``.
+Per query head this is exactly the causal rule of :mod:`flashmoba.reference` at position ``t``
+(:func:`flashmoba.reference.select_blocks`, applied to the scores above).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from flashmoba.reference import select_blocks
 
 __all__ = ["decode"]
 
@@ -31,21 +34,13 @@ def _decode_one(q, k, v, block_sums, block_size, topk, shared_kv_routing, scale)
     pos = torch.arange(L - Tq, L, device=q.device)
     own = pos // block_size
     n = -(-L // block_size)
-    blocks = torch.arange(n, device=q.device)
     route_dtype = torch.promote_types(q.dtype, block_sums.dtype)
     centroids = (block_sums[:n].to(route_dtype) / block_size).to(k.dtype).to(route_dtype)
     centroids = centroids.repeat_interleave(group, dim=1)  # [n, HQ, D]
     scores = torch.einsum("thd,nhd->thn", q.to(route_dtype), centroids)
     if shared_kv_routing:
         scores = scores.view(Tq, HKV, group, n).sum(2, keepdim=True).expand(Tq, HKV, group, n).reshape(Tq, HQ, n)
-    eligible = (blocks[None, :] < own[:, None])[:, None, :].expand(Tq, HQ, n)
-    # Stable descending sort: among equal scores the lower block index comes first.
-    order = torch.sort(scores.masked_fill(~eligible, -math.inf), dim=-1, descending=True, stable=True)
-    order = order.indices[..., : topk - 1]
-    picked = torch.gather(eligible, -1, order)
-    selected = torch.zeros(Tq, HQ, n + 1, dtype=torch.bool, device=q.device)
-    selected.scatter_(-1, torch.where(picked, order, n), True)  # column n swallows unfilled places
-    selected = selected[..., :n] | (blocks[None, :] == own[:, None])[:, None, :]
+    selected = select_blocks(scores, own[:, None].expand(Tq, HQ), topk, causal=True)
     key_pos = torch.arange(L, device=q.device)
     allowed = selected[..., key_pos // block_size] & (key_pos[None, None, :] <= pos[:, None, None])
     logits = torch.einsum("thd,shd->ths", q, k.repeat_interleave(group, dim=1)) * scale

@@ -22,15 +22,15 @@ How a forward pass is served:
   :func:`flashmoba.moba_decode` routes over the cached block centroids; left padding is supported, as
   generation needs.
 
-Where the centroids live: the running block key sums are kept per layer in :class:`MoBACacheLayer`, the
-layers of :class:`MoBACache` (a ``DynamicCache``), so that beam reordering, batch selection and cropping
-keep them consistent. Attention functions are not handed the cache, only its keys; each
-:class:`MoBACacheLayer` therefore registers the keys tensor it returns from ``update`` and the attention
-function looks its layer up by that very tensor. Each step folds in only the new tokens' keys. With
-any other cache (e.g. the plain ``DynamicCache`` that ``generate`` makes when none is passed) the sums are
-rebuilt from all cached keys at every step: the same results, at the cost of reading the whole cache.
-Not supported: torch.compile of the model, static caches, and sliding windows (MoBA's block selection
-replaces them; a warning says so).
+Where the centroids live: each layer of :class:`MoBACache` (a ``DynamicCache``) is a :class:`MoBACacheLayer`
+that stores its keys and values in a :class:`flashmoba.MoBAKVCache`, the project's one cache type, whose
+block key sums fold in only the new tokens' keys at each step; beam reordering, batch selection and cropping
+go through it. Attention functions are not handed the cache, only its keys; each :class:`MoBACacheLayer`
+therefore registers the keys tensor it returns from ``update`` and the attention function looks its layer
+up by that very tensor. With any other cache (e.g. the plain ``DynamicCache`` that ``generate`` makes when
+none is passed) the sums are rebuilt from all cached keys at every step: the same results, at the cost of
+reading the whole cache. Not supported: torch.compile of the model, static caches, offloading, and sliding
+windows (MoBA's block selection replaces them; a warning says so).
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
-from flashmoba.api import BACKENDS, _check_common, moba_attn_varlen
-from flashmoba.decode.api import _moba_decode
-from flashmoba.decode.cache import accumulate_block_sums, block_sums_dtype
+from flashmoba._checks import BACKENDS, check_bool, check_choice, check_routing_args
+from flashmoba.api import moba_attn_varlen
+from flashmoba.decode import MoBAKVCache, dense_decode, moba_decode
 
 __all__ = ["MoBAPadding", "MoBACacheLayer", "MoBACache", "moba_mask", "moba_attention_forward", "register"]
 
@@ -68,17 +68,15 @@ _registered: _Settings | None = None
 
 
 def _validated_settings(block_size, topk, dense_layers, shared_kv_routing, backend, source: str) -> _Settings:
-    _check_common(block_size, topk, True)
+    block_size, topk = check_routing_args(block_size, topk, True)
     if isinstance(dense_layers, (str, bytes)) or not hasattr(dense_layers, "__iter__"):
         raise TypeError(f"{source}dense_layers must be a sequence of layer indices, got {dense_layers!r}")
     dense_layers = tuple(dense_layers)
     for index in dense_layers:
         if isinstance(index, bool) or not isinstance(index, int):
             raise TypeError(f"{source}dense_layers must hold ints, got {index!r}")
-    if not isinstance(shared_kv_routing, bool):
-        raise TypeError(f"{source}shared_kv_routing must be a bool, got {type(shared_kv_routing).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_bool(f"{source}shared_kv_routing", shared_kv_routing)
+    check_choice("backend", backend, BACKENDS)
     return _Settings(block_size, topk, dense_layers, shared_kv_routing, backend)
 
 
@@ -180,61 +178,78 @@ _layer_of_keys: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # i
 
 
 class MoBACacheLayer(DynamicLayer):
-    """A ``DynamicLayer`` that also holds the running block key sums of a MoBA layer.
+    """A cache layer whose keys and values live in a :class:`flashmoba.MoBAKVCache`.
 
-    The sums are filled by the attention function (it alone knows the padding); this class keeps them
-    consistent when the cache is reordered, subset or repeated, and drops them when it is cropped or reset
-    (they are then rebuilt from the cached keys at the next step).
+    ``keys`` / ``values`` are ``[B, HKV, T, D]`` views of the cache's buffers (every row, padding included,
+    as transformers expects). The attention function tells the cache the rows' left padding at prefill and
+    binds its block size at the first MoBA step; a dense layer never builds block sums.
 
     Attributes:
-        block_sums: ``[B, NB, HKV, D]`` sums (float32; float64 for float64 keys), or None.
-        sums_rows: cache rows already folded into ``block_sums``.
-        sums_starts: first real row of each sequence (its left padding) the sums were built with.
-        sums_block_size: the block size the sums were built with.
+        cache: the :class:`flashmoba.MoBAKVCache` (``None`` until the first update).
+        padding: the rows' left padding the cache was told (host tuple), or ``None``.
     """
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self._drop_sums()
+        self.cache: MoBAKVCache | None = None
+        self.padding: tuple[int, ...] | None = None  # the left padding the cache was told, per row
 
-    def _drop_sums(self):
-        self.block_sums: torch.Tensor | None = None
-        self.sums_rows = 0
-        self.sums_starts: tuple[int, ...] = ()
-        self.sums_block_size = 0
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.cache = MoBAKVCache.growing(block_size=None)
+        self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def _expose(self) -> None:
+        """Point ``keys`` / ``values`` at the rows in use, and register the keys view for the attention."""
         if self.keys is not None:
             _layer_of_keys.pop(id(self.keys), None)
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        _layer_of_keys[id(keys)] = self
-        return keys, values
+        rows = self.cache.max_rows
+        self.keys = self.cache.k[:, :rows].transpose(1, 2)
+        self.values = self.cache.v[:, :rows].transpose(1, 2)
+        _layer_of_keys[id(self.keys)] = self
 
-    def _select_sums(self, index) -> None:
-        if self.block_sums is not None:
-            rows = torch.arange(len(self.sums_starts))[index].tolist()
-            self.block_sums = self.block_sums[torch.as_tensor(rows, device=self.block_sums.device)]
-            self.sums_starts = tuple(self.sums_starts[row] for row in rows)
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cache.append(key_states.transpose(1, 2), value_states.transpose(1, 2))
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return 0 if self.cache is None or self.cache.is_empty else self.cache.max_rows
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._select_sums(beam_idx.cpu())
+        if self.get_seq_length() > 0:
+            self.cache.reorder(beam_idx)
+            self._expose()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._select_sums(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
+        if self.get_seq_length() > 0:
+            self.cache.reorder(torch.arange(self.cache.batch_size)[indices])
+            self._expose()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._select_sums(torch.arange(len(self.sums_starts)).repeat_interleave(repeats))
+        if self.get_seq_length() > 0:
+            self.cache.reorder(torch.arange(self.cache.batch_size).repeat_interleave(repeats))
+            self._expose()
 
     def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        self._drop_sums()
+        length = self.get_seq_length()
+        if tokens_to_remove > 0:  # the legacy form: the length to keep
+            tokens_to_remove = max(length - tokens_to_remove, 0)
+        if length and tokens_to_remove:
+            self.cache.crop(min(abs(tokens_to_remove), length))
+            self._expose()
 
     def reset(self) -> None:
-        super().reset()
-        self._drop_sums()
+        if self.keys is not None:
+            _layer_of_keys.pop(id(self.keys), None)
+        self.keys = self.values = None
+        self.cache, self.padding = None, None
+        self.is_initialized = False
+
+    def offload(self):
+        raise NotImplementedError("MoBACache layers cannot be offloaded")
 
 
 class MoBACache(DynamicCache):
@@ -251,32 +266,6 @@ class MoBACache(DynamicCache):
 def _cache_layer_of(keys: torch.Tensor) -> MoBACacheLayer | None:
     layer = _layer_of_keys.get(id(keys))
     return layer if layer is not None and layer.keys is keys else None
-
-
-def _fold_new_keys(layer: MoBACacheLayer | None, k, starts, starts_host, block_size, new_rows) -> torch.Tensor:
-    """Block sums covering all rows of ``k [B, Tk, HKV, D]``: the layer's, updated with its new rows only.
-
-    Without a layer, or when its sums no longer describe the rows that preceded this step's ``new_rows``,
-    the sums are built from every row.
-    """
-    B, Tk, HKV, D = k.shape
-    needed = -(-Tk // block_size)
-    if layer is None:
-        layer = MoBACacheLayer()  # a throw-away holder
-    sums = layer.block_sums
-    if (sums is None or layer.sums_block_size != block_size or layer.sums_starts != starts_host
-            or layer.sums_rows > Tk - new_rows or sums.shape[0] != B or sums.dtype != block_sums_dtype(k.dtype)):
-        sums = torch.zeros(B, needed, HKV, D, dtype=block_sums_dtype(k.dtype), device=k.device)
-        layer.sums_rows, layer.sums_starts, layer.sums_block_size = 0, starts_host, block_size
-    elif sums.shape[1] < needed:
-        # Grow geometrically so that generation reallocates O(log T) times.
-        grown = sums.new_zeros(B, max(needed, 2 * sums.shape[1]), HKV, D)
-        grown[:, : sums.shape[1]] = sums
-        sums = grown
-    begin = (layer.sums_rows - starts).clamp(min=0)
-    accumulate_block_sums(sums, k, starts, begin, Tk - starts, block_size, Tk - layer.sums_rows)
-    layer.block_sums, layer.sums_rows = sums, Tk
-    return sums
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,20 +324,22 @@ def _prefill(q, k, v, padding, settings, dense, causal, scale, kwargs):
     return full.view(B, T, HQ, D)
 
 
-def _dense_cached(query, key, value, starts, scale):
-    """Dense causal attention of the newest tokens over a left-padded cache ([B, H, T, D] layout)."""
-    Tq, Tk = query.shape[2], key.shape[2]
-    row = torch.arange(Tk, device=query.device)
-    query_row = Tk - Tq + torch.arange(Tq, device=query.device)
-    allowed = (row[None, None, :] >= starts[:, None, None]) & (row[None, None, :] <= query_row[None, :, None])
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], scale=scale, enable_gqa=True)
-    return out.transpose(1, 2)
-
-
 def _starts(padding: MoBAPadding | None, batch: int, device) -> tuple[torch.Tensor, tuple[int, ...]]:
     if padding is None:
         return torch.zeros(batch, dtype=torch.int32, device=device), (0,) * batch
     return padding.starts, padding.starts_host
+
+
+def _decode_cache(layer: MoBACacheLayer | None, k, v, padding: MoBAPadding | None) -> MoBAKVCache:
+    """The cache the new queries attend over: the layer's, told its rows' left padding, or (any other cache
+    class) one over the given keys and values, whose block sums are then summed from every row."""
+    starts, starts_host = _starts(padding, k.shape[0], k.device)
+    if layer is None:
+        return MoBAKVCache.from_tensors(k, v, k.shape[1] - starts, starts=starts, block_size=None)
+    if layer.padding != starts_host:
+        layer.cache.mark_left_padding(starts)
+        layer.padding = starts_host
+    return layer.cache
 
 
 def moba_attention_forward(
@@ -391,29 +382,25 @@ def moba_attention_forward(
     layer = _cache_layer_of(key)
     if Tk == Tq:
         out = _prefill(q, k, v, attention_mask, settings, dense, causal, scaling, kwargs)
-        if layer is not None and not dense and (attention_mask is None or attention_mask.starts is not None):
-            starts, starts_host = _starts(attention_mask, B, q.device)
-            _fold_new_keys(layer, k, starts, starts_host, settings.block_size, Tq)
+        if layer is not None and (attention_mask is None or attention_mask.starts is not None):
+            _decode_cache(layer, k, v, attention_mask)  # the rows' left padding, for the steps that follow
         return out, None
     if not causal:
         raise ValueError("attention over cached tokens is causal; this module is not (is_causal=False)")
     if kwargs.get("cu_seq_lens_q") is not None:
         raise ValueError("packed inputs (cu_seq_lens_q/k) cannot be combined with cached tokens")
-    starts, starts_host = _starts(attention_mask, B, q.device)
+    cache = _decode_cache(layer, k, v, attention_mask)
     if dense:
-        return _dense_cached(query, key, value, starts, scaling), None
+        return dense_decode(q, cache, softmax_scale=scaling), None
     if layer is None:
         warnings.warn(
             "MoBA decoding without a MoBACache rebuilds the block centroids from every cached key at each step; "
             "pass past_key_values=flashmoba.integrations.transformers.MoBACache() to keep them incrementally",
             stacklevel=2,
         )
-    block_sums = _fold_new_keys(layer, k, starts, starts_host, settings.block_size, Tq)
-    out = _moba_decode(
-        q, k, v, Tk - starts, block_sums, cache_starts=starts, block_size=settings.block_size, topk=settings.topk,
-        shared_kv_routing=settings.shared_kv_routing, softmax_scale=scaling, return_lse=False,
-        backend=settings.backend, check_values=False,
-    )
+    cache.bind_block_size(settings.block_size)
+    out = moba_decode(q, cache, topk=settings.topk, shared_kv_routing=settings.shared_kv_routing,
+                      softmax_scale=scaling, backend=settings.backend)
     return out, None
 
 

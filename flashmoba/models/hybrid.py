@@ -17,8 +17,8 @@ Labels are shifted inside the model: token t is trained to predict token t + 1 o
 next real token with an attention mask); the last token of every sequence predicts nothing, so no loss
 crosses a document boundary; -100 is ignored.
 
-Generation keeps a :class:`MoBAHybridCache` (one :class:`~flashmoba.nn.KVCache` per layer, key-conv
-states included); ``use_cache`` defaults to False in ``forward`` and generate() turns it on.
+Generation keeps a :class:`MoBAHybridCache` (one :class:`~flashmoba.MoBAKVCache` per layer, key-conv
+states included; MoBA layers decode sparsely through :func:`flashmoba.moba_decode`); ``use_cache`` defaults to False in ``forward`` and generate() turns it on.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
-from flashmoba.api import _check_cu_seqlens
+from flashmoba._checks import check_cu_seqlens
+from flashmoba.decode import MoBAKVCache
 from flashmoba.models.config import MoBAHybridConfig
-from flashmoba.nn import KeyConv, KVCache, MoBAAttention
+from flashmoba.nn import KeyConv, MoBAAttention
 from flashmoba.nn.varlen import uniform_cu_seqlens
 
 __all__ = [
@@ -49,17 +50,17 @@ __all__ = [
 
 
 class MoBAHybridCache:
-    """Generation cache of the hybrid model: one :class:`KVCache` per layer.
+    """Generation cache of the hybrid model: one growing :class:`~flashmoba.MoBAKVCache` per layer.
 
     ``num_columns`` counts the input columns consumed so far, padding included; transformers reads it as
-    :meth:`get_seq_length` (the per-sequence token counts are in each layer's ``lengths``).
+    :meth:`get_seq_length` (the per-sequence token counts are in each layer's ``seqlens``).
     """
 
     is_compileable = False
     is_croppable = False
 
     def __init__(self, num_layers: int):
-        self.layers = [KVCache() for _ in range(num_layers)]
+        self.layers = [MoBAKVCache.growing(block_size=None) for _ in range(num_layers)]
         self.num_columns = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -240,7 +241,7 @@ class MoBAHybridModel(MoBAHybridPreTrainedModel):
                 raise ValueError("pass either cu_seqlens (packed documents) or attention_mask (padding), not both")
             if batch != 1:
                 raise ValueError(f"with cu_seqlens, input_ids must be packed as [1, N], got {tuple(input_ids.shape)}")
-            _check_cu_seqlens(cu_seqlens, seq_len, input_ids.device, None)
+            check_cu_seqlens(cu_seqlens, seq_len, input_ids.device)
             hidden, layer_cu = self.embed_tokens(input_ids[0]), cu_seqlens
         elif mask is not None:
             hidden = self.embed_tokens(input_ids[mask])

@@ -1,18 +1,16 @@
-"""Torch modules built on MoBA: the key convolution, the attention layer and its KV cache.
+"""Torch modules built on MoBA: the key convolution and the attention layer.
 
 * :class:`KeyConv` / :func:`key_conv`: ``k' = k + SiLU(causal depthwise conv(k))`` (fused Triton kernels
   on CUDA, PyTorch elsewhere), varlen-aware, with a rolling decode state;
 * :class:`MoBAAttention`: q/k/v/o projections, GQA, optional key conv and RoPE, attention "moba" /
-  "dense" / "swa", batched or packed inputs, generation with a :class:`KVCache`.
+  "dense" / "swa", batched or packed inputs, generation over a :class:`flashmoba.MoBAKVCache`.
 """
 
 from flashmoba.nn.attention import ATTN_TYPES, MoBAAttention, sliding_window_attention
-from flashmoba.nn.cache import KVCache
 from flashmoba.nn.keyconv import KeyConv, key_conv, key_conv_naive
 
 __all__ = [
     "ATTN_TYPES",
-    "KVCache",
     "KeyConv",
     "MoBAAttention",
     "key_conv",

@@ -13,24 +13,21 @@ One layer type serves the paper's three attentions:
 Inputs are batched ``[B, T, hidden]`` or packed ``[N, hidden]`` with ``cu_seqlens``; packed sequences
 never see each other. Positions (RoPE) restart at every sequence start and continue from the cache.
 
-Generation: pass a :class:`~flashmoba.nn.KVCache`. The first call (empty cache) runs the normal path and
-fills the cache; later calls attend their new tokens over the cache in :meth:`MoBAAttention.decode_attention`,
-which computes the exact semantics of the layer (MoBA routing over the cached block centroids included) as
-masked dense attention: correct, but it reads the whole cache. It is the one method to replace with the
-sparse decode of :mod:`flashmoba.decode`.
+Generation: pass a :class:`~flashmoba.MoBAKVCache` (``MoBAKVCache.growing()``). The first call (empty
+cache) runs the normal path and fills the cache; later calls append their new tokens and attend over the
+cache through :mod:`flashmoba.decode`: :func:`~flashmoba.moba_decode` for "moba" (sparse, routed over the
+cache's block sums), :func:`~flashmoba.decode.dense_decode` for "dense" and "swa" (the window's rows only).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import flashmoba
-from flashmoba.api import BACKENDS
-from flashmoba.nn.cache import KVCache
+from flashmoba._checks import BACKENDS, check_choice, check_int
+from flashmoba.decode import MoBAKVCache, dense_decode, moba_decode
 from flashmoba.nn.keyconv import KeyConv
 from flashmoba.nn.rope import apply_rotary
 from flashmoba.nn.varlen import token_positions, token_sequence_ids, uniform_cu_seqlens
@@ -101,6 +98,21 @@ def sliding_window_attention(q, k, v, cu_seqlens, window: int):
     return out[chunk, :, pos % window]
 
 
+def _append_packed(cache: MoBAKVCache, k, v, cu_seqlens, new_lengths: list[int]) -> None:
+    """Append packed ``k, v [N, HKV, D]`` (``new_lengths[s]`` tokens of sequence ``s``) to the cache."""
+    width = max(new_lengths, default=0)
+    if all(n == width for n in new_lengths):
+        shape = (len(new_lengths), width, *k.shape[1:])
+        cache.append(k.detach().view(shape), v.detach().view(shape))
+        return
+    seq = token_sequence_ids(cu_seqlens, k.shape[0])
+    slot = token_positions(cu_seqlens, k.shape[0])
+    padded = k.new_zeros(len(new_lengths), width, *k.shape[1:])
+    k_pad, v_pad = padded, padded.clone()
+    k_pad[seq, slot], v_pad[seq, slot] = k.detach(), v.detach()
+    cache.append(k_pad, v_pad, torch.tensor(new_lengths, dtype=torch.int32, device=k.device))
+
+
 class MoBAAttention(nn.Module):
     """Multi-head attention with GQA, optional key convolution and RoPE, MoBA / dense / sliding window.
 
@@ -143,14 +155,11 @@ class MoBAAttention(nn.Module):
             ("head_dim", head_dim, 1), ("block_size", block_size, 1), ("topk", topk, 1),
             ("window", window, 1), ("kconv_size", kconv_size, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+            check_int(name, value, minimum)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if attn_type not in ATTN_TYPES:
-            raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {attn_type!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_choice("attn_type", attn_type, ATTN_TYPES)
+        check_choice("backend", backend, BACKENDS)
         if rope and head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {head_dim}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -206,66 +215,39 @@ class MoBAAttention(nn.Module):
             return out.transpose(1, 2).reshape_as(q)
         return _dense_causal_attention(q, k, v, cu_seqlens)
 
-    def _routed_key_mask(self, q_pad, q_pos, keys):
-        """MoBA selection over cached keys as a mask ``[S, HQ, L, capacity]``: the own block plus the
-        ``topk - 1`` best-scoring blocks that end before it (ties: lower block), as in the prefill."""
-        num_seqs, capacity, num_kv_heads, head_dim = keys.shape
-        num_heads = q_pad.shape[2]
-        bs = self.block_size
-        full_blocks = capacity // bs  # only complete blocks can precede a query's own block
-        compute = torch.promote_types(q_pad.dtype, torch.float32)
-        centroids = keys[:, : full_blocks * bs].to(compute).view(num_seqs, full_blocks, bs, num_kv_heads, head_dim)
-        centroids = centroids.mean(2).to(keys.dtype).to(compute)  # rounded to the keys' dtype, as in prefill
-        centroids = centroids.repeat_interleave(num_heads // num_kv_heads, dim=2)
-        scores = torch.einsum("slhd,sbhd->shlb", q_pad.to(compute), centroids)
-        own = (q_pos.clamp(min=0) // bs)[:, None, :, None]  # [S, 1, L, 1]
-        eligible = (torch.arange(full_blocks, device=keys.device) < own).expand_as(scores)
-        order = torch.sort(scores.masked_fill(~eligible, -math.inf), dim=-1, descending=True, stable=True).indices
-        order = order[..., : min(self.topk - 1, full_blocks)]
-        num_blocks = -(-capacity // bs)
-        chosen = torch.where(torch.gather(eligible, -1, order), order, num_blocks)
-        selected = torch.zeros(*scores.shape[:3], num_blocks + 1, dtype=torch.bool, device=keys.device)
-        selected.scatter_(-1, chosen, True)
-        selected.scatter_(-1, own.expand(*scores.shape[:3], 1), True)
-        return selected[..., torch.arange(capacity, device=keys.device) // bs]
-
-    def decode_attention(self, q, cache: KVCache, cu_seqlens, positions, new_lengths):
+    def decode_attention(self, q: torch.Tensor, cache: MoBAKVCache, new_lengths: list[int]) -> torch.Tensor:
         """Attention of new queries over the cache, which already holds their own keys and values.
 
-        Exact layer semantics (causal; "swa" window; "moba" routing over the cached block centroids) as
-        one masked dense SDPA over ``[S, HQ, max(new_lengths), capacity]``: it reads the whole cache and its
-        mask grows with new tokens x capacity, so it suits decoding a few tokens per step, not chunked
-        prefill of long prompts. The place for the sparse decode of :mod:`flashmoba.decode`.
-
         Args:
-            q: ``[M, HQ, D]`` packed queries of the new tokens; cu_seqlens: ``[S + 1]`` their boundaries;
-            positions: int64 ``[M]`` their positions in their sequences; new_lengths: host ``M`` per sequence.
+            q: ``[M, HQ, D]`` packed queries of the new tokens, ``new_lengths[s]`` of them for sequence ``s``
+                (the newest tokens of each sequence).
 
         Returns:
             ``[M, HQ, D]``.
         """
-        num_new = q.shape[0]
-        keys, values = cache.keys, cache.values
-        num_seqs, capacity = keys.shape[:2]
-        width = max(new_lengths, default=0)
-        seq = token_sequence_ids(cu_seqlens, num_new)
-        slot = token_positions(cu_seqlens, num_new)
-        q_pad = q.new_zeros(num_seqs, width, *q.shape[1:])
-        q_pad[seq, slot] = q
-        q_pos = torch.full((num_seqs, width), -1, dtype=torch.long, device=q.device)
-        q_pos[seq, slot] = positions
-        k_pos = torch.arange(capacity, device=q.device)
-        delta = q_pos[..., None] - k_pos  # [S, L, capacity]
-        allowed = (delta >= 0) & (q_pos >= 0)[..., None]
-        if self.attn_type == "swa":
-            allowed &= delta < self.window
-        allowed = allowed[:, None]
         if self.attn_type == "moba":
-            allowed = allowed & self._routed_key_mask(q_pad, q_pos, keys)
-        # Padding query rows keep key 0 so that their softmax stays finite; they are dropped below.
-        allowed = allowed | ((q_pos < 0)[:, None, :, None] & (k_pos == 0))
-        out = _sdpa(q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed)
-        return out.transpose(1, 2)[seq, slot]
+            cache.bind_block_size(self.block_size)
+
+        def attend(queries, layer_cache):
+            if self.attn_type == "moba":
+                return moba_decode(queries, layer_cache, topk=self.topk, backend=self.backend)
+            return dense_decode(queries, layer_cache, window=self.window if self.attn_type == "swa" else None)
+
+        width = max(new_lengths, default=0)
+        if all(n == width for n in new_lengths):  # every sequence takes the same number of tokens (generation)
+            return attend(q.view(len(new_lengths), width, *q.shape[1:]), cache).reshape_as(q)
+        # Ragged chunks: one call per sequence, on a one-sequence view of the cache.
+        out, start = torch.empty_like(q), 0
+        for b, n in enumerate(new_lengths):
+            if n:
+                one = MoBAKVCache.from_tensors(
+                    cache.k[b : b + 1], cache.v[b : b + 1], cache.seqlens[b : b + 1], starts=cache.starts[b : b + 1],
+                    block_size=cache.block_size,
+                    block_sums=cache.block_sums[b : b + 1] if self.attn_type == "moba" else None,
+                )
+                out[start : start + n] = attend(q[start : start + n][None], one)[0]
+            start += n
+        return out
 
     # ------------------------------------------------------------------------------------------------
     # public
@@ -300,32 +282,36 @@ class MoBAAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         cu_seqlens: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: MoBAKVCache | None = None,
     ) -> torch.Tensor:
         """Attention output, same shape as ``hidden_states``.
 
         Args:
             hidden_states: ``[B, T, hidden]`` or packed ``[N, hidden]``.
             cu_seqlens: int32/int64 ``[S + 1]`` for packed input (default: one sequence).
-            cache: optional :class:`KVCache`; an empty one is filled (prefill), a filled one is extended
-                and attended over (decode: the new tokens continue their sequences).
+            cache: optional :class:`~flashmoba.MoBAKVCache` (``MoBAKVCache.growing()``); an empty one is
+                filled (prefill), a filled one is extended and attended over (decode: the new tokens
+                continue their sequences).
         """
         x, cu_seqlens, batch_shape = self._flatten(hidden_states, cu_seqlens)
         num_tokens = x.shape[0]
+        if cache is not None and not isinstance(cache, MoBAKVCache):
+            raise TypeError(f"cache must be a flashmoba.MoBAKVCache, got {type(cache).__name__}")
         decoding = cache is not None and not cache.is_empty
-        if decoding and cu_seqlens.numel() - 1 != cache.num_seqs:
-            raise ValueError(f"the cache holds {cache.num_seqs} sequences but the input has {cu_seqlens.numel() - 1}")
+        num_seqs = cu_seqlens.numel() - 1
+        if decoding and num_seqs != cache.batch_size:
+            raise ValueError(f"the cache holds {cache.batch_size} sequences but the input has {num_seqs}")
         positions = token_positions(cu_seqlens, num_tokens)
         if decoding:
-            positions = positions + cache.lengths_tensor(x.device)[token_sequence_ids(cu_seqlens, num_tokens)]
+            positions = positions + cache.seqlens.long()[token_sequence_ids(cu_seqlens, num_tokens)]
         q, k = self._queries_keys(x, cu_seqlens, positions, cache)
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         if cache is not None:
             bounds = cu_seqlens.tolist()
             new_lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-            cache.append(k, v, cu_seqlens, new_lengths)
+            _append_packed(cache, k, v, cu_seqlens, new_lengths)
         if decoding:
-            out = self.decode_attention(q, cache, cu_seqlens, positions, new_lengths)
+            out = self.decode_attention(q, cache, new_lengths)
         else:
             out = self._attend(q, k, v, cu_seqlens, batch_shape)
         out = self.o_proj(out.reshape(num_tokens, -1))

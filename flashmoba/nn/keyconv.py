@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from flashmoba.api import _check_cu_seqlens, _check_tensor, _resolve_backend
+from flashmoba._checks import check_cu_seqlens as _check_cu_seqlens, check_tensor as _check_tensor, resolve_backend as _resolve_backend
 from flashmoba.nn.varlen import token_sequence_ids, uniform_cu_seqlens
 
 __all__ = ["KeyConv", "key_conv", "key_conv_naive"]

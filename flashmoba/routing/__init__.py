@@ -4,7 +4,7 @@
 reference backend) never needs Triton.
 """
 
-from flashmoba.routing.result import BlockIndex, MoBARouting, block_layout, build_block_index
+from flashmoba.routing.result import BlockIndex, BlockLayout, MoBARouting, block_layout, build_block_index
 
 
 def __getattr__(name):
@@ -15,4 +15,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["BlockIndex", "MoBARouting", "block_layout", "build_block_index", "route_triton"]
+__all__ = ["BlockIndex", "BlockLayout", "MoBARouting", "block_layout", "build_block_index", "route_triton"]

@@ -28,10 +28,11 @@ Block view (``BlockIndex``, a CSR over *segments*)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["BlockIndex", "MoBARouting", "block_index_from_keys", "block_key_dtype", "block_layout",
+__all__ = ["BlockIndex", "BlockLayout", "MoBARouting", "block_index_from_keys", "block_key_dtype", "block_layout",
            "block_sort_rows", "build_block_index", "entries_dtype", "max_num_blocks"]
 
 
@@ -46,12 +47,22 @@ def entries_dtype(pairs_per_head: int) -> torch.dtype:
     return torch.int32 if pairs_per_head < 2**31 else torch.int64
 
 
-def block_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int):
-    """Global block bookkeeping of a packed batch, with static shapes.
+class BlockLayout(NamedTuple):
+    """The global block numbering of a packed batch (module docstring), with static shapes.
 
-    Returns:
-        ``(cu_blocks int32 [S + 1], block_seq int32 [num_blocks_max], num_blocks_max)``.
+    Attributes:
+        cu_blocks: int32 ``[S + 1]``: sequence ``s`` owns global blocks ``cu_blocks[s] .. cu_blocks[s + 1] - 1``.
+        block_seq: int32 ``[num_blocks_max]``: the sequence of each global block (``S`` past the real ones).
+        num_blocks_max: :func:`max_num_blocks` of the batch, a bound from the shapes alone.
     """
+
+    cu_blocks: torch.Tensor
+    block_seq: torch.Tensor
+    num_blocks_max: int
+
+
+def block_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int) -> BlockLayout:
+    """The :class:`BlockLayout` of ``num_tokens`` packed tokens in blocks of ``block_size`` (no host sync)."""
     num_seqs = cu_seqlens.numel() - 1
     num_blocks_max = max_num_blocks(num_tokens, block_size, num_seqs)
     device = cu_seqlens.device
@@ -61,7 +72,7 @@ def block_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int):
     torch.cumsum(blocks, 0, dtype=torch.int32, out=cu_blocks[1:])
     g = torch.arange(num_blocks_max, dtype=torch.int32, device=device)
     block_seq = torch.searchsorted(cu_blocks[1:], g, right=True, out_int32=True)
-    return cu_blocks, block_seq, num_blocks_max
+    return BlockLayout(cu_blocks, block_seq, num_blocks_max)
 
 
 @dataclass
@@ -106,8 +117,8 @@ def block_sort_rows(num_heads: int, num_blocks_max: int) -> tuple[int, int]:
     ``(h % heads_per_row) * (num_blocks_max + 1) + g + key_base`` (of :func:`block_key_dtype`) for head
     ``h``'s pair in global block ``g``. With 16-bit keys a row takes as many heads (a divisor of
     ``num_heads``) as the signed 16-bit range holds, ``key_base = -2**15`` shifting them into it: a few long
-    rows sort faster than many short ones (4 rows of 33M pairs: 2.8 ms, 16 rows of 8.4M: 3.3 ms on an
-    H200). 32-bit keys keep a row per head.
+    rows sort faster than many short ones (fewer launches of the segmented radix sort, each over more
+    data). 32-bit keys keep a row per head.
     """
     if block_key_dtype(num_blocks_max) != torch.int16:
         return 1, 0
@@ -150,11 +161,11 @@ def block_index_from_keys(keys: torch.Tensor, topk: int, num_blocks_max: int) ->
 
 
 def build_block_index(
-    indices: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, layout=None
+    indices: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, layout: BlockLayout | None = None
 ) -> BlockIndex:
     """Invert ``indices [N, HQ, topk]`` into the block view (no host sync).
 
-    ``layout``: ``block_layout(...)`` if the caller has it already. The Triton router writes the block
+    ``layout``: the batch's :class:`BlockLayout` if the caller has it already. The Triton router writes the block
     keys itself and calls :func:`block_index_from_keys` directly.
     """
     N, HQ, topk = indices.shape
@@ -177,10 +188,10 @@ class MoBARouting:
     Attributes:
         indices: int32 ``[N, HQ, topk]``, selected local block ids, ascending, -1 padded.
         cu_seqlens: the ``[S + 1]`` sequence boundaries the routing was computed for.
-        block_size, topk, causal: the routing parameters.
-        cu_blocks: int32 ``[S + 1]``, global block numbering (see the module docstring).
-        block_seq: int32 ``[num_blocks_max]``, the sequence of each global block (``S`` = padding).
-        num_blocks_max: static upper bound on the number of blocks.
+        block_size, topk, causal: the routing parameters (``block_size`` at most ``max(N, 16)``: a longer
+            block is one block per sequence either way).
+        layout: the :class:`BlockLayout` (global block numbering, see the module docstring); its fields
+            are also attributes: ``cu_blocks``, ``block_seq``, ``num_blocks_max``.
     """
 
     indices: torch.Tensor
@@ -188,17 +199,26 @@ class MoBARouting:
     block_size: int
     topk: int
     causal: bool
-    cu_blocks: torch.Tensor
-    block_seq: torch.Tensor
-    num_blocks_max: int
+    layout: BlockLayout
     _block_index: BlockIndex | None = field(default=None, repr=False)
+
+    @property
+    def cu_blocks(self) -> torch.Tensor:
+        return self.layout.cu_blocks
+
+    @property
+    def block_seq(self) -> torch.Tensor:
+        return self.layout.block_seq
+
+    @property
+    def num_blocks_max(self) -> int:
+        return self.layout.num_blocks_max
 
     @property
     def block_index(self) -> BlockIndex:
         """The block -> query view (built on first use when the backend did not provide it)."""
         if self._block_index is None:
-            layout = (self.cu_blocks, self.block_seq, self.num_blocks_max)
-            self._block_index = build_block_index(self.indices, self.cu_seqlens, self.block_size, layout)
+            self._block_index = build_block_index(self.indices, self.cu_seqlens, self.block_size, self.layout)
         return self._block_index
 
     def queries_of(self, seq: int, head: int, block: int) -> torch.Tensor:

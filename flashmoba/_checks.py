@@ -1,0 +1,201 @@
+"""Argument validation shared by every public entry point: one place, one wording, one exception rule.
+
+The rule: a value of the wrong *type* raises :class:`TypeError`, a value of the right type that is out of
+range or inconsistent raises :class:`ValueError`; both messages name the argument. Checks that would read a
+device value on the host are skipped while torch.compile traces or a CUDA graph captures (:func:`tracing`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "TRITON_DTYPES",
+    "TRITON_HEAD_DIMS",
+    "TRITON_MAX_TOPK",
+    "TRITON_MIN_BLOCK",
+    "check_backend_support",
+    "check_bool",
+    "check_choice",
+    "check_cu_seqlens",
+    "check_float",
+    "check_int",
+    "check_lengths",
+    "check_routing_args",
+    "check_tensor",
+    "resolve_backend",
+    "tracing",
+]
+
+BACKENDS = ("auto", "reference", "triton")
+REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_TOPK = 64
+TRITON_MIN_BLOCK = 16
+TRITON_HEAD_DIMS = "a multiple of 8 between 16 and 256"
+
+
+def tracing() -> bool:
+    """True while torch.compile traces or a CUDA graph captures: no host reads of device values then."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+# ----------------------------------------------------------------------------------------------------
+# python values
+
+
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as a Python int: any integral number (numpy integers included), never a bool or a tensor."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_float(name: str, value, *, positive: bool = False, nonzero: bool = False) -> float:
+    """``value`` as a finite Python float (ints and numpy floats accepted, bools refused)."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonzero and value == 0:
+        raise ValueError(f"{name} must be nonzero, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices: Sequence):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_routing_args(block_size, topk, causal, softmax_scale=None) -> tuple[int, int]:
+    """The routing parameters every MoBA entry point takes; returns ``(block_size, topk)`` as ints."""
+    block_size = check_int("block_size", block_size, 1)
+    topk = check_int("topk", topk, 1)
+    check_bool("causal", causal)
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, (bool, torch.Tensor)) or not isinstance(softmax_scale, numbers.Real):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        if not math.isfinite(softmax_scale) or softmax_scale == 0:
+            raise ValueError(f"softmax_scale must be finite and nonzero, got {softmax_scale}")
+    return block_size, topk
+
+
+# ----------------------------------------------------------------------------------------------------
+# tensors
+
+
+def check_tensor(name: str, value, *, dim: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dim is not None and value.dim() != dim:
+        raise ValueError(f"{name} must have rank {dim}, got shape {tuple(value.shape)}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but q is on {device}: all must share a device")
+    return value
+
+
+def check_lengths(name: str, value, batch: int, device: torch.device) -> torch.Tensor:
+    """An int32/int64 ``[batch]`` tensor of per-sequence counts on ``device`` (values are not read)."""
+    check_tensor(name, value)
+    if value.dtype not in (torch.int32, torch.int64) or value.shape != (batch,):
+        raise ValueError(f"{name} must be an int32/int64 tensor of shape [{batch}], got {value.dtype} "
+                         f"{tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but q is on {device}")
+    return value
+
+
+def check_cu_seqlens(cu_seqlens, num_tokens: int, device: torch.device, max_seqlen=None) -> None:
+    """Sequence boundaries ``[S + 1]``: shape, dtype and device always; values (one host read) when eager."""
+    check_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D with at least one element, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+    if max_seqlen is not None:
+        max_seqlen = check_int("max_seqlen", max_seqlen, 0)
+    if tracing():
+        return
+    host = cu_seqlens.tolist()
+    if host[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {host[0]}")
+    lens = [b - a for a, b in zip(host[:-1], host[1:])]
+    if any(n < 0 for n in lens):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if host[-1] != num_tokens:
+        raise ValueError(f"cu_seqlens must end at the number of tokens N={num_tokens}, got {host[-1]}")
+    longest = max(lens, default=0)
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# backends
+
+
+def resolve_backend(backend, device: torch.device) -> str:
+    """``"auto"`` -> Triton for CUDA tensors, the reference otherwise; an explicit backend is kept or refused."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got device {device}); on the CPU it runs only "
+                "under TRITON_INTERPRET=1. Use backend='reference' or 'auto' for CPU tensors."
+            )
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            raise ValueError("backend='triton' needs the triton package: pip install triton") from e
+    return backend
+
+
+def check_backend_support(backend: str, q: torch.Tensor, block_size: int, topk: int) -> None:
+    """What the chosen backend accepts (dtype, head dim, block size, topk)."""
+    if backend == "reference":
+        if q.dtype not in REFERENCE_DTYPES:
+            raise TypeError(f"dtype {q.dtype} is not supported by backend='reference' ({REFERENCE_DTYPES})")
+        return
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"dtype {q.dtype} is not supported by backend='triton' ({TRITON_DTYPES})")
+    if q.dtype == torch.bfloat16 and q.device.type != "cuda":
+        raise TypeError(
+            "dtype torch.bfloat16 is not supported by backend='triton' under the Triton interpreter "
+            "(CPU tensors): the interpreter computes tl.dot on bfloat16 operands wrongly. Use float16 or "
+            "float32 there, or backend='reference'."
+        )
+    d = q.shape[-1]
+    if d % 8 != 0 or not 16 <= d <= 256:
+        raise ValueError(f"head dim {d} is not supported by backend='triton': it must be {TRITON_HEAD_DIMS}")
+    if block_size < TRITON_MIN_BLOCK:
+        raise ValueError(
+            f"block_size {block_size} is not supported by backend='triton': it must be >= {TRITON_MIN_BLOCK}"
+        )
+    if topk > TRITON_MAX_TOPK:
+        raise ValueError(f"topk {topk} is not supported by backend='triton': it must be <= {TRITON_MAX_TOPK}")
