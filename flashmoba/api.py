@@ -176,13 +176,8 @@ def moba_attn_varlen(
 def _attend(q, k, v, cu_seqlens, block_size, topk, causal, softmax_scale, return_lse, backend, deterministic):
     """Packed inputs whose shapes and sequence boundaries are checked -> the chosen backend."""
     backend = resolve_backend(backend, q.device)
-    # The index has topk columns: no clamp, but a topk past every block of the batch and past the kernels'
-    # limit would only allocate padding.
-    block_size, usable = _routing_shape(block_size, topk, q.shape[0], cu_seqlens.numel() - 1)
+    block_size, topk = _routing_shape(block_size, topk, q.shape[0], cu_seqlens.numel() - 1)
     check_backend_support(backend, q, block_size, topk)
-    if topk > max(usable, TRITON_MAX_TOPK):
-        raise ValueError(f"topk must be <= {max(usable, TRITON_MAX_TOPK)} here (this batch has at most {usable} "
-                         f"blocks per sequence), got {topk}")
     check_bool("return_lse", return_lse)
     check_bool("deterministic", deterministic)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)

@@ -52,6 +52,12 @@ def _replace(names: str, make):
     return lambda args: {**args, **{name: make(args[name]) for name in names.split()}}
 
 
+def _long_batch():
+    """q, k, v and cu_seqlens of one sequence of 70 blocks of 16 tokens."""
+    q, k, v, cu = make_packed((16 * 70,), 4, 2, 16, dtype=torch.float32)
+    return {"q": q, "k": k, "v": v, "cu_seqlens": cu}
+
+
 def _cu(values, dtype=torch.int32):
     return _with(cu_seqlens=torch.tensor(values, dtype=dtype))
 
@@ -127,7 +133,8 @@ TRITON_ERRORS = [
         r"head dim 264 .* backend='triton'",
     ),
     ("block-size-8", _with(block_size=8), ValueError, r"block_size 8 .* backend='triton'"),
-    ("topk-65", _with(topk=65), ValueError, r"topk 65 .* backend='triton'"),
+    # On a batch of more than 65 blocks (a larger topk on fewer blocks means "all of them": no refusal).
+    ("topk-65", lambda args: {**args, **_long_batch(), "topk": 65}, ValueError, r"topk 65 .* backend='triton'"),
 ]
 
 
@@ -267,3 +274,35 @@ def test_lse_dtype_and_shapes(dtype, lse_dtype):
     out, lse = _call(VARLEN, {**args, "return_lse": True, "backend": "reference"})
     assert out.dtype == dtype and out.shape == args["q"].shape
     assert lse.dtype == lse_dtype and lse.shape == args["q"].shape[:2]
+
+
+@pytest.mark.parametrize("fn", [VARLEN, BATCHED], ids=["varlen", "batched"])
+@pytest.mark.parametrize("huge", [dict(block_size=10**9), dict(topk=10**12), dict(block_size=10**12, topk=10**9)],
+                         ids=["block", "topk", "both"])
+def test_huge_block_size_or_topk_equals_one_block_or_all_blocks(fn, huge):
+    """A block longer than every sequence is one block, and a topk past every block selects them all: the
+    result equals the smallest such values, without allocating for the nominal ones."""
+    args = _varlen_args() if fn is VARLEN else _batched_args()
+    longest = 12 if fn is VARLEN else 10
+    same = {"block_size": longest if "block_size" in huge else args["block_size"],
+            "topk": longest if "topk" in huge else args["topk"]}  # topk >= blocks of the longest sequence
+    out = _call(fn, {**args, **huge})
+    assert torch.equal(out, _call(fn, {**args, **same}))
+
+
+def test_routing_refuses_a_topk_that_would_only_allocate_padding():
+    with pytest.raises(ValueError, match=r"topk must be <= 64 here"):
+        _call(ROUTE, {**_varlen_args(), "topk": 10**12})
+    routing = _call(ROUTE, {**_varlen_args(), "block_size": 10**9})
+    assert routing.block_size == 17 and routing.indices.shape[-1] == 2  # N = 17 tokens: one block each
+
+
+@pytest.mark.parametrize("fn", [VARLEN, ROUTE, BATCHED], ids=["varlen", "route", "batched"])
+def test_numpy_integers_are_ints(fn):
+    np = pytest.importorskip("numpy")
+    args = _varlen_args() if fn is not BATCHED else _batched_args()
+    plain = _call(fn, args)
+    typed = _call(fn, {**args, "block_size": np.int64(args["block_size"]), "topk": np.int32(args["topk"])})
+    if fn is ROUTE:
+        plain, typed = plain.indices, typed.indices
+    assert torch.equal(plain, typed)
