@@ -99,9 +99,11 @@ def run_config(context, batch, args, bandwidth, check):
     rep = args.rep_ms
     row = {"context": context, "batch": batch, "new_tokens": Tq}
 
+    cache = flashmoba.MoBAKVCache.from_tensors(k.transpose(1, 2), v.transpose(1, 2), seqlens, block_size=bs,
+                                               block_sums=block_sums)
+
     def moba(shared):
-        return lambda: flashmoba.moba_decode(q, k.transpose(1, 2), v.transpose(1, 2), seqlens, block_sums,
-                                             block_size=bs, topk=topk, shared_kv_routing=shared, backend="triton")
+        return lambda: flashmoba.moba_decode(q, cache, topk=topk, shared_kv_routing=shared, backend="triton")
 
     if check:
         # Triton vs the torch reference on this very cache (the reference is exact fp32 arithmetic).
@@ -146,7 +148,7 @@ def run_config(context, batch, args, bandwidth, check):
     row["kernel_bytes"] = centroid_bytes * Tq + kernel_blocks * kv_block_bytes
     row["dense_bytes"] = 2 * k.numel() * k.element_size()
     row["sdpa_gbs"] = row["dense_bytes"] / row["sdpa_us"] / 1e3
-    del k, v, block_sums
+    del k, v, block_sums, cache
     torch.cuda.empty_cache()
     return row
 

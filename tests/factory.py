@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from flashmoba.api import TRITON_MIN_BLOCK
+from flashmoba._checks import TRITON_MIN_BLOCK
 
 
 class Case(NamedTuple):

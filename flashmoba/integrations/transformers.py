@@ -218,20 +218,25 @@ class MoBACacheLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return 0 if self.cache is None or self.cache.is_empty else self.cache.max_rows
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def _reorder(self, index: torch.Tensor) -> None:
+        """Sequence ``i`` becomes the old sequence ``index[i]``, its padding record included."""
         if self.get_seq_length() > 0:
-            self.cache.reorder(beam_idx)
+            index = index.cpu()
+            self.cache.reorder(index)
+            if self.padding is not None:
+                self.padding = tuple(self.padding[i] for i in index.tolist())
             self._expose()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._reorder(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.get_seq_length() > 0:
-            self.cache.reorder(torch.arange(self.cache.batch_size)[indices])
-            self._expose()
+            self._reorder(torch.arange(self.cache.batch_size)[indices])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.get_seq_length() > 0:
-            self.cache.reorder(torch.arange(self.cache.batch_size).repeat_interleave(repeats))
-            self._expose()
+            self._reorder(torch.arange(self.cache.batch_size).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         length = self.get_seq_length()
