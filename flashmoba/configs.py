@@ -4,8 +4,8 @@ Each kernel family asks this module for its configuration with the problem's sta
 size, head dim, dtype) and the device. The architecture comes from the device's compute capability at run
 time, never from a card name:
 
-* ``"sm90"`` (Hopper: H100, H200): tables measured on an H200 (``benchmarks/tune_attention.py``,
-  ``benchmarks/bench_routing.py --tune``; numbers in docs/benchmarks.md);
+* ``"sm90"`` (Hopper: H100, H200): tables chosen from tile sweeps (``benchmarks/tune_attention.py``,
+  ``benchmarks/bench_routing.py --tune``, ``benchmarks/tune_centroids.py``; the runs are in docs/results/);
 * ``"default"``: every other CUDA GPU (sm80, sm86/sm89, sm100, sm120): tiles that fit in 99 KB of shared
   memory, the smallest opt-in limit of the architectures Triton supports, so they run everywhere;
 * ``"interpreter"``: CPU tensors under ``TRITON_INTERPRET=1`` (the tests): the default tiles.
@@ -148,7 +148,8 @@ def attn_fwd(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.d
 def attn_bwd(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
     """The MoBA backward's tiles (:mod:`flashmoba.attention.backward`): ``block_m`` gathered queries
     against a key tile of ``block_n`` keys that keeps K, V, dK and dV on chip. On Hopper a 128-key tile
-    halves the gathers and dQ merges of a 64-key one and is faster despite its register spills."""
+    halves the gathers and dQ merges of a 64-key one, which outweighs the register spills of holding
+    twice the keys."""
     return _chosen("attn_bwd", block_size, head_dim, dtype, device)
 
 
@@ -156,16 +157,18 @@ def route_topk(dtype: torch.dtype, k_pad: int, device: torch.device) -> TopkConf
     """The routing top-k's tiles (:mod:`flashmoba.routing.topk`). A list slot lives in the low
     ``log2(block_n)`` bits of a score, so ``block_n >= k_pad`` (at most 64).
 
-    16-bit inputs: 64 x 64 tiles and one warpgroup, the fastest swept on an H200; the register cap (80)
-    fits 6 programs per SM instead of 4, whose extra warps hide the latency of the merge rounds' shuffles
-    and barriers. float32 inputs (exact products on the CUDA cores): small tiles, no cap."""
+    16-bit inputs: 64 x 64 tiles and one warpgroup. The merge rounds are chains of shuffles and barriers
+    whose latency only other resident programs hide, so programs are kept small, and on Hopper the
+    register cap (80) fits 6 programs per SM instead of 4. float32 inputs (exact products on the CUDA
+    cores): small tiles, no cap."""
     return _chosen("route_topk", dtype, k_pad, device)
 
 
 def centroids(block_size: int, head_dim: int, device: torch.device) -> tuple[int, int]:
     """``(BLOCK_T, num_warps)`` of the centroid kernel (:mod:`flashmoba.routing.centroids`): many small
-    programs, each summing one block's keys in tiles of ``BLOCK_T`` tokens; 2 warps read at copy bandwidth
-    on an H200 (``benchmarks/tune_centroids.py``)."""
+    programs, each summing one block's keys in tiles of ``BLOCK_T`` tokens. The kernel reads every key
+    once, so reading the keys is its whole cost: the launch is the smallest that streams them at copy
+    bandwidth, 2 warps a program."""
     return _chosen("centroids", block_size, head_dim, device)
 
 

@@ -1,11 +1,16 @@
 """KeyConv: both backends against the naive per-lag loop in float64 (forward and gradients), sequence
-isolation, decoding with the rolling state, the identity init, and argument checks.
+isolation, decoding with the rolling state, the identity init, argument checks, and that the package
+imports and runs without triton.
 
 Tolerances follow the FlashAttention rule: a backend computing in ``dtype`` may be off from the float64
 oracle by at most twice what the naive loop itself loses when run in ``dtype``, plus a floor for summing
 in another order: one unit roundoff of the largest value per square root of the number of summed terms
 (a random walk of roundings; W lags for the keys, N tokens for the weight and bias gradients).
 """
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +179,40 @@ def test_bad_arguments():
         key_conv(torch.randn(5, 8), conv.weight, backend="cuda")
     with pytest.raises(ValueError, match="kernel_size"):
         KeyConv(8, 0)
+
+
+def test_imports_and_runs_without_triton():
+    """``import flashmoba.nn`` and KeyConv's reference path need no triton; the Triton backend says why not."""
+    code = """
+import sys
+sys.modules["triton"] = None  # `import triton` now raises ImportError
+import torch
+import flashmoba.nn
+from flashmoba.nn import KeyConv, key_conv, key_conv_naive
+
+conv = KeyConv(6, 3, bias=True)
+with torch.no_grad():
+    conv.weight.normal_()
+    conv.bias.normal_()
+k = torch.randn(2, 9, 6, requires_grad=True)
+state = conv.initial_state(2)
+out = conv(k, state=state)
+out.sum().backward()
+want = torch.cat([key_conv_naive(k[b].detach(), conv.weight.detach(), conv.bias.detach()) for b in range(2)])
+torch.testing.assert_close(out.detach().reshape(18, 6), want)
+assert k.grad is not None and conv.weight.grad is not None
+torch.testing.assert_close(state, k.detach()[:, -2:])
+assert "flashmoba.nn.keyconv.kernels" not in sys.modules
+try:
+    key_conv(k.detach(), conv.weight, backend="triton")
+except ValueError as e:
+    assert "triton" in str(e), e
+else:
+    raise AssertionError("backend='triton' ran without triton")
+"""
+    root = Path(__file__).resolve().parents[1]
+    # The environment is inherited (conftest sets TRITON_INTERPRET=1 without CUDA, so backend="triton"
+    # on CPU tensors gets as far as the missing package).
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr

@@ -30,10 +30,9 @@ without the causal diagonal). Programs record such a row's largest exponent (in 
 it overflows, so normally never; without the diagonal for every row). A row-wise kernel then moves each
 failed row's reference to its largest logit and clears its sums, and a rescue pass of the same kernel
 (``RESCUE``) recomputes those rows alone: it ends at once unless some row failed, and reads no keys unless
-one of its program's queries did. The
-rescued rows are thereby computed with the same products as all others, which the backward recomputes
-bit for bit. On random inputs no row fails; the rescue exists so that no input is silently wrong (huge
-logits, a head that avoids its own token).
+one of its program's queries did. The rescued rows are thereby computed with the same products as all
+others, which the backward recomputes bit for bit. On random inputs no row fails; the rescue exists so
+that no input is silently wrong (huge logits, a head that avoids its own token).
 
 Accumulation. Atomics into one ``[N, HQ, D]`` row per query, or (``DETERMINISTIC``) a row per (pair, key
 tile) that the finalize kernel sums in a fixed order.

@@ -26,15 +26,15 @@ never selected.
 Ties (equal score parts). The scan visits blocks in ascending order and a new block must beat the
 threshold strictly, so a later block never displaces an earlier one of equal score: the reference's rule
 (the lower block wins). The one departure: when two entries of a list tie for the worst, the lower slot is
-evicted, which may be the lower block. Either choice is a valid top-k of the rounded scores; on random
-inputs 1 row in 19,000 (512K tokens) to 36,000 (64K) sees such a tie (docs/benchmarks.md).
+evicted, which may be the lower block. Either choice is a valid top-k of the rounded scores, and such a tie
+needs two blocks whose scores agree to within one key step, which random inputs rarely produce.
 
-Where the time goes (H200, Nsight Compute before the slot-coded lists, docs/benchmarks.md): the rounds and
-the per-tile bookkeeping run on the CUDA cores for every score of a tile, not on the tensor cores or in
-memory traffic (nor in the centroid loads, which the software pipeliner leaves unpipelined because the tile
-loop contains the round loop: pipelining them measured no gain). The integer (ALU) pipe is about 65 % busy,
-and the leading stall is the latency of the rounds' shuffles and barriers, which more resident programs
-hide: small programs (one warpgroup, 64 queries) under a register cap, six per SM, were fastest.
+What bounds the kernel: the rounds and the per-tile bookkeeping, integer work on the CUDA cores for every
+score of a tile, rather than the tensor cores or memory traffic. So the centroid loads are left as they are
+(the software pipeliner skips the tile loop because it contains the round loop, and pipelining them would
+only hide time that is not the bottleneck), and a round is a chain of shuffles and CTA barriers whose
+latency only other resident programs can hide: the launch (:func:`flashmoba.configs.route_topk`) uses small
+programs (one warpgroup, 64 queries) under a register cap that lets more of them share an SM.
 
 Causal tiles are staged as in flash attention: the blocks every query of the tile may see are scanned
 without masks, and only the last few tiles (the diagonal) pay for the causal mask.
