@@ -20,13 +20,16 @@ __all__ = [
     "TRITON_HEAD_DIMS",
     "TRITON_MAX_TOPK",
     "TRITON_MIN_BLOCK",
+    "UsageError",
     "check_backend_support",
     "check_bool",
     "check_choice",
     "check_cu_seqlens",
+    "check_device",
     "check_float",
     "check_int",
     "check_lengths",
+    "check_option",
     "check_routing_args",
     "check_tensor",
     "resolve_backend",
@@ -199,3 +202,39 @@ def check_backend_support(backend: str, q: torch.Tensor, block_size: int, topk: 
         )
     if topk > TRITON_MAX_TOPK:
         raise ValueError(f"topk {topk} is not supported by backend='triton': it must be <= {TRITON_MAX_TOPK}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the command line: the same checks, reported by ``flashmoba.cli.main`` as one line with exit code 2
+
+
+class UsageError(ValueError):
+    """A bad command-line argument; the message names the option. ``flashmoba.cli.main`` prints it as one line."""
+
+
+def check_option(check, option: str, *args, **kwargs):
+    """``check(option, *args, **kwargs)`` (a ``flashmoba._checks`` function) with its error as a UsageError."""
+    try:
+        return check(option, *args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def check_device(option: str, value: str | None):
+    """``value`` as a ``torch.device`` that exists on this machine (None: CUDA when available, else CPU)."""
+    import torch
+
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{option} must be a torch device such as 'cpu' or 'cuda', got {value!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{option} {value}: CUDA is not available on this machine (use {option} cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{option} {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"{option} must be 'cpu' or 'cuda', got {value!r}")
+    return device

@@ -1,4 +1,4 @@
-"""``flashmoba demo``: MoBA on the best device present, in five short steps.
+"""``flashmoba demo``: MoBA on the best device present, in four short steps.
 
 1. route a default problem and show which blocks a few queries chose;
 2. run MoBA forward + backward and time it against dense causal attention (SDPA);

@@ -135,6 +135,23 @@ def test_wilson_interval_hand_value():
     # 8 hits of 10 at z = 1.96: the textbook Wilson interval [0.4902, 0.9433].
     low, high = RetrievalEstimate(hits=8, trials=10).interval()
     assert (low, high) == (pytest.approx(0.49016, abs=5e-5), pytest.approx(0.94332, abs=5e-5))
+    # 0 of 10: [0, z^2 / (n + z^2)].
+    assert RetrievalEstimate(hits=0, trials=10).interval() == (0.0, pytest.approx(1.96**2 / (10 + 1.96**2)))
+
+
+@pytest.mark.parametrize("z", [1.0, 1.96, 3.29])
+def test_wilson_interval_contains_its_rate_and_reaches_the_ends_exactly(z):
+    # Rounding must not put a bound on the wrong side of the rate: with no miss, a high bound of
+    # 1 - 1e-16 under a rate of 1.0 made the plot's error bars negative (128 of 128 at z = 1.96).
+    for trials in [*range(1, 300), 512, 1024, 2048, 4096, 10**6]:
+        for hits in {0, 1, trials // 2, trials - 1, trials}:
+            estimate = RetrievalEstimate(hits=hits, trials=trials)
+            low, high = estimate.interval(z)
+            assert 0.0 <= low <= estimate.rate <= high <= 1.0, (hits, trials, low, high)
+        assert RetrievalEstimate(hits=0, trials=trials).interval(z)[0] == 0.0
+        assert RetrievalEstimate(hits=trials, trials=trials).interval(z)[1] == 1.0
+    with pytest.raises(ValueError, match="z"):
+        RetrievalEstimate(hits=1, trials=2).interval(0.0)
 
 
 # Scenarios where the paper's assumptions hold (Gaussian dot products; independent, or correlated with
@@ -415,6 +432,19 @@ def test_snr_command_writes_table_and_plot(tmp_path, capsys):
         assert float(p_fail) == pytest.approx(phi(-float(snr)), abs=1e-3)
         assert float(predicted) == pytest.approx(retrieval_probability(float(snr), 16, 2), abs=1e-3)
     assert table.read_text() in capsys.readouterr().out
+
+
+def test_snr_plot_draws_points_with_no_miss_or_no_hit(tmp_path, monkeypatch):
+    # Every point measured at a rate of exactly 1 (or 0): the error bars end at the point itself.
+    import flashmoba.theory.cli as snr_cli
+
+    for hits in (128, 0):
+        monkeypatch.setattr(snr_cli, "simulate_retrieval",
+                            lambda scenario, trials, hits=hits, **kwargs: RetrievalEstimate(hits, 128))
+        plot = tmp_path / f"snr{hits}.png"
+        assert flashmoba_main(["snr", "--head-dims", "128", "--block-sizes", "32", "64", "--trials", "50",
+                               "--device", "cpu", "--plot", str(plot)]) == 0
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_summary_is_compact():

@@ -38,14 +38,29 @@ def test_train_writes_a_complete_run(trained):
     assert len(_losses(trained)) == 4
 
 
-def test_interrupted_and_resumed_run_matches(trained, data_dir, tmp_path):
+def test_interrupted_and_resumed_run_matches(trained, data_dir, tmp_path, capsys):
     run = tmp_path / "split"
     assert main(["train", "--out", str(run), "--data-dir", str(data_dir), *MICRO, "--stop-at", "2"]) == 0
     assert not (run / "model").exists()
     assert main(["train", "--out", str(run), "--resume"]) == 0
     assert _losses(run) == _losses(trained)
-    with pytest.raises(ValueError, match="resume"):
-        main(["train", "--out", str(run), "--data-dir", str(data_dir), *MICRO])
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--data-dir", str(data_dir), *MICRO]) == 2
+    assert "--resume" in capsys.readouterr().err.splitlines()[-1]
+
+
+def _snapshot(folder):
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_train_refuses_an_existing_run_before_touching_it(trained, data_dir, capsys):
+    before = _snapshot(trained)
+    capsys.readouterr()
+    assert "run.json" in {p.name for p in before} and "model_config.json" in {p.name for p in before}
+    assert main(["train", "--out", str(trained), "--data-dir", str(data_dir), *MICRO]) == 2
+    assert _snapshot(trained) == before
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "--resume" in err[0]
 
 
 def test_eval_writes_results_and_plots(trained):

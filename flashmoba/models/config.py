@@ -25,9 +25,11 @@ small     8       512     8x64   8   1408    32000  42.1M (25.7M without the emb
 
 from __future__ import annotations
 
+import dataclasses
+
 from transformers import PretrainedConfig
 
-from flashmoba.api import BACKENDS
+from flashmoba._checks import BACKENDS, check_bool, check_choice, check_int
 
 __all__ = ["MoBAHybridConfig", "PRESETS", "GLOBAL_ATTN_TYPES"]
 
@@ -110,21 +112,14 @@ class MoBAHybridConfig(PretrainedConfig):
         minimum = {"kconv_size": 0}
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "swa_window", "moba_block_size", "moba_topk", "kconv_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-            if value < minimum.get(name, 1):
-                raise ValueError(f"{name} must be >= {minimum.get(name, 1)}, got {value}")
+            setattr(self, name, check_int(name, getattr(self, name), minimum.get(name, 1)))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even (RoPE on the sliding-window layers), got {self.head_dim}")
-        if self.global_attn not in GLOBAL_ATTN_TYPES:
-            raise ValueError(f"global_attn must be one of {GLOBAL_ATTN_TYPES}, got {self.global_attn!r}")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
-        if not isinstance(self.tie_word_embeddings, bool):
-            raise TypeError(f"tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
+        check_choice("global_attn", self.global_attn, GLOBAL_ATTN_TYPES)
+        check_choice("attn_backend", self.attn_backend, BACKENDS)
+        check_bool("tie_word_embeddings", self.tie_word_embeddings)
 
     @property
     def layer_attn_types(self) -> list[str]:
@@ -132,8 +127,29 @@ class MoBAHybridConfig(PretrainedConfig):
         return ["swa" if i % 2 == 0 else self.global_attn for i in range(self.num_layers)]
 
     @classmethod
+    def field_names(cls) -> tuple[list[str], list[str]]:
+        """``(this model's fields and their aliases, the generic PretrainedConfig fields)``: the keywords
+        :meth:`from_preset` takes, as two lists of names in declaration order."""
+        own = [name for name in MoBAHybridConfig.__annotations__ if not name.startswith("_")]
+        fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+        generic = [f.name for f in fields if f.name not in own]
+        return own + list(cls.attribute_map), generic
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> "MoBAHybridConfig":
-        """A preset ("tiny", "small", "340m", "1b"; module docstring) with fields overridden by keyword."""
+        """A preset ("tiny", "small", "340m", "1b"; module docstring) with fields overridden by keyword.
+
+        Raises:
+            ValueError: an unknown preset name. TypeError: an override that is not a config field.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"preset name must be a str, got {type(name).__name__}")
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        own, generic = cls.field_names()
+        unknown = [key for key in overrides if key not in own and key not in generic]
+        if unknown:
+            # PretrainedConfig would keep any keyword as an attribute: a misspelt field must not pass silently.
+            raise TypeError(f"unknown config field(s) {', '.join(map(repr, unknown))}; the fields are "
+                            f"{', '.join(own)} (and the generic PretrainedConfig ones, e.g. dtype)")
         return cls(**{**PRESETS[name], **overrides})

@@ -9,18 +9,22 @@ Three key distributions are swept (see :mod:`flashmoba.theory.simulate`):
   independence assumption, so the paper's ``sigma^2 / B`` block variance is wrong.
 
 Each point is run without and with clustering (``m`` keys of the signal block with ``mu_cluster``).
-A measurement "differs" when the prediction lies outside its 99.9 % Wilson interval.
+A measurement "differs" when the prediction lies outside its 99.9 % Wilson interval. The tables are
+printed (and written with ``--markdown PATH``); the plot is drawn only with ``--plot PATH`` (matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from flashmoba._checks import check_float, check_int, resolve_backend
+from flashmoba._checks import UsageError, check_device, check_option
 from flashmoba.theory.simulate import RetrievalEstimate, RoutingScenario, simulate_retrieval
 from flashmoba.theory.snr import failure_probability, required_snr
 
@@ -227,20 +231,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
-    parser.add_argument("--plot", type=Path, default=Path("docs/theory_snr.png"))
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="draw the figure into this PNG (needs matplotlib); default: no plot")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables here")
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """UsageError naming the option for any value the sweep cannot run with (before any simulation)."""
+    for option, values in (("--head-dims", args.head_dims), ("--block-sizes", args.block_sizes)):
+        for value in values:
+            check_option(check_int, option, value, 1)
+    for option, minimum in (("--num-blocks", 1), ("--topk", 1), ("--cluster-size", 1),
+                            ("--breakdown-head-dim", 1), ("--trials", 1), ("--seed", 0)):
+        check_option(check_int, option, getattr(args, option[2:].replace("-", "_")), minimum)
+    for option in ("--mu-signal", "--mu-noise", "--mu-cluster", "--tail-dof", "--block-correlation"):
+        check_option(check_float, option, getattr(args, option[2:].replace("-", "_")))
+    if not args.tail_dof > 2:
+        raise UsageError(f"--tail-dof must be > 2 (finite variance), got {args.tail_dof}")
+    if not 0 <= args.block_correlation < 1:
+        raise UsageError(f"--block-correlation must be in [0, 1), got {args.block_correlation}")
+    if args.cluster_size > min(args.block_sizes):
+        raise UsageError(f"--cluster-size ({args.cluster_size}) must not exceed the smallest of --block-sizes "
+                         f"({min(args.block_sizes)})")
+    device = check_device("--device", args.device)
+    try:
+        resolve_backend(args.backend, device)
+    except ValueError as e:
+        raise UsageError(f"--backend {args.backend}: {e}") from None
+    for option, path in (("--plot", args.plot), ("--markdown", args.markdown)):
+        if path is not None and path.is_dir():
+            raise UsageError(f"{option} {path} is a folder: give a file name")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot: plotting needs matplotlib: pip install 'flashmoba[plot]'")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the sweep, print the tables (markdown), write the plot."""
+    """Run the sweep, print the tables (markdown), write them and the plot where asked to."""
+    _check_arguments(args)
     points = _sweep(args)
     tables = _ideal_table(points, args) + "\n\n" + _breakdown_table(points, args) + "\n"
     print(tables)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(tables)
-    _plot(points, args, args.plot)
-    print(f"plot written to {args.plot}")
+    if args.plot is not None:
+        _plot(points, args, args.plot)
+        print(f"plot written to {args.plot}")
     return 0
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import flashmoba
+from flashmoba._checks import check_int, check_tensor
 
 __all__ = ["RouterSNR", "measure_router_snr"]
 
@@ -203,12 +204,8 @@ def measure_router_snr(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-    if isinstance(min_past_blocks, bool) or not isinstance(min_past_blocks, int):
-        raise TypeError(f"min_past_blocks must be an int, got {type(min_past_blocks).__name__}")
-    if min_past_blocks < 3:
-        raise ValueError(f"min_past_blocks must be >= 3, got {min_past_blocks}")
+    check_tensor("input_ids", input_ids)
+    min_past_blocks = check_int("min_past_blocks", min_past_blocks, 3)
     layers = {name: module for name, module in model.named_modules() if _is_moba_layer(module)}
     if not layers:
         raise ValueError("model has no MoBA layer (a module with block_size, topk and qk(...))")

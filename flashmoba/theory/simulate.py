@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 import flashmoba
+from flashmoba._checks import check_float, check_int
 from flashmoba.theory.snr import effective_separation, retrieval_probability, router_snr
 
 __all__ = ["RoutingScenario", "RetrievalEstimate", "VARIANCE_MODELS", "simulate_retrieval"]
@@ -45,13 +46,6 @@ __all__ = ["RoutingScenario", "RetrievalEstimate", "VARIANCE_MODELS", "simulate_
 VARIANCE_MODELS = ("paper", "exact")
 # Key elements (tokens * heads * head dim) generated per routing call: ~32 MB of float32 keys.
 _KEYS_PER_CALL = 1 << 23
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -79,20 +73,14 @@ class RoutingScenario:
     block_correlation: float = 0.0
 
     def __post_init__(self):
-        _check_int("head_dim", self.head_dim, 1)
-        _check_int("block_size", self.block_size, 1)
-        _check_int("num_blocks", self.num_blocks, 1)
-        _check_int("topk", self.topk, 1)
-        _check_int("cluster_size", self.cluster_size, 1)
+        for name in ("head_dim", "block_size", "num_blocks", "topk", "cluster_size"):
+            check_int(name, getattr(self, name), 1)
         if self.cluster_size > self.block_size:
             raise ValueError(
                 f"cluster_size ({self.cluster_size}) must not exceed block_size ({self.block_size})"
             )
-        if self.tail_dof is not None:
-            if isinstance(self.tail_dof, bool) or not isinstance(self.tail_dof, (int, float)):
-                raise TypeError(f"tail_dof must be a number or None, got {type(self.tail_dof).__name__}")
-            if not self.tail_dof > 2:
-                raise ValueError(f"tail_dof must be > 2 (finite variance), got {self.tail_dof}")
+        if self.tail_dof is not None and not check_float("tail_dof", self.tail_dof) > 2:
+            raise ValueError(f"tail_dof must be > 2 (finite variance), got {self.tail_dof}")
         # Validates the means, mu_cluster and block_correlation through the closed forms.
         self.snr("exact")
 
@@ -133,11 +121,22 @@ class RetrievalEstimate:
         return math.sqrt(self.rate * (1.0 - self.rate) / self.trials)
 
     def interval(self, z: float = 1.96) -> tuple[float, float]:
-        """Wilson score interval for the hit probability at ``z`` standard deviations."""
-        n, p = self.trials, self.rate
-        center = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-        return max(0.0, center - half), min(1.0, center + half)
+        """Wilson score interval ``(low, high)`` for the hit probability at ``z`` > 0 standard deviations.
+
+        It always contains :attr:`rate`, is ``[0, ...]`` with no hit and ``[..., 1]`` with no miss.
+        """
+        z = check_float("z", z, positive=True)
+        n, hits, misses = self.trials, self.hits, self.trials - self.hits
+        # The textbook form, center -/+ half-width, cancels at the ends: with no hit (no miss) it rounds to
+        # a low bound just above a rate of 0 (a high bound just below a rate of 1), so the interval misses
+        # its own point estimate. Multiplying center - half by its conjugate gives each bound as its
+        # distance to its own end of [0, 1], with h hits, f misses and r = z sqrt(z^2 + 4 h f / n):
+        #     low = 2 h^2 / (n (2 h + z^2 + r)),    1 - high = 2 f^2 / (n (2 f + z^2 + r)),
+        # products and sums of non-negative terms: exactly 0 and 1 at the ends, no cancellation elsewhere.
+        root = z * math.sqrt(z * z + 4 * hits * misses / n)
+        low = 2 * hits * hits / (n * (2 * hits + z * z + root))
+        high = 1 - 2 * misses * misses / (n * (2 * misses + z * z + root))
+        return low, high
 
 
 def _sample_keys(scenario: RoutingScenario, heads: int, device) -> torch.Tensor:
@@ -217,8 +216,8 @@ def simulate_retrieval(
     """
     if not isinstance(scenario, RoutingScenario):
         raise TypeError(f"scenario must be a RoutingScenario, got {type(scenario).__name__}")
-    _check_int("trials", trials, 1)
-    _check_int("seed", seed, 0)
+    check_int("trials", trials, 1)
+    check_int("seed", seed, 0)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # Each head of a call is `directions` trials; spread the heads needed evenly over the fewest calls.

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from flashmoba._checks import check_float, check_int
+
 __all__ = [
     "effective_separation",
     "block_score_variance",
@@ -40,23 +42,8 @@ _SNR_SEARCH = (-10.0, 40.0)
 _SNR_TOLERANCE = 1e-9
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def _check_finite(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-
-
 def _check_correlation(block_correlation) -> None:
-    _check_finite("block_correlation", block_correlation)
-    if not 0.0 <= block_correlation < 1.0:
+    if not 0.0 <= check_float("block_correlation", block_correlation) < 1.0:
         raise ValueError(f"block_correlation must be in [0, 1), got {block_correlation}")
 
 
@@ -72,14 +59,14 @@ def effective_separation(
             the query.
         mu_cluster: their mean dot product (needed when ``cluster_size > 1``).
     """
-    _check_finite("mu_signal", mu_signal)
-    _check_finite("mu_noise", mu_noise)
-    _check_positive_int("cluster_size", cluster_size)
+    check_float("mu_signal", mu_signal)
+    check_float("mu_noise", mu_noise)
+    check_int("cluster_size", cluster_size, 1)
     if cluster_size == 1:
         return float(mu_signal - mu_noise)
     if mu_cluster is None:
         raise ValueError("mu_cluster is required when cluster_size > 1")
-    _check_finite("mu_cluster", mu_cluster)
+    check_float("mu_cluster", mu_cluster)
     return float((mu_signal - mu_noise) + (cluster_size - 1) * (mu_cluster - mu_noise))
 
 
@@ -102,15 +89,15 @@ def block_score_variance(
     Returns:
         ``sigma^2 (rho + (1 - rho) / B)``.
     """
-    _check_positive_int("block_size", block_size)
+    check_int("block_size", block_size, 1)
     _check_correlation(block_correlation)
     if noise_variance is None:
         if head_dim is None:
             raise ValueError("give head_dim (for the paper's sigma^2 = 1/d) or noise_variance")
-        _check_positive_int("head_dim", head_dim)
+        check_int("head_dim", head_dim, 1)
         noise_variance = 1.0 / head_dim
     else:
-        _check_finite("noise_variance", noise_variance)
+        check_float("noise_variance", noise_variance)
         if noise_variance <= 0:
             raise ValueError(f"noise_variance must be > 0, got {noise_variance}")
     return noise_variance * (block_correlation + (1.0 - block_correlation) / block_size)
@@ -130,7 +117,7 @@ def router_snr(
     :func:`block_score_variance`, which takes the same keyword arguments). With the paper's
     assumptions (``sigma^2 = 1/d``, ``rho = 0``) this is ``delta_mu_eff * sqrt(d / (2 B))``.
     """
-    _check_finite("delta_mu_eff", delta_mu_eff)
+    check_float("delta_mu_eff", delta_mu_eff)
     variance = block_score_variance(
         block_size, head_dim=head_dim, noise_variance=noise_variance,
         block_correlation=block_correlation,
@@ -140,7 +127,7 @@ def router_snr(
 
 def failure_probability(snr: float) -> float:
     """``p_fail = Phi(-SNR)``: probability that one given noise block outscores the signal block."""
-    _check_finite("snr", snr)
+    check_float("snr", snr)
     return float(torch.special.ndtr(torch.tensor(-snr, dtype=torch.float64)))
 
 
@@ -149,8 +136,8 @@ def required_snr(num_blocks: int, topk: int) -> float:
 
     Returns ``-inf`` when ``topk >= num_blocks`` (every block is selected).
     """
-    _check_positive_int("num_blocks", num_blocks)
-    _check_positive_int("topk", topk)
+    check_int("num_blocks", num_blocks, 1)
+    check_int("topk", topk, 1)
     if topk >= num_blocks:
         return -math.inf
     return float(torch.special.ndtri(torch.tensor(1.0 - topk / num_blocks, dtype=torch.float64)))
@@ -181,9 +168,9 @@ def retrieval_probability(snr: float, num_blocks: int, topk: int) -> float:
     accounts for the noise blocks all competing against the same signal score. Checks:
     ``R(SNR, n=2, k=1) = Phi(SNR)`` and ``R(0, n, k) = k / n``.
     """
-    _check_finite("snr", snr)
-    _check_positive_int("num_blocks", num_blocks)
-    _check_positive_int("topk", topk)
+    check_float("snr", snr)
+    check_int("num_blocks", num_blocks, 1)
+    check_int("topk", topk, 1)
     if topk >= num_blocks:
         return 1.0
     center = math.sqrt(2.0) * snr
@@ -204,9 +191,9 @@ def snr_for_retrieval(target: float, num_blocks: int, topk: int) -> float:
     ``B = d * delta_mu_eff^2 / (2 * SNR^2)``. ``target`` must lie strictly between the no-signal rate
     ``k / n`` reached at SNR 0 and 1 (more precisely, in the range reached for SNR in [-10, 40]).
     """
-    _check_finite("target", target)
-    _check_positive_int("num_blocks", num_blocks)
-    _check_positive_int("topk", topk)
+    check_float("target", target)
+    check_int("num_blocks", num_blocks, 1)
+    check_int("topk", topk, 1)
     low, high = _SNR_SEARCH
     if not retrieval_probability(low, num_blocks, topk) < target < retrieval_probability(high, num_blocks, topk):
         raise ValueError(

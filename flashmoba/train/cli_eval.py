@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
 
-from flashmoba.train.evaluate import EvalConfig, evaluate
+from flashmoba._checks import check_int
+from flashmoba._checks import UsageError, check_device, check_option
+from flashmoba.train.evaluate import SNR_SEQUENCES, EvalConfig, estimate_memory, evaluate, uses_reference_attention
 from flashmoba.train.needles import TASKS, NeedleFactory
 from flashmoba.train.plots import plot_loss_curves, plot_position_perplexity, plot_retrieval
 from flashmoba.train.run import load_data, model_classes
@@ -36,25 +39,84 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"))
 
 
+def _check_arguments(args: argparse.Namespace) -> torch.device:
+    """A UsageError naming the option for a value or run folder that cannot be evaluated; returns the device."""
+    for option in ("--samples", "--context", "--ppl-tokens", "--batch-tokens"):
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value is not None:
+            check_option(check_int, option, value, 1)
+    for length in args.lengths or ():
+        check_option(check_int, "--lengths", length, 1)
+    check_option(check_int, "--seed", args.seed, 0)
+    device = check_device("--device", args.device)
+    if not args.run.is_dir():
+        raise UsageError(f"--run {args.run} is not a folder")
+    if not (args.run / "run.json").is_file():
+        raise UsageError(f"--run {args.run} is not a run folder (no run.json)")
+    if not (args.run / "model" / "config.json").is_file():
+        raise UsageError(f"--run {args.run} has no trained model (no model/ folder): train it to the end first")
+    return device
+
+
+def _memory_of(device: torch.device) -> int | None:
+    """Bytes of memory of ``device`` (the machine's physical memory for the CPU); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf, or no such name on this system
+        return None
+
+
+def _check_memory(model_config: dict, config: EvalConfig, device: torch.device) -> None:
+    """A UsageError before the evaluation starts when its largest forward pass cannot fit in memory."""
+    available = _memory_of(device)
+    if available is None:
+        return
+    # Needle rows hold one sequence of each length (or several up to --batch-tokens); perplexity rows hold
+    # --batch-tokens, the router SNR one row of SNR_SEQUENCES sequences of the context.
+    snr_rows = SNR_SEQUENCES * config.context if config.snr else config.context
+    for option, longest, row in (("--lengths", max(config.lengths), max(config.batch_tokens, max(config.lengths))),
+                                 ("--context", config.context, max(config.batch_tokens, snr_rows))):
+        need = estimate_memory(model_config, longest, row, device)
+        if need <= available:
+            continue
+        where = "memory of this machine" if device.type == "cpu" else f"memory of GPU {device}"
+        reference = uses_reference_attention(model_config, device)
+        what = (f"the reference MoBA attention's [{model_config.get('num_heads')} heads, L, L] score matrices "
+                "and the logits" if reference else "the [N, vocabulary] logits")
+        how = f"with a smaller {option}"
+        if reference:
+            how = f"on a GPU with the Triton backend (--device cuda), or {how}"
+            if model_config.get("attn_backend") == "reference":
+                how += " (the model was saved with attn_backend 'reference': set 'auto' in its config.json)"
+        raise UsageError(f"{option} {longest}: a {longest}-token sequence needs about {need / 1e9:.1f} GB for {what}, "
+                         f"more than the {available / 1e9:.1f} GB of {where}; run it {how}")
+
+
 def run(args: argparse.Namespace) -> int:
-    if not (args.run / "model").is_dir():
-        raise SystemExit(f"{args.run} has no trained model (no model/ folder): train it to the end first")
+    device = _check_arguments(args)
     stored = json.loads((args.run / "run.json").read_text())
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_config = json.loads((args.run / "model" / "config.json").read_text())
     on_gpu = device.type == "cuda"
     context = stored["context"]
+    # An option given as 0 is refused above: None alone means "the default".
     config = EvalConfig(
-        context=args.context or context,
-        ppl_tokens=args.ppl_tokens or (1_000_000 if on_gpu else 32_768),
-        batch_tokens=args.batch_tokens or stored["batch_tokens"],
+        context=context if args.context is None else args.context,
+        ppl_tokens=(1_000_000 if on_gpu else 32_768) if args.ppl_tokens is None else args.ppl_tokens,
+        batch_tokens=stored["batch_tokens"] if args.batch_tokens is None else args.batch_tokens,
         tasks=tuple(args.tasks),
         lengths=tuple(args.lengths or ((1024, 2048, 4096, 8192, 16384, 32768) if on_gpu else
                                        (context // 2, context, 2 * context))),
-        samples=args.samples or (100 if on_gpu else 10),
+        samples=(100 if on_gpu else 10) if args.samples is None else args.samples,
         seed=args.seed,
         snr=not args.no_snr,
     )
-    data = load_data(Path(stored["data_dir"]) if stored["data_dir"] else args.run / "data")
+    _check_memory(model_config, config, device)
+    data_dir = Path(stored["data_dir"]) if stored["data_dir"] else args.run / "data"
+    if not (data_dir / "data.json").is_file():
+        raise UsageError(f"--run {args.run}: its data folder {data_dir} holds no prepared data (no data.json)")
+    data = load_data(data_dir)
     _, model_cls = model_classes()
     model = model_cls.from_pretrained(str(args.run / "model")).to(device)
     results = evaluate(model, data.val, NeedleFactory(data.tokenizer, data.val), config, device)

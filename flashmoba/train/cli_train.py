@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
+import re
 from pathlib import Path
 
 import torch
 
-from flashmoba.train.loop import TrainConfig, init_distributed, train
+from flashmoba._checks import check_float, check_int
+from flashmoba._checks import UsageError, check_device, check_option
+from flashmoba.train.data import reads_with_datasets
+from flashmoba.train.loop import CHECKPOINT, TrainConfig, init_distributed, train
 from flashmoba.train.needles import NeedleFactory
 from flashmoba.train.packing import PackedStream, pack_sequences, sequence_chunks
-from flashmoba.train.run import load_data, model_classes, prepare_data
-from flashmoba.train.tokenizer import save_tokenizer
+from flashmoba.train.run import check_prepared_data, load_data, model_classes, prepare_data
+from flashmoba.train.tokenizer import MIN_VOCAB_SIZE, save_tokenizer
 
 __all__ = ["PRESET_DEFAULTS", "add_arguments", "run"]
 
@@ -36,6 +41,11 @@ PRESET_DEFAULTS = {
 _MODEL_OVERRIDES = {"global_attn": "global_attn", "block_size": "moba_block_size", "topk": "moba_topk",
                     "kconv": "kconv_size", "backend": "attn_backend"}
 VAL_LOSS_BATCHES = 2
+# Integer options -> their minimum (an option left at None takes its default later)
+_INT_OPTIONS = {"--context": 2, "--batch-tokens": 2, "--grad-accum": 1, "--steps": 1, "--warmup": 0, "--seed": 0,
+                "--log-every": 1, "--eval-every": 0, "--checkpoint-every": 1, "--stop-at": 1}
+# The shortest needle sequence of the training mix (an eighth of the context when that is longer).
+_MIN_NEEDLE_LENGTH = 64
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,17 +104,32 @@ def _fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def _model_config(args: argparse.Namespace, vocab_size: int):
+    """The model configuration; a UsageError naming the options behind a field it refuses."""
     config_cls, _ = model_classes()
+    options = {_option(arg): field for arg, field in _MODEL_OVERRIDES.items() if getattr(args, arg) is not None}
     overrides = {field: getattr(args, arg) for arg, field in _MODEL_OVERRIDES.items() if getattr(args, arg) is not None}
+    own, generic = config_cls.field_names()
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set takes KEY=VALUE items, got {item!r}")
+            raise UsageError(f"--set takes KEY=VALUE items, got {item!r}")
+        if key not in own and key not in generic:
+            raise UsageError(f"--set {item}: unknown model config field {key!r}; the fields are {', '.join(own)}")
+        options[f"--set {key}"] = key
         overrides[key] = _parse_value(value)
     overrides["vocab_size"] = -(-vocab_size // 64) * 64  # a multiple of 64 for tensor cores
     overrides["max_position_embeddings"] = args.context
-    return config_cls.from_preset(args.preset, **overrides)
+    options.setdefault("--context", "max_position_embeddings")
+    try:
+        return config_cls.from_preset(args.preset, **overrides)
+    except (TypeError, ValueError) as e:
+        named = [option for option, field in options.items() if re.search(rf"\b{field}\b", str(e))]
+        raise UsageError(f"{', '.join(named) or f'--preset {args.preset}'}: {e}") from None
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
@@ -126,18 +151,69 @@ def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
     return restored
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_out(args: argparse.Namespace) -> None:
+    """--out must be a new (or empty of runs) folder, or with --resume a run folder with a checkpoint."""
+    out = args.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a run folder")
     if args.resume:
-        if not (args.out / "run.json").exists():
-            raise SystemExit(f"--resume: {args.out} is not a run folder (no run.json)")
+        if not (out / "run.json").is_file():
+            raise UsageError(f"--resume: {out} is not a run folder (no run.json)")
+        if not (out / CHECKPOINT).is_file():
+            raise UsageError(f"--resume: {out} has no {CHECKPOINT} to resume from")
+    elif (out / "run.json").exists() or (out / CHECKPOINT).exists():
+        raise UsageError(f"--out {out} already holds a run: pass --resume to continue it, or choose another folder")
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """A UsageError naming the option for any value the run cannot use (cheap: before any data is read)."""
+    from flashmoba.models.config import PRESETS
+
+    if args.preset not in PRESETS:
+        raise UsageError(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
+    for option, minimum in _INT_OPTIONS.items():
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value is not None:
+            check_option(check_int, option, value, minimum)
+    if args.tokenizer == "bpe":
+        check_option(check_int, "--vocab-size", args.vocab_size, MIN_VOCAB_SIZE)
+    for option in ("--max-corpus-mb", "--lr"):
+        check_option(check_float, option, getattr(args, option[2:].replace("-", "_")), positive=True)
+    if int(args.max_corpus_mb * 1e6) < 1:
+        raise UsageError(f"--max-corpus-mb must be >= 1e-6 (one character), got {args.max_corpus_mb}")
+    if not 0 <= check_option(check_float, "--min-lr-ratio", args.min_lr_ratio) <= 1:
+        raise UsageError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
+    if not 0 <= check_option(check_float, "--needle-fraction", args.needle_fraction) < 1:
+        raise UsageError(f"--needle-fraction must be in [0, 1), got {args.needle_fraction}")
+    if args.context > args.batch_tokens:
+        raise UsageError(f"--context ({args.context}) must not exceed --batch-tokens ({args.batch_tokens})")
+    if args.needle_fraction > 0 and args.context < _MIN_NEEDLE_LENGTH:
+        raise UsageError(f"--context must be >= {_MIN_NEEDLE_LENGTH} for needle sequences, got {args.context} "
+                         "(or pass --needle-fraction 0)")
+    if reads_with_datasets(args.data) and importlib.util.find_spec("datasets") is None:
+        raise UsageError(f"--data {args.data}: reading it needs datasets (not installed): "
+                         "pip install 'flashmoba[train]'")
+    check_device("--device", args.device)
+    # The vocabulary is known once the tokenizer is trained: any size checks the other fields now.
+    _model_config(args, MIN_VOCAB_SIZE)
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_out(args)
+    if args.resume:
         args = _resumed_arguments(args)
     args = _fill_defaults(args)
-    if not 0 <= args.needle_fraction < 1:
-        raise ValueError(f"--needle-fraction must be in [0, 1), got {args.needle_fraction}")
-    where = init_distributed(args.device)
+    _check_arguments(args)
     data_dir = args.data_dir or args.out / "data"
     recipe = dict(source=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                   max_chars=int(args.max_corpus_mb * 1e6), text_field=args.text_field)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UsageError(f"--data-dir {data_dir} is a file, not a folder")
+    try:
+        check_prepared_data(data_dir, **recipe)
+    except ValueError as e:
+        raise UsageError(f"--data-dir: {e}") from None
+    where = init_distributed(args.device)
     if where.is_main:  # one process trains the tokenizer, the others read what it wrote
         data = prepare_data(data_dir, **recipe)
     if where.world_size > 1:
@@ -162,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     needles = NeedleFactory(data.tokenizer, data.train)
     mix = functools.partial(
         needles.training_sequences, seed=args.seed, token_budget=int(args.needle_fraction * args.batch_tokens),
-        min_length=max(64, args.context // 8), max_length=args.context,
+        min_length=max(_MIN_NEEDLE_LENGTH, args.context // 8), max_length=args.context,
     ) if args.needle_fraction > 0 else None
     stream = PackedStream(data.train, args.batch_tokens, args.context, seed=args.seed, extra_sequences=mix)
     starts, lengths = sequence_chunks(data.val, args.context)

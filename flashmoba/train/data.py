@@ -23,13 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CorpusSplits", "TokenizedCorpus", "python_source_corpus", "user_corpus", "load_corpus"]
+from flashmoba._checks import check_float, check_int
+
+__all__ = ["CorpusSplits", "TokenizedCorpus", "python_source_corpus", "user_corpus", "load_corpus",
+           "reads_with_datasets"]
 
 # Site-packages folders that sit inside the standard library folder; walked as their own root instead.
 _THIRD_PARTY_DIRS = ("site-packages", "dist-packages")
 _TEXT_FIELD = "text"
 # A folder holding any of these is a dataset for ``datasets.load_dataset``, not a folder of text files.
 _DATASET_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".arrow")
+# A file with one of these suffixes is one plain-text document.
+_TEXT_SUFFIXES = (".txt", ".md", ".py", "")
 
 
 @dataclass
@@ -79,9 +84,7 @@ def _in_validation(key: str, val_fraction: float) -> bool:
 
 
 def _check_fraction(val_fraction):
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
-        raise TypeError(f"val_fraction must be a float, got {type(val_fraction).__name__}")
-    if not 0 < val_fraction < 1:
+    if not 0 < check_float("val_fraction", val_fraction) < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
 
 
@@ -144,9 +147,8 @@ def python_source_corpus(
         :class:`CorpusSplits`, identical on every call for the same installation and arguments.
     """
     _check_fraction(val_fraction)
-    for name, value in (("max_chars", max_chars), ("max_package_chars", max_package_chars)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    max_chars = check_int("max_chars", max_chars, 1)
+    max_package_chars = check_int("max_package_chars", max_package_chars, 1)
     roots = _python_roots() if roots is None else [Path(r).resolve() for r in roots]
     packages = _package_files(roots)
     budgets = {"train": max_chars, "val": max(1, int(max_chars * val_fraction / (1 - val_fraction)))}
@@ -162,6 +164,21 @@ def python_source_corpus(
             splits[split].append(document)
             used[split] += len(document)
     return CorpusSplits(**splits)
+
+
+def _text_source(path: Path) -> str | None:
+    """What ``path`` is to :func:`user_corpus`: a "folder" of text files, a "file" holding one text document,
+    or None (read by the ``datasets`` library)."""
+    if path.is_dir() and not any(p.suffix.lower() in _DATASET_SUFFIXES for p in path.rglob("*")):
+        return "folder"
+    if path.is_file() and path.suffix.lower() in _TEXT_SUFFIXES:
+        return "file"
+    return None
+
+
+def reads_with_datasets(source: str) -> bool:
+    """Whether :func:`load_corpus` reads ``source`` with the ``datasets`` library (an optional dependency)."""
+    return source != "python" and _text_source(Path(source)) is None
 
 
 def _load_with_datasets(source: str):
@@ -195,10 +212,11 @@ def user_corpus(source: str, *, text_field: str = _TEXT_FIELD, val_fraction: flo
     if not isinstance(source, str) or not source:
         raise TypeError(f"source must be a non-empty str, got {source!r}")
     path = Path(source)
-    if path.is_dir() and not any(p.suffix.lower() in _DATASET_SUFFIXES for p in path.rglob("*")):
+    kind = _text_source(path)
+    if kind == "folder":
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(path.rglob("*")) if p.is_file()]
         named_splits = {}
-    elif path.is_file() and path.suffix.lower() in (".txt", ".md", ".py", ""):
+    elif kind == "file":
         texts = [path.read_text(encoding="utf-8", errors="replace")]
         named_splits = {}
     else:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from flashmoba._checks import check_int
 from flashmoba.theory.simulate import RetrievalEstimate
 from flashmoba.train.data import TokenizedCorpus
 from flashmoba.train.needles import TASKS, NeedleFactory, answer_correct
@@ -26,8 +27,14 @@ from flashmoba.train.packing import PackedBatch, pack_sequences, sequence_chunks
 
 # Needle sequences of the evaluation context measured for the router SNR (it loops over sequences and heads).
 SNR_SEQUENCES = 2
+# The reference MoBA attention holds float32 logits, their masked copy and the probabilities of one sequence,
+# [HQ, L, L] each, and two boolean masks of that shape at once.
+_REFERENCE_BYTES_PER_SCORE = 3 * 4 + 2
+# The float32 logits [N, V] of a packed row and one working copy of them (log-softmax, bfloat16 -> float32).
+_BYTES_PER_LOGIT = 2 * 4
 
-__all__ = ["EvalConfig", "perplexity", "needle_retrieval", "router_snr", "evaluate"]
+__all__ = ["EvalConfig", "perplexity", "needle_retrieval", "router_snr", "evaluate", "estimate_memory",
+           "uses_reference_attention"]
 
 @dataclass
 class EvalConfig:
@@ -44,14 +51,40 @@ class EvalConfig:
 
     def __post_init__(self):
         for name in ("context", "ppl_tokens", "batch_tokens", "samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            setattr(self, name, check_int(name, getattr(self, name), 1))
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"tasks must be a non-empty subset of {tuple(TASKS)}, got {self.tasks}")
-        if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.lengths):
+        if not self.lengths:
             raise ValueError(f"lengths must be positive ints, got {self.lengths}")
+        self.lengths = tuple(check_int(f"lengths[{i}]", n, 1) for i, n in enumerate(self.lengths))
+
+
+def uses_reference_attention(model_config: dict, device: torch.device) -> bool:
+    """Whether the model's MoBA layers run the reference attention, which builds ``[HQ, L, L]`` matrices:
+    on CPU tensors (``attn_backend="auto"`` picks it there) or with ``attn_backend="reference"``."""
+    if model_config.get("global_attn", "moba") != "moba":
+        return False  # dense layers run causal SDPA, whose fused kernels hold no [L, L] matrix
+    return torch.device(device).type != "cuda" or model_config.get("attn_backend", "auto") == "reference"
+
+
+def estimate_memory(model_config: dict, longest: int, row_tokens: int, device: torch.device) -> int:
+    """Bytes the largest forward pass of an evaluation holds at its peak, roughly (weights, activations of
+    size ``[N, hidden]`` and the needle bookkeeping are small next to it and not counted).
+
+    Args:
+        model_config: the model's ``config.json`` as a dict (``num_heads``, ``vocab_size``, ``global_attn``,
+            ``attn_backend``).
+        longest: L, the longest sequence evaluated. row_tokens: N, the tokens of the largest packed row.
+        device: where the model runs.
+
+    Returns:
+        ``HQ * L^2`` score bytes when the reference attention runs (:func:`uses_reference_attention`),
+        plus ``N * V`` logit bytes.
+    """
+    heads = model_config.get("num_heads", model_config.get("num_attention_heads"))
+    scores = heads * longest**2 * _REFERENCE_BYTES_PER_SCORE if uses_reference_attention(model_config, device) else 0
+    return scores + row_tokens * model_config["vocab_size"] * _BYTES_PER_LOGIT
 
 
 def _autocast(device: torch.device):

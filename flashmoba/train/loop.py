@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm.auto import tqdm
 
+from flashmoba._checks import check_int
 from flashmoba.train.packing import PackedBatch, PackedStream
 
 __all__ = ["TrainConfig", "Distributed", "init_distributed", "learning_rate", "train"]
@@ -69,17 +70,14 @@ class TrainConfig:
     fsdp: bool = False
 
     def __post_init__(self):
-        positive = ("steps", "batch_tokens", "grad_accum", "max_seqlen", "log_every", "checkpoint_every")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        minimum = {"warmup_steps": 0, "eval_every": 0}
+        for name in ("steps", "batch_tokens", "grad_accum", "max_seqlen", "log_every", "checkpoint_every",
+                     "warmup_steps", "eval_every"):
+            setattr(self, name, check_int(name, getattr(self, name), minimum.get(name, 1)))
         if self.max_seqlen > self.batch_tokens:
             raise ValueError(f"max_seqlen ({self.max_seqlen}) must not exceed batch_tokens ({self.batch_tokens})")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
-        if self.warmup_steps < 0 or self.eval_every < 0:
-            raise ValueError("warmup_steps and eval_every must be >= 0")
 
 
 @dataclass

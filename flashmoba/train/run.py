@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from flashmoba.train.data import TokenizedCorpus, load_corpus
 from flashmoba.train.tokenizer import build_tokenizer, encode_corpus, load_tokenizer, save_tokenizer
 
-__all__ = ["RunData", "prepare_data", "load_data", "model_classes"]
+__all__ = ["RunData", "check_prepared_data", "prepare_data", "load_data", "model_classes"]
 
 
 @dataclass
@@ -49,6 +49,25 @@ def load_data(directory: Path) -> RunData:
                    TokenizedCorpus.load(directory / "val.npz"), directory)
 
 
+def check_prepared_data(directory: Path, *, source: str, tokenizer: str, vocab_size: int, max_chars: int,
+                        val_fraction: float = 0.05, text_field: str = "text") -> bool:
+    """Whether ``directory`` holds data made by :func:`prepare_data` with these arguments (False: none yet).
+
+    Raises:
+        ValueError: ``directory`` holds data made with other arguments.
+    """
+    directory = Path(directory)
+    recipe = {"source": source, "tokenizer": tokenizer, "vocab_size": vocab_size, "max_chars": max_chars,
+              "val_fraction": val_fraction, "text_field": text_field}
+    marker = directory / "data.json"
+    if not marker.exists():
+        return False
+    stored = json.loads(marker.read_text())
+    if stored != recipe:
+        raise ValueError(f"{directory} holds data made from {stored}, not {recipe}: use another --data-dir")
+    return True
+
+
 def prepare_data(directory: Path, *, source: str, tokenizer: str, vocab_size: int, max_chars: int,
                  val_fraction: float = 0.05, text_field: str = "text") -> RunData:
     """Load the corpus, train the tokenizer and tokenize both splits into ``directory``; reuse them if present.
@@ -59,12 +78,9 @@ def prepare_data(directory: Path, *, source: str, tokenizer: str, vocab_size: in
     directory = Path(directory)
     recipe = {"source": source, "tokenizer": tokenizer, "vocab_size": vocab_size, "max_chars": max_chars,
               "val_fraction": val_fraction, "text_field": text_field}
-    marker = directory / "data.json"
-    if marker.exists():
-        stored = json.loads(marker.read_text())
-        if stored != recipe:
-            raise ValueError(f"{directory} holds data made from {stored}, not {recipe}: use another --data-dir")
+    if check_prepared_data(directory, **recipe):
         return load_data(directory)
+    marker = directory / "data.json"
     corpus = load_corpus(source, max_chars=max_chars, val_fraction=val_fraction, text_field=text_field)
     trained = build_tokenizer(tokenizer, corpus.train, vocab_size)
     directory.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,15 @@ from typing import Iterable
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from flashmoba._checks import check_int
 from flashmoba.train.data import TokenizedCorpus
 
-__all__ = ["END_OF_TEXT", "build_tokenizer", "save_tokenizer", "load_tokenizer", "encode_corpus"]
+__all__ = ["END_OF_TEXT", "MIN_VOCAB_SIZE", "build_tokenizer", "save_tokenizer", "load_tokenizer", "encode_corpus"]
 
 END_OF_TEXT = "<|endoftext|>"
 TOKENIZER_KINDS = ("bpe", "bytes")
 _BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()
+MIN_VOCAB_SIZE = len(_BYTE_ALPHABET) + 1  # the bytes and END_OF_TEXT
 # Training a BPE on more text than this changes its merges little and only costs time.
 _MAX_BPE_TRAINING_CHARS = 24_000_000
 
@@ -61,11 +63,13 @@ def build_tokenizer(kind: str, texts: list[str], vocab_size: int = 8192) -> Toke
     """
     if kind not in TOKENIZER_KINDS:
         raise ValueError(f"kind must be one of {TOKENIZER_KINDS}, got {kind!r}")
-    minimum = len(_BYTE_ALPHABET) + 1
     if kind == "bytes":
-        vocab_size = minimum
-    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
-        raise ValueError(f"vocab_size must be an int >= {minimum} (the bytes and {END_OF_TEXT}), got {vocab_size!r}")
+        vocab_size = MIN_VOCAB_SIZE
+    else:
+        try:
+            vocab_size = check_int("vocab_size", vocab_size, MIN_VOCAB_SIZE)
+        except ValueError as e:
+            raise ValueError(f"{e} (the 256 bytes and {END_OF_TEXT})") from None
     tokenizer = _byte_level_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
