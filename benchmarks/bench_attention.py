@@ -71,12 +71,21 @@ def matmul_ceiling_tflops(device) -> float:
 
 
 STAGES = (  # kernel-name fragments -> stage, first match wins
-    ("_block_centroids", "centroids"), ("_route_topk", "topk"), ("_attn_fwd_row_ref", "fwd row ref"),
+    ("_block_centroids", "centroids"),
+    ("_route_topk", "topk"),
+    ("_attn_fwd_row_ref", "fwd row ref"),
     ("_attn_fwd_prepare", "fwd rescue"),
-    ("_attn_fwd_kernel", "fwd main"), ("_attn_fwd_finalize", "fwd finalize"),
-    ("_attn_bwd_delta", "bwd delta"), ("_attn_bwd_kernel", "bwd main"),
-    ("Memset", "zero fills"), ("fill", "zero fills"), ("zero", "zero fills"),
-    ("sort", "block index"), ("Radix", "block index"), ("scan", "block index"), ("cumsum", "block index"),
+    ("_attn_fwd_kernel", "fwd main"),
+    ("_attn_fwd_finalize", "fwd finalize"),
+    ("_attn_bwd_delta", "bwd delta"),
+    ("_attn_bwd_kernel", "bwd main"),
+    ("Memset", "zero fills"),
+    ("fill", "zero fills"),
+    ("zero", "zero fills"),
+    ("sort", "block index"),
+    ("Radix", "block index"),
+    ("scan", "block index"),
+    ("cumsum", "block index"),
 )
 
 
@@ -154,7 +163,9 @@ def run_moba(T, block, topk, args, dtype, device, ceiling):
     attn_ms = sum(v for s_, v in st.items() if s_.startswith(("fwd", "bwd")))
     flop_fwd = 4.0 * D * keys  # QK^T and PV over the attended (query, head, key) triples
     row.update(
-        pairs=pairs, attended_keys=keys, useful_tflop_fwd=flop_fwd / 1e12,
+        pairs=pairs,
+        attended_keys=keys,
+        useful_tflop_fwd=flop_fwd / 1e12,
         ns_per_pair=attn_ms * 1e6 / pairs,
         fwd_tflops=flop_fwd / row["fwd_ms"] / 1e9,
         bwd_tflops=2.5 * flop_fwd / max(row["fwd_bwd_ms"] - row["fwd_ms"], 1e-9) / 1e9,
@@ -246,13 +257,21 @@ def run_flex(T, args, dtype, device, variant):
     causal = lambda b, h, qi, ki: qi >= ki  # noqa: E731
     if variant == "tile":
         # random distinct past blocks per tile: argsort of random keys restricted to blocks < tile
-        r = torch.rand(B, H, nb, nb, device=device).masked_fill(tiles[None, None, None, :] >= tiles[None, None, :, None], 2.0)
+        r = torch.rand(B, H, nb, nb, device=device).masked_fill(
+            tiles[None, None, None, :] >= tiles[None, None, :, None], 2.0
+        )
         past = r.argsort(dim=-1)[..., : K - 1].to(torch.int32)
         full_num = torch.clamp(tiles, max=K - 1).view(1, 1, nb).expand(B, H, nb).to(torch.int32).contiguous()
         full_idx = torch.cat([past, torch.zeros(B, H, nb, nb - (K - 1), dtype=torch.int32, device=device)], -1)
         part_idx = torch.cat([diag, torch.zeros(B, H, nb, nb - 1, dtype=torch.int32, device=device)], -1)
-        mask = BlockMask.from_kv_blocks(torch.ones(B, H, nb, dtype=torch.int32, device=device), part_idx,
-                                        full_num, full_idx.contiguous(), BLOCK_SIZE=BS, mask_mod=causal)
+        mask = BlockMask.from_kv_blocks(
+            torch.ones(B, H, nb, dtype=torch.int32, device=device),
+            part_idx,
+            full_num,
+            full_idx.contiguous(),
+            BLOCK_SIZE=BS,
+            mask_mod=causal,
+        )
     else:
         qp = q.detach().transpose(1, 2).reshape(B * T, H, D)
         kp = k.detach().transpose(1, 2).reshape(B * T, H, D)
@@ -305,13 +324,20 @@ def plot(rows, path: Path) -> None:
         line = ax_t.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"flashmoba, T={T // 1024}K")[0]
         ax_p.plot([p[0] for p in pts], [p[2] for p in pts], "o-", color=line.get_color(), label=f"T={T // 1024}K")
         anchors = sorted((b, ms) for (b, _, t), ms in FLASHMOBA_ANCHORS.items() if t == T)
-        ax_t.plot([a[0] for a in anchors], [a[1] for a in anchors], "x--", color=line.get_color(),
-                  label=f"official FlashMoBA, T={T // 1024}K")
+        ax_t.plot(
+            [a[0] for a in anchors],
+            [a[1] for a in anchors],
+            "x--",
+            color=line.get_color(),
+            label=f"official FlashMoBA, T={T // 1024}K",
+        )
         dense = [r["fwd_bwd_ms"] for r in rows if r["impl"] == "sdpa-cudnn" and r["T"] == T and "fwd_bwd_ms" in r]
         if dense:
             ax_t.axhline(dense[0], color=line.get_color(), ls=":", label=f"SDPA cuDNN dense, T={T // 1024}K")
-    for ax, ylabel in ((ax_t, "forward + backward incl. routing (ms)"),
-                       (ax_p, "attention ns per (query, head, block)")):
+    for ax, ylabel in (
+        (ax_t, "forward + backward incl. routing (ms)"),
+        (ax_p, "attention ns per (query, head, block)"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("block size (top-k = 1024 / block: same attended keys)")
@@ -324,9 +350,25 @@ def plot(rows, path: Path) -> None:
 
 
 def to_markdown(rows) -> str:
-    cols = ["T", "impl", "block", "topk", "HKV", "route_ms", "fwd_ms", "fwd_bwd_ms", "fwd_graph_ms",
-            "fwd_bwd_graph_ms", "peak_gb", "peak_above_inputs_gb", "ns_per_pair", "fwd_tflops", "bwd_tflops",
-            "fwd_bwd_tflops", "pct_of_floor"]
+    cols = [
+        "T",
+        "impl",
+        "block",
+        "topk",
+        "HKV",
+        "route_ms",
+        "fwd_ms",
+        "fwd_bwd_ms",
+        "fwd_graph_ms",
+        "fwd_bwd_graph_ms",
+        "peak_gb",
+        "peak_above_inputs_gb",
+        "ns_per_pair",
+        "fwd_tflops",
+        "bwd_tflops",
+        "fwd_bwd_tflops",
+        "pct_of_floor",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -337,11 +379,19 @@ def to_markdown(rows) -> str:
     stage_rows = [r for r in rows if "stages_ms" in r]
     if stage_rows:
         names = sorted({s_ for r in stage_rows for s_ in r["stages_ms"]})
-        lines += ["", "Device time per stage, ms per forward+backward (profiler):", "",
-                  "| T | block:topk | HKV | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 3)]
+        lines += [
+            "",
+            "Device time per stage, ms per forward+backward (profiler):",
+            "",
+            "| T | block:topk | HKV | " + " | ".join(names) + " |",
+            "|" + "---|" * (len(names) + 3),
+        ]
         for r in stage_rows:
-            lines.append(f"| {r['T']} | {r['block']}:{r['topk']} | {r['HKV']} | "
-                         + " | ".join(f"{r['stages_ms'].get(n, 0.0):.3g}" for n in names) + " |")
+            lines.append(
+                f"| {r['T']} | {r['block']}:{r['topk']} | {r['HKV']} | "
+                + " | ".join(f"{r['stages_ms'].get(n, 0.0):.3g}" for n in names)
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -353,16 +403,21 @@ def _config(text: str) -> tuple[int, int]:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqlens", type=int, nargs="+", default=[8192, 65536])
-    p.add_argument("--configs", type=_config, nargs="+", default=[(128, 8), (64, 16), (32, 32)],
-                   help="block:topk pairs")
+    p.add_argument(
+        "--configs", type=_config, nargs="+", default=[(128, 8), (64, 16), (32, 32)], help="block:topk pairs"
+    )
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--graph", action="store_true", help="also time forward and forward+backward as CUDA graphs")
-    p.add_argument("--baselines", nargs="*", default=["cudnn", "fla-nsa"],
-                   choices=["cudnn", "flash", "flex-tile", "flex-exact", "fla-nsa"])
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        default=["cudnn", "fla-nsa"],
+        choices=["cudnn", "flash", "flex-tile", "flex-exact", "fla-nsa"],
+    )
     p.add_argument("--baseline-max-t", type=int, default=65536)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot-from", type=Path, default=None, help="only redraw the PNG from a saved JSON")
@@ -390,8 +445,9 @@ def main():
                     kv = argparse.Namespace(**{**vars(args), "kv_heads": 1})
                     rows.append(run_moba(T, 64, 16, kv, dtype, device, ceiling))  # the same shapes
                 elif b.startswith("flex-"):
-                    rows.append(run_flex(T, argparse.Namespace(**{**vars(args), "block": 128, "topk": 8}),
-                                         dtype, device, b[5:]))
+                    rows.append(
+                        run_flex(T, argparse.Namespace(**{**vars(args), "block": 128, "topk": 8}), dtype, device, b[5:])
+                    )
                 else:
                     rows.append(run_sdpa(T, args, dtype, device, b))
             except (torch.cuda.OutOfMemoryError, ImportError) as e:
@@ -399,9 +455,14 @@ def main():
             print(f"T={T} {b} done", flush=True)
             torch.cuda.empty_cache()
     md = to_markdown(rows)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d"), "matmul_ceiling_tflops": ceiling,
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}}
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "matmul_ceiling_tflops": ceiling,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+    }
     print(md)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

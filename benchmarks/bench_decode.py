@@ -35,8 +35,11 @@ from tqdm import tqdm
 import flashmoba
 from flashmoba.decode import reference
 
-SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
 
 
 def bench_us(fn, rep_ms: float) -> float:
@@ -99,8 +102,9 @@ def run_config(context, batch, args, bandwidth, check):
     rep = args.rep_ms
     row = {"context": context, "batch": batch, "new_tokens": Tq}
 
-    cache = flashmoba.MoBAKVCache.from_tensors(k.transpose(1, 2), v.transpose(1, 2), seqlens, block_size=bs,
-                                               block_sums=block_sums)
+    cache = flashmoba.MoBAKVCache.from_tensors(
+        k.transpose(1, 2), v.transpose(1, 2), seqlens, block_size=bs, block_sums=block_sums
+    )
 
     def moba(shared):
         return lambda: flashmoba.moba_decode(q, cache, topk=topk, shared_kv_routing=shared, backend="triton")
@@ -108,8 +112,18 @@ def run_config(context, batch, args, bandwidth, check):
     if check:
         # Triton vs the torch reference on this very cache (the reference is exact fp32 arithmetic).
         out = moba(False)()
-        ref, _ = reference.decode(q, k.transpose(1, 2), v.transpose(1, 2), seqlens, torch.zeros_like(seqlens),
-                                  block_sums, bs, topk, False, D**-0.5)
+        ref, _ = reference.decode(
+            q,
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            seqlens,
+            torch.zeros_like(seqlens),
+            block_sums,
+            bs,
+            topk,
+            False,
+            D**-0.5,
+        )
         row["max_abs_diff_vs_reference"] = (out.float() - ref.float()).abs().max().item()
     row["moba_eager_us"] = bench_us(moba(False), rep)
     row["moba_us"] = bench_us(graphed(moba(False)), rep)
@@ -117,6 +131,7 @@ def run_config(context, batch, args, bandwidth, check):
 
     q_sdpa = q.transpose(1, 2)  # [B, HQ, Tq, D]
     causal = Tq > 1
+
     def dense(backend):
         with sdpa_kernel([backend]):
             # Tq > 1: the new tokens are the cache's last rows (bottom-right causal alignment).
@@ -148,8 +163,6 @@ def run_config(context, batch, args, bandwidth, check):
     row["kernel_bytes"] = centroid_bytes * Tq + kernel_blocks * kv_block_bytes
     row["dense_bytes"] = 2 * k.numel() * k.element_size()
     row["sdpa_gbs"] = row["dense_bytes"] / row["sdpa_us"] / 1e3
-    del k, v, block_sums, cache
-    torch.cuda.empty_cache()
     return row
 
 
@@ -173,8 +186,10 @@ def to_markdown(rows, meta) -> str:
         )
     checked = [r for r in rows if "max_abs_diff_vs_reference" in r]
     for r in checked:
-        lines.append(f"\nTriton vs torch reference at {r['context'] // 1024}K, batch {r['batch']}: "
-                     f"max |diff| = {r['max_abs_diff_vs_reference']:.2e}")
+        lines.append(
+            f"\nTriton vs torch reference at {r['context'] // 1024}K, batch {r['batch']}: "
+            f"max |diff| = {r['max_abs_diff_vs_reference']:.2e}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -226,13 +241,25 @@ def main():
     start = time.time()
     bandwidth = copy_bandwidth_gbs()
     element = torch.finfo(getattr(torch, args.dtype)).bits // 8
-    configs = [(c, b) for c in args.contexts for b in args.batches
-               if 2 * b * c * args.kv_heads * args.dim * element <= args.max_cache_gb * 1e9]
+    configs = [
+        (c, b)
+        for c in args.contexts
+        for b in args.batches
+        if 2 * b * c * args.kv_heads * args.dim * element <= args.max_cache_gb * 1e9
+    ]
     check_at = min(configs, key=lambda cb: (abs(cb[0] - 131072), cb[1]))
-    rows = [run_config(c, b, args, bandwidth, check=(c, b) == check_at) for c, b in tqdm(configs, desc="decode")]
-    meta = {**{k: v for k, v in vars(args).items() if k != "out"}, "device": torch.cuda.get_device_name(),
-            "copy_bandwidth_gbs": bandwidth, "torch": torch.__version__, "triton": triton.__version__,
-            "seconds": time.time() - start}
+    rows = []
+    for c, b in tqdm(configs, desc="decode"):
+        rows.append(run_config(c, b, args, bandwidth, check=(c, b) == check_at))
+        torch.cuda.empty_cache()  # the config's cache is gone with its frame
+    meta = {
+        **{k: v for k, v in vars(args).items() if k != "out"},
+        "device": torch.cuda.get_device_name(),
+        "copy_bandwidth_gbs": bandwidth,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "seconds": time.time() - start,
+    }
     md = to_markdown(rows, meta)
     print(md)
     if args.out is not None:

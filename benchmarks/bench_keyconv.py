@@ -94,8 +94,12 @@ def _plot(rows, path: Path, title: str):
 
     lengths = [r["seq_len"] for r in rows]
     fig, (ax_time, ax_share) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("layer_ms", "MoBA layer"), ("attention_ms", "MoBA attention"),
-                       ("kconv_torch_ms", "key conv (PyTorch)"), ("kconv_ms", "key conv (Triton)")):
+    for key, label in (
+        ("layer_ms", "MoBA layer"),
+        ("attention_ms", "MoBA attention"),
+        ("kconv_torch_ms", "key conv (PyTorch)"),
+        ("kconv_ms", "key conv (Triton)"),
+    ):
         ax_time.plot(lengths, [r[key] for r in rows], marker="o", label=label)
     ax_time.set(xscale="log", yscale="log", xlabel="tokens", ylabel="forward + backward (ms)")
     ax_time.legend()
@@ -122,34 +126,57 @@ def main():
     torch.manual_seed(0)
     config = MoBAHybridConfig.from_preset("340m", kconv_size=args.kconv)
     layer = MoBAAttention(
-        config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, attn_type="moba",
-        block_size=config.moba_block_size, topk=config.moba_topk, kconv_size=config.kconv_size, backend="triton",
+        config.hidden_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        attn_type="moba",
+        block_size=config.moba_block_size,
+        topk=config.moba_topk,
+        kconv_size=config.kconv_size,
+        backend="triton",
     )
     with torch.no_grad():  # away from the identity init, as after training (the cost is the same)
         layer.key_conv.weight.normal_(std=0.3)
     layer = layer.to(device="cuda", dtype=dtype)
     rows = [run(n, layer, dtype) for n in tqdm(args.seqlens, desc="sequence lengths")]
 
-    print(f"\nkey conv W={args.kconv} vs the 340M MoBA layer, {args.dtype}, forward + backward "
-          f"({torch.cuda.get_device_name()})\n")
-    print("| tokens | key conv (ms) | key conv PyTorch (ms) | MoBA attention (ms) | layer (ms) "
-          "| share of layer | share of attention |")
+    print(
+        f"\nkey conv W={args.kconv} vs the 340M MoBA layer, {args.dtype}, forward + backward "
+        f"({torch.cuda.get_device_name()})\n"
+    )
+    print(
+        "| tokens | key conv (ms) | key conv PyTorch (ms) | MoBA attention (ms) | layer (ms) "
+        "| share of layer | share of attention |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['seq_len']} | {r['kconv_ms']:.3f} | {r['kconv_torch_ms']:.3f} | {r['attention_ms']:.2f} "
-              f"| {r['layer_ms']:.2f} | {100 * r['kconv_share_of_layer']:.2f}% "
-              f"| {100 * r['kconv_share_of_attention']:.2f}% |")
+        print(
+            f"| {r['seq_len']} | {r['kconv_ms']:.3f} | {r['kconv_torch_ms']:.3f} | {r['attention_ms']:.2f} "
+            f"| {r['layer_ms']:.2f} | {100 * r['kconv_share_of_layer']:.2f}% "
+            f"| {100 * r['kconv_share_of_attention']:.2f}% |"
+        )
     print("\nTriton vs PyTorch key conv, max abs difference:", rows[-1]["check_max_abs_diff"])
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"device": torch.cuda.get_device_name(), "dtype": args.dtype, "kconv": args.kconv,
-                "hidden": config.hidden_size, "heads": config.num_heads, "head_dim": config.head_dim,
-                "block_size": config.moba_block_size, "topk": config.moba_topk,
-                "torch": torch.__version__, "triton": triton.__version__}
+        meta = {
+            "device": torch.cuda.get_device_name(),
+            "dtype": args.dtype,
+            "kconv": args.kconv,
+            "hidden": config.hidden_size,
+            "heads": config.num_heads,
+            "head_dim": config.head_dim,
+            "block_size": config.moba_block_size,
+            "topk": config.moba_topk,
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+        }
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        _plot(rows, args.out.with_suffix(".png"),
-              f"Key conv (W={args.kconv}) vs MoBA, 340M preset layer, {args.dtype}, forward + backward, "
-              f"{meta['device']}")
+        _plot(
+            rows,
+            args.out.with_suffix(".png"),
+            f"Key conv (W={args.kconv}) vs MoBA, 340M preset layer, {args.dtype}, forward + backward, {meta['device']}",
+        )
         print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 

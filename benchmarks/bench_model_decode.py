@@ -48,8 +48,14 @@ def decode_row(model, context: int, batch: int, steps: int, warmup: int) -> dict
                 times.append(time.perf_counter() - start)
     times.sort()
     step_ms = 1e3 * times[len(times) // 2]
-    return {"context": context, "batch": batch, "prefill_s": prefill_s, "step_ms": step_ms,
-            "tokens_per_s": batch / step_ms * 1e3, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+    return {
+        "context": context,
+        "batch": batch,
+        "prefill_s": prefill_s,
+        "step_ms": step_ms,
+        "tokens_per_s": batch / step_ms * 1e3,
+        "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+    }
 
 
 def to_markdown(rows, meta) -> str:
@@ -69,7 +75,8 @@ def to_markdown(rows, meta) -> str:
         lines.append(
             f"| {context // 1024}K | {batch} | {r['tokens_per_s']:.0f} | {d['tokens_per_s']:.0f} | "
             f"{r['tokens_per_s'] / d['tokens_per_s']:.2f}x | {r['step_ms']:.2f} | {d['step_ms']:.2f} | "
-            f"{r['peak_gb']:.1f} | {d['peak_gb']:.1f} |")
+            f"{r['peak_gb']:.1f} | {d['peak_gb']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -101,8 +108,12 @@ def main():
                 torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
-    meta = {**{k: v for k, v in vars(args).items() if k != "out"}, "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "triton": triton.__version__}
+    meta = {
+        **{k: v for k, v in vars(args).items() if k != "out"},
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
     md = to_markdown(rows, meta)
     print(md)
     if args.out is not None:

@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _merge_kernel(Acc, Rows, Vals, D: tl.constexpr, ROWS: tl.constexpr, MODE: tl.constexpr):
     pid = tl.program_id(0)
@@ -65,8 +64,15 @@ def run(rows_total: int, D: int, tile_rows: int, tiles: int, mode: str, device) 
         ok = bool(torch.allclose(acc.double(), want, rtol=1e-5, atol=1e-4))
     ms = triton.testing.do_bench(launch, warmup=20, rep=200, return_mode="median")
     gbs = tiles * tile_rows * D * 4 / ms / 1e6
-    return {"mode": mode, "acc_MB": rows_total * D * 4 / 1e6, "tile_rows": tile_rows, "D": D, "ms": ms,
-            "GB_per_s": gbs, "correct": ok}
+    return {
+        "mode": mode,
+        "acc_MB": rows_total * D * 4 / 1e6,
+        "tile_rows": tile_rows,
+        "D": D,
+        "ms": ms,
+        "GB_per_s": gbs,
+        "correct": ok,
+    }
 
 
 def main():
@@ -84,11 +90,18 @@ def main():
         for mode in MODES:
             res = run(rows_total, D, args.tile_rows, tiles, mode, "cuda")
             results.append(res)
-            print(f"acc {acc_mb:5d} MB  {mode:10s} {res['ms']:8.3f} ms  {res['GB_per_s']:8.0f} GB/s  "
-                  f"correct={res['correct']}", flush=True)
+            print(
+                f"acc {acc_mb:5d} MB  {mode:10s} {res['ms']:8.3f} ms  {res['GB_per_s']:8.0f} GB/s  "
+                f"correct={res['correct']}",
+                flush=True,
+            )
     if args.out:
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                "date": time.strftime("%Y-%m-%d")}
+        meta = {
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
 

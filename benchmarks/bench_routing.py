@@ -105,8 +105,12 @@ def main():
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--no-torch", action="store_true", help="skip the plain PyTorch router")
-    p.add_argument("--tune", nargs="*", metavar="BM,BN,WARPS,STAGES[,MAXNREG]",
-                   help="time the top-k stage with these tile configs instead (the shipped one first)")
+    p.add_argument(
+        "--tune",
+        nargs="*",
+        metavar="BM,BN,WARPS,STAGES[,MAXNREG]",
+        help="time the top-k stage with these tile configs instead (the shipped one first)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     rows = []
@@ -131,7 +135,8 @@ def main():
             continue
         row = {"T": T}
         row["flashmoba_ms"], row["flashmoba_peak_gb"] = measure(
-            lambda: flashmoba.moba_route_varlen(q, k, cu, max_seqlen=T, **kw).block_index)
+            lambda: flashmoba.moba_route_varlen(q, k, cu, max_seqlen=T, **kw).block_index
+        )
         row["graph_ms"] = bench_graph(lambda: flashmoba.moba_route_varlen(q, k, cu, max_seqlen=T, **kw).block_index)
         row.update(stages(q, k, cu, args.block, args.topk))
         row["score_tflops"] = flop / row["topk_ms"] / 1e9
@@ -149,16 +154,31 @@ def main():
     if args.tune is not None:
         cols = ["T", "config", "topk_ms", "score_tflops"]
     else:
-        cols = ["T", "flashmoba_ms", "graph_ms", "centroids_ms", "topk_ms", "block_index_ms", "score_tflops",
-                "flashmoba_peak_gb", "torch_ms", "torch_peak_gb"]
+        cols = [
+            "T",
+            "flashmoba_ms",
+            "graph_ms",
+            "centroids_ms",
+            "topk_ms",
+            "block_index_ms",
+            "score_tflops",
+            "flashmoba_peak_gb",
+            "torch_ms",
+            "torch_peak_gb",
+        ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     md = "\n".join(lines)
     print(md)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                "date": time.strftime("%Y-%m-%d"), "args": {k: v for k, v in vars(args).items() if k != "out"}}
+        meta = {
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+            "args": {k: v for k, v in vars(args).items() if k != "out"},
+        }
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         args.out.with_suffix(".md").write_text(md + "\n")
 

@@ -23,11 +23,11 @@ from flashmoba import configs, reference
 
 #        lens          hq hkv  d  block topk
 SHAPES = [
-    ((777, 2100),   8, 8, 32, 16, 16),
-    ((300, 1200),   4, 2, 64, 32, 32),
-    ((2048, 1000),  8, 2, 64, 16, 8),
-    ((1500, 700),   4, 1, 128, 32, 6),
-    ((3000,),       4, 4, 128, 128, 4),
+    ((777, 2100), 8, 8, 32, 16, 16),
+    ((300, 1200), 4, 2, 64, 32, 32),
+    ((2048, 1000), 8, 2, 64, 16, 8),
+    ((1500, 700), 4, 1, 128, 32, 6),
+    ((3000,), 4, 4, 128, 128, 4),
 ]
 
 
@@ -42,15 +42,15 @@ def errors(lens, hq, hkv, d, block, topk, dtype, deterministic, device):
     dout = torch.randn_like(q)
     routing = flashmoba.moba_route_varlen(q, k, cu, block_size=block, topk=topk, backend="triton")
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = flashmoba.moba_attn_varlen(*leaves, cu, block_size=block, topk=topk, backend="triton",
-                                     deterministic=deterministic)
+    out = flashmoba.moba_attn_varlen(
+        *leaves, cu, block_size=block, topk=topk, backend="triton", deterministic=deterministic
+    )
     out.backward(dout)
     kernel = [out] + [t.grad for t in leaves]
     refs = {}
     for name, dt in (("exact", torch.float64), ("low", dtype)):
         rl = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
-        o, _ = reference.attention(*rl, cu, block, topk, True, d ** -0.5, indices=routing.indices,
-                                   compute_dtype=dt)
+        o, _ = reference.attention(*rl, cu, block, topk, True, d**-0.5, indices=routing.indices, compute_dtype=dt)
         o.backward(dout.to(dt))
         refs[name] = [o] + [t.grad for t in rl]
     rel = lambda x, i: ((x.double() - refs["exact"][i]).norm() / refs["exact"][i].norm()).item()  # noqa: E731
@@ -85,11 +85,18 @@ def main():
                 errs = {"error": f"{type(e).__name__}: {e}"[:200]}
             rows.append({"shape": shape, "variant": name, **errs})
             worst = max((v["kernel"] / v["torch"] for v in errs.values() if isinstance(v, dict)), default=float("nan"))
-            print(f"{str(shape):42s} {name:14s} worst kernel/torch {worst:6.2f}  " + "  ".join(
-                f"{n} {v['kernel']:.2e}/{v['torch']:.2e}" for n, v in errs.items() if isinstance(v, dict)), flush=True)
+            print(
+                f"{str(shape):42s} {name:14s} worst kernel/torch {worst:6.2f}  "
+                + "  ".join(f"{n} {v['kernel']:.2e}/{v['torch']:.2e}" for n, v in errs.items() if isinstance(v, dict)),
+                flush=True,
+            )
     if args.out:
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                "dtype": args.dtype}
+        meta = {
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+            "dtype": args.dtype,
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

@@ -55,8 +55,7 @@ def main():
 
     for name, family, tried, run, want in (
         ("fwd", "attn_fwd", [shipped_fwd, *args.fwd], lambda: attn_fwd(q, k, v, *common)[0], out),
-        ("bwd", "attn_bwd", [shipped_bwd, *args.bwd], lambda: attn_bwd(do, q, k, v, out, stats, *common)[0],
-         grads[0]),
+        ("bwd", "attn_bwd", [shipped_bwd, *args.bwd], lambda: attn_bwd(do, q, k, v, out, stats, *common)[0], grads[0]),
     ):
         for i, cfg in enumerate(tried):
             with configs.override(**{family: cfg}):
@@ -70,8 +69,7 @@ def main():
                     print(f"{name} {cfg}: differs from the shipped config (rel. {err:.2e})", flush=True)
                     continue
                 ms = triton.testing.do_bench(run, warmup=50, rep=300, return_mode="median")
-                print(f"{name} {cfg}: {ms:7.3f} ms{'  (shipped)' if i == 0 else ''}",
-                      flush=True)
+                print(f"{name} {cfg}: {ms:7.3f} ms{'  (shipped)' if i == 0 else ''}", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,23 @@ def main():
 
         def launch():
             centroid_module._block_centroids_kernel[(num_blocks_max, H)](
-                k, out, cu, cu_blocks, block_seq, k.stride(0), k.stride(1), out.stride(0), out.stride(1), B,
-                HEAD_DIM=D, BLOCK_SIZE=BS, BLOCK_T=block_t, BLOCK_D=D, num_warps=warps, num_stages=stages)
+                k,
+                out,
+                cu,
+                cu_blocks,
+                block_seq,
+                k.stride(0),
+                k.stride(1),
+                out.stride(0),
+                out.stride(1),
+                B,
+                HEAD_DIM=D,
+                BLOCK_SIZE=BS,
+                BLOCK_T=block_t,
+                BLOCK_D=D,
+                num_warps=warps,
+                num_stages=stages,
+            )
 
         launch()
         ok = bool(((out[: want.shape[0]].double() - want).abs() <= tol).all())
@@ -56,7 +71,8 @@ def main():
     print(f"shipped block_centroids: {shipped:.3f} ms; device copy: {copy_gbs:.0f} GB/s (read + write)")
     print("| BLOCK_T | warps | stages | ms | GB/s read | correct |\n|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: r[3]):
-        print("| %d | %d | %d | %.3f | %.0f | %s |" % r)
+        block_t, warps, stages, ms, gbs, ok = r
+        print(f"| {block_t} | {warps} | {stages} | {ms:.3f} | {gbs:.0f} | {ok} |")
 
 
 if __name__ == "__main__":

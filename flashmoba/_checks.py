@@ -124,8 +124,9 @@ def check_lengths(name: str, value, batch: int, device: torch.device) -> torch.T
     """An int32/int64 ``[batch]`` tensor of per-sequence counts on ``device`` (values are not read)."""
     check_tensor(name, value)
     if value.dtype not in (torch.int32, torch.int64) or value.shape != (batch,):
-        raise ValueError(f"{name} must be an int32/int64 tensor of shape [{batch}], got {value.dtype} "
-                         f"{tuple(value.shape)}")
+        raise ValueError(
+            f"{name} must be an int32/int64 tensor of shape [{batch}], got {value.dtype} {tuple(value.shape)}"
+        )
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but q is on {device}")
     return value

@@ -49,9 +49,7 @@ def _check_qkv(q, k, v, rank: int, layout: str):
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if k.shape[:-2] != q.shape[:-2]:
-        raise ValueError(
-            f"k must match q in its leading (token) dims {tuple(q.shape[:-2])}, got {tuple(k.shape)}"
-        )
+        raise ValueError(f"k must match q in its leading (token) dims {tuple(q.shape[:-2])}, got {tuple(k.shape)}")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"k's head dim {k.shape[-1]} must equal q's head dim {q.shape[-1]}")
     hq, hkv = q.shape[-2], k.shape[-2]
@@ -116,8 +114,10 @@ def moba_route_varlen(
     block_size, usable = _routing_shape(block_size, topk, q.shape[0], cu_seqlens.numel() - 1)
     check_backend_support(backend, q, block_size, topk)
     if topk > max(usable, TRITON_MAX_TOPK):
-        raise ValueError(f"topk must be <= {max(usable, TRITON_MAX_TOPK)} here (this batch has at most {usable} "
-                         f"blocks per sequence), got {topk}")
+        raise ValueError(
+            f"topk must be <= {max(usable, TRITON_MAX_TOPK)} here (this batch has at most {usable} "
+            f"blocks per sequence), got {topk}"
+        )
     layout = block_layout(cu_seqlens, q.shape[0], block_size)
     block_index = None
     if backend == "reference":
@@ -128,8 +128,15 @@ def moba_route_varlen(
         from flashmoba.routing import route_triton
 
         indices, block_index = route_triton(q, k, cu_seqlens, block_size, topk, causal, layout)
-    return MoBARouting(indices=indices, cu_seqlens=cu_seqlens, block_size=block_size, topk=topk, causal=causal,
-                       layout=layout, _block_index=block_index)
+    return MoBARouting(
+        indices=indices,
+        cu_seqlens=cu_seqlens,
+        block_size=block_size,
+        topk=topk,
+        causal=causal,
+        layout=layout,
+        _block_index=block_index,
+    )
 
 
 def moba_attn_varlen(
@@ -151,7 +158,8 @@ def moba_attn_varlen(
 
     Args:
         q: ``[N, HQ, D]`` packed queries.
-        k, v: ``[N, HKV, D]`` packed keys and values, ``HQ % HKV == 0`` (GQA/MQA without copies).
+        k: ``[N, HKV, D]`` packed keys, ``HQ % HKV == 0`` (GQA/MQA without copies).
+        v: ``[N, HKV, D]`` packed values.
         cu_seqlens: int32/int64 ``[S + 1]``; sequence ``s`` is tokens ``cu_seqlens[s]:cu_seqlens[s+1]``.
         max_seqlen: optional longest sequence length (checked, not needed by the kernels).
         block_size: tokens per key block (blocks start at each sequence's first token).
@@ -169,8 +177,7 @@ def moba_attn_varlen(
     _check_qkv(q, k, v, 3, "[N, H, D]")
     block_size, topk = check_routing_args(block_size, topk, causal, softmax_scale)
     check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
-    return _attend(q, k, v, cu_seqlens, block_size, topk, causal, softmax_scale, return_lse, backend,
-                   deterministic)
+    return _attend(q, k, v, cu_seqlens, block_size, topk, causal, softmax_scale, return_lse, backend, deterministic)
 
 
 def _attend(q, k, v, cu_seqlens, block_size, topk, causal, softmax_scale, return_lse, backend, deterministic):
@@ -189,9 +196,7 @@ def _attend(q, k, v, cu_seqlens, block_size, topk, causal, softmax_scale, return
     else:
         from flashmoba.attention import moba_attn_triton
 
-        out, lse = moba_attn_triton(
-            q, k, v, cu_seqlens, block_size, topk, causal, scale, deterministic, return_lse
-        )
+        out, lse = moba_attn_triton(q, k, v, cu_seqlens, block_size, topk, causal, scale, deterministic, return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -211,8 +216,10 @@ def moba_attn(
     """MoBA attention over a batch of equal-length sequences.
 
     Args:
-        q: ``[B, T, HQ, D]``; k, v: ``[B, T, HKV, D]`` with ``HQ % HKV == 0``.
-        Other arguments as in :func:`moba_attn_varlen`.
+        q: ``[B, T, HQ, D]``.
+        k: ``[B, T, HKV, D]`` with ``HQ % HKV == 0``.
+        v: ``[B, T, HKV, D]``.
+        block_size: as in :func:`moba_attn_varlen`, like every other argument.
 
     Returns:
         ``out [B, T, HQ, D]``, or ``(out, lse [B, T, HQ])`` when ``return_lse``.
@@ -222,8 +229,17 @@ def moba_attn(
     cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=q.device) * T
     block_size, topk = check_routing_args(block_size, topk, causal, softmax_scale)
     res = _attend(
-        q.reshape(B * T, HQ, D), k.reshape(B * T, k.shape[2], D), v.reshape(B * T, v.shape[2], D),
-        cu_seqlens, block_size, topk, causal, softmax_scale, return_lse, backend, deterministic,
+        q.reshape(B * T, HQ, D),
+        k.reshape(B * T, k.shape[2], D),
+        v.reshape(B * T, v.shape[2], D),
+        cu_seqlens,
+        block_size,
+        topk,
+        causal,
+        softmax_scale,
+        return_lse,
+        backend,
+        deterministic,
     )
     if return_lse:
         out, lse = res

@@ -24,10 +24,16 @@ __all__ = ["main"]
 SUBCOMMANDS = {
     "demo": ("flashmoba.demo", "MoBA forward+backward on the best device: routing, check, timing", None),
     "snr": ("flashmoba.theory.cli", "router signal-to-noise: theory vs Monte-Carlo, table and plot", None),
-    "train": ("flashmoba.train.cli_train", "train a small hybrid MoBA language model",
-              ("train", ("transformers", "tokenizers"))),
-    "eval": ("flashmoba.train.cli_eval", "evaluate a trained model: perplexity, needles, router SNR",
-             ("train", ("transformers", "tokenizers", "matplotlib"))),
+    "train": (
+        "flashmoba.train.cli_train",
+        "train a small hybrid MoBA language model",
+        ("train", ("transformers", "tokenizers")),
+    ),
+    "eval": (
+        "flashmoba.train.cli_eval",
+        "evaluate a trained model: perplexity, needles, router SNR",
+        ("train", ("transformers", "tokenizers", "matplotlib")),
+    ),
 }
 
 

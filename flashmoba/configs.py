@@ -20,13 +20,23 @@ functions::
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Union
 
 import torch
 
-__all__ = ["TileConfig", "TopkConfig", "arch", "attn_bwd", "attn_fwd", "centroids", "dot_precision", "override",
-           "route_topk", "shipped"]
+__all__ = [
+    "TileConfig",
+    "TopkConfig",
+    "arch",
+    "attn_bwd",
+    "attn_fwd",
+    "centroids",
+    "dot_precision",
+    "override",
+    "route_topk",
+    "shipped",
+]
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,7 @@ class TopkConfig:
     maxnreg: int | None
 
 
-_Override = Union[TileConfig, TopkConfig, int, Callable[..., object]]
+_Override = TileConfig | TopkConfig | int | Callable[..., object]
 _overrides: dict[str, _Override] = {}
 
 
@@ -123,8 +133,12 @@ def _centroids_table(block_size: int, head_dim: int, device: torch.device) -> tu
     return min(_next_pow2(block_size), max(16, 8192 // _next_pow2(head_dim))), 2
 
 
-_TABLES = {"attn_fwd": _attn_fwd_table, "attn_bwd": _attn_bwd_table, "route_topk": _route_topk_table,
-           "centroids": _centroids_table}
+_TABLES = {
+    "attn_fwd": _attn_fwd_table,
+    "attn_bwd": _attn_bwd_table,
+    "route_topk": _route_topk_table,
+    "centroids": _centroids_table,
+}
 
 
 def shipped(family: str, *args):

@@ -40,14 +40,17 @@ def _show_routing(q, k, cfg):
     T, block = cfg["T"], cfg["block"]
     cu = torch.tensor([0, T], dtype=torch.int32, device=q.device)
     routing = flashmoba.moba_route_varlen(q[0], k[0], cu, block_size=block, topk=cfg["topk"])
-    print(f"\n[1] routing: {T // block} blocks of {block} tokens, top-{cfg['topk']} per query "
-          "(own block forced), head 0")
+    print(
+        f"\n[1] routing: {T // block} blocks of {block} tokens, top-{cfg['topk']} per query (own block forced), head 0"
+    )
     for t in (block // 2, T // 2 + 7, T - 1):
         chosen = [int(j) for j in routing.indices[t, 0] if j >= 0]
         print(f"    query {t:6d} (own block {t // block:3d}) -> blocks {chosen}")
     counts = routing.block_index.counts[0].float()
-    print(f"    block -> query index: on average {counts[counts > 0].mean():.0f} queries read a block "
-          f"(topk * block = {cfg['topk'] * block})")
+    print(
+        f"    block -> query index: on average {counts[counts > 0].mean():.0f} queries read a block "
+        f"(topk * block = {cfg['topk'] * block})"
+    )
 
 
 def _time_against_dense(q, k, v, cfg):
@@ -63,8 +66,7 @@ def _time_against_dense(q, k, v, cfg):
     dout_t = dout.transpose(1, 2)
 
     def dense():
-        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True,
-                                                               enable_gqa=HQ != HKV)
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=HQ != HKV)
         out.backward(dout_t)
 
     moba_ms = _median_ms(moba, cfg["reps"])
@@ -74,8 +76,10 @@ def _time_against_dense(q, k, v, cfg):
     print(f"    MoBA ({backend}, block {cfg['block']}, top-{cfg['topk']}): {moba_ms:8.2f} ms")
     print(f"    dense causal SDPA:                     {dense_ms:8.2f} ms   ({dense_ms / moba_ms:.1f}x)")
     if not q.is_cuda:
-        print("    (on a CPU MoBA runs the PyTorch reference, which builds each [T x T] mask: a GPU runs "
-              "the Triton kernels)")
+        print(
+            "    (on a CPU MoBA runs the PyTorch reference, which builds each [T x T] mask: a GPU runs "
+            "the Triton kernels)"
+        )
 
 
 def _check_kernels(device: str):
@@ -96,12 +100,16 @@ def _check_kernels(device: str):
         routing.indices,
         flashmoba.moba_route_varlen(*(t.detach().double() for t in (q, k)), cu, backend="reference", **kw).indices,
     )
-    errors = {name: ((a.double() - b).norm() / b.norm()).item()
-              for name, a, b in [("out", out, ref_out)] + [(f"d{n}", t.grad, r.grad) for n, t, r in
-                                                           zip("qkv", (q, k, v), ref_leaves)]}
+    errors = {
+        name: ((a.double() - b).norm() / b.norm()).item()
+        for name, a, b in [("out", out, ref_out)]
+        + [(f"d{n}", t.grad, r.grad) for n, t, r in zip("qkv", (q, k, v), ref_leaves)]
+    }
     where = "GPU" if device == "cuda" else "CPU, Triton interpreter"
-    print(f"\n[3] Triton kernels vs float64 reference ({where}, {str(dtype)[6:]}, lengths {lens}, "
-          f"GQA {HQ}/{HKV}, block 32):")
+    print(
+        f"\n[3] Triton kernels vs float64 reference ({where}, {str(dtype)[6:]}, lengths {lens}, "
+        f"GQA {HQ}/{HKV}, block 32):"
+    )
     print("    routing identical: " + ("yes" if same_routing else "no (near-ties)"))
     print("    relative errors:   " + "  ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     limit = 2e-2 if dtype == torch.bfloat16 else 1e-5

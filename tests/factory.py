@@ -52,18 +52,18 @@ def _param(case_id: str, *case_fields) -> pytest.param:
 # D in {16, 32, 64, 128}, GQA groups 1 / 2 / 4, block sizes {4, 8, 16, 48} and topk 1 / 2 / 3 / >= blocks.
 #            id                          lens                  hq hkv  d   block topk
 AWKWARD_CASES = [
-    _param("partial-last-block",        (37,),                 2, 2, 16,  8,  3),
-    _param("shorter-than-block-gqa2",   (5, 11),               4, 2, 32, 16,  2),
-    _param("empty-first-gqa4",          (0, 70, 33),           4, 1, 64, 16,  3),
-    _param("empty-middle-topk1",        (50, 0, 29),           2, 1, 16,  4,  1),
-    _param("empty-last-block48-d128",   (100, 0),              1, 1, 128, 48, 2),
-    _param("single-token",              (1,),                  2, 1, 32, 16,  1),
-    _param("single-tokens-around",      (1, 130, 1),           4, 4, 16, 16,  3),
-    _param("topk-covers-all",           (64, 47),              2, 1, 64, 16,  8),
-    _param("many-small-blocks-gqa2",    (150, 97),             4, 2, 32,  4,  3),
-    _param("block48-partial-gqa4",      (200,),                4, 1, 128, 48, 3),
-    _param("exact-multiples-topk1",     (96, 32),              2, 2, 64, 16,  1),
-    _param("many-empties",              (0, 0, 20, 0, 9, 0),   2, 1, 16,  8,  2),
+    _param("partial-last-block", (37,), 2, 2, 16, 8, 3),
+    _param("shorter-than-block-gqa2", (5, 11), 4, 2, 32, 16, 2),
+    _param("empty-first-gqa4", (0, 70, 33), 4, 1, 64, 16, 3),
+    _param("empty-middle-topk1", (50, 0, 29), 2, 1, 16, 4, 1),
+    _param("empty-last-block48-d128", (100, 0), 1, 1, 128, 48, 2),
+    _param("single-token", (1,), 2, 1, 32, 16, 1),
+    _param("single-tokens-around", (1, 130, 1), 4, 4, 16, 16, 3),
+    _param("topk-covers-all", (64, 47), 2, 1, 64, 16, 8),
+    _param("many-small-blocks-gqa2", (150, 97), 4, 2, 32, 4, 3),
+    _param("block48-partial-gqa4", (200,), 4, 1, 128, 48, 3),
+    _param("exact-multiples-topk1", (96, 32), 2, 2, 64, 16, 1),
+    _param("many-empties", (0, 0, 20, 0, 9, 0), 2, 1, 16, 8, 2),
 ]
 
 # The cases the Triton backend accepts (its block size has a lower bound; every D above is supported).
@@ -154,9 +154,7 @@ def naive_route(q, k, cu_seqlens, block_size: int, topk: int, causal: bool) -> t
     return torch.from_numpy(selected)
 
 
-def naive_attention(
-    q, k, v, cu_seqlens, block_size: int, topk: int, causal: bool, softmax_scale=None, indices=None
-):
+def naive_attention(q, k, v, cu_seqlens, block_size: int, topk: int, causal: bool, softmax_scale=None, indices=None):
     """MoBA attention, one query token and head at a time, in float64 (the oracle of ``attention``).
 
     Args:

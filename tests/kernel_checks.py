@@ -63,8 +63,13 @@ def _magnitudes(q, k, v, dout):
     scale = q.shape[-1] ** -0.5
     nq, nk, nv, ndo = (_max_row_norm(t) for t in (q, k, v, dout))
     ds = 2 * ndo * nv  # |p (dp - delta)| <= |dp| + |delta|
-    return {"out": nv, "lse": scale * nq * nk + math.log(max(q.shape[0], 2)), "dq": scale * ds * nk,
-            "dk": scale * ds * nq, "dv": ndo}
+    return {
+        "out": nv,
+        "lse": scale * nq * nk + math.log(max(q.shape[0], 2)),
+        "dq": scale * ds * nk,
+        "dk": scale * ds * nq,
+        "dv": ndo,
+    }
 
 
 def _max_error(x, ref):
@@ -85,19 +90,28 @@ def assert_attention_matches(q, k, v, cu_seqlens, dout, *, block_size, topk, cau
     accumulation gives: it is far below any 16-bit error, so a several-fold regression cannot hide in it.
     """
     low = q.dtype
-    routing = flashmoba.moba_route_varlen(q, k, cu_seqlens, block_size=block_size, topk=topk,
-                                          causal=causal, backend="triton")
+    routing = flashmoba.moba_route_varlen(
+        q, k, cu_seqlens, block_size=block_size, topk=topk, causal=causal, backend="triton"
+    )
     scale = q.shape[-1] ** -0.5
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out, lse = flashmoba.moba_attn_varlen(*leaves, cu_seqlens, block_size=block_size, topk=topk,
-                                          causal=causal, return_lse=True, backend="triton",
-                                          deterministic=deterministic)
+    out, lse = flashmoba.moba_attn_varlen(
+        *leaves,
+        cu_seqlens,
+        block_size=block_size,
+        topk=topk,
+        causal=causal,
+        return_lse=True,
+        backend="triton",
+        deterministic=deterministic,
+    )
     out.backward(dout)
     results = {}
     for name, dtype in (("exact", torch.float64), ("low", low)):
         ref_leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        o, l = reference.attention(*ref_leaves, cu_seqlens, block_size, topk, causal, scale,
-                                   indices=routing.indices, compute_dtype=dtype)
+        o, l = reference.attention(
+            *ref_leaves, cu_seqlens, block_size, topk, causal, scale, indices=routing.indices, compute_dtype=dtype
+        )
         o.backward(dout.to(dtype))
         results[name] = (o, l, *[t.grad for t in ref_leaves])
     exact, lowp = results["exact"], results["low"]

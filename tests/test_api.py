@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
+from factory import make_packed, rounding_bound
 
 import flashmoba
 from flashmoba import reference
-from factory import make_packed, rounding_bound
 
 VARLEN = flashmoba.moba_attn_varlen
 ROUTE = flashmoba.moba_route_varlen
@@ -266,9 +266,7 @@ def test_route_result_echoes_its_parameters():
     assert torch.equal(routing.cu_seqlens, args["cu_seqlens"])
 
 
-@pytest.mark.parametrize(
-    "dtype, lse_dtype", [(torch.float16, torch.float32), (torch.float64, torch.float64)], ids=str
-)
+@pytest.mark.parametrize("dtype, lse_dtype", [(torch.float16, torch.float32), (torch.float64, torch.float64)], ids=str)
 def test_lse_dtype_and_shapes(dtype, lse_dtype):
     args = _varlen_args(dtype=dtype)
     out, lse = _call(VARLEN, {**args, "return_lse": True, "backend": "reference"})
@@ -277,15 +275,20 @@ def test_lse_dtype_and_shapes(dtype, lse_dtype):
 
 
 @pytest.mark.parametrize("fn", [VARLEN, BATCHED], ids=["varlen", "batched"])
-@pytest.mark.parametrize("huge", [dict(block_size=10**9), dict(topk=10**12), dict(block_size=10**12, topk=10**9)],
-                         ids=["block", "topk", "both"])
+@pytest.mark.parametrize(
+    "huge",
+    [dict(block_size=10**9), dict(topk=10**12), dict(block_size=10**12, topk=10**9)],
+    ids=["block", "topk", "both"],
+)
 def test_huge_block_size_or_topk_equals_one_block_or_all_blocks(fn, huge):
     """A block longer than every sequence is one block, and a topk past every block selects them all: the
     result equals the smallest such values, without allocating for the nominal ones."""
     args = _varlen_args() if fn is VARLEN else _batched_args()
     longest = 12 if fn is VARLEN else 10
-    same = {"block_size": longest if "block_size" in huge else args["block_size"],
-            "topk": longest if "topk" in huge else args["topk"]}  # topk >= blocks of the longest sequence
+    same = {
+        "block_size": longest if "block_size" in huge else args["block_size"],
+        "topk": longest if "topk" in huge else args["topk"],
+    }  # topk >= blocks of the longest sequence
     out = _call(fn, {**args, **huge})
     assert torch.equal(out, _call(fn, {**args, **same}))
 

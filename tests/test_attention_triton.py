@@ -30,8 +30,7 @@ NON_CAUSAL_CASES = [p for p in AWKWARD_CASES_TRITON if p.id in ("empty-first-gqa
 def test_attention_matches_reference(case, dtype, causal):
     q, k, v, cu = case.packed(dtype=dtype)
     dout = torch.randn_like(q)
-    routing = assert_attention_matches(q, k, v, cu, dout, block_size=case.block_size, topk=case.topk,
-                                       causal=causal)
+    routing = assert_attention_matches(q, k, v, cu, dout, block_size=case.block_size, topk=case.topk, causal=causal)
     assert_routing_valid(q, k, cu, routing.indices, case.block_size, case.topk, causal, score_tol=1e-4)
 
 
@@ -50,8 +49,7 @@ def test_deterministic_mode_is_bitwise_reproducible_and_correct():
 
     def run():
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        out = flashmoba.moba_attn_varlen(*leaves, cu, block_size=16, topk=3, backend="triton",
-                                         deterministic=True)
+        out = flashmoba.moba_attn_varlen(*leaves, cu, block_size=16, topk=3, backend="triton", deterministic=True)
         out.backward(dout)
         return [out.detach()] + [t.grad for t in leaves]
 
@@ -109,5 +107,4 @@ def test_rows_far_above_their_reference_are_recomputed_exactly(dtype, causal, de
     diag = 0.25 * (q.double() * k.double().repeat_interleave(2, dim=1)).sum(-1)
     p_max = max_weight_log2(dtype) * math.log(2)
     assert ((lse - diag) > p_max + math.log(48)).sum() >= 10
-    assert_attention_matches(q, k, v, cu, dout, block_size=16, topk=3, causal=causal,
-                             deterministic=deterministic)
+    assert_attention_matches(q, k, v, cu, dout, block_size=16, topk=3, causal=causal, deterministic=deterministic)

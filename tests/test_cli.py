@@ -15,8 +15,19 @@ from flashmoba.models import MoBAHybridConfig
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 # A sweep of six configurations with few trials: seconds on a CPU.
-SMALL_SNR = ["snr", "--head-dims", "16", "--block-sizes", "16", "--breakdown-head-dim", "16", "--trials", "16",
-             "--device", "cpu"]
+SMALL_SNR = [
+    "snr",
+    "--head-dims",
+    "16",
+    "--block-sizes",
+    "16",
+    "--breakdown-head-dim",
+    "16",
+    "--trials",
+    "16",
+    "--device",
+    "cpu",
+]
 EXTRAS = ("matplotlib", "transformers", "tokenizers", "datasets", "safetensors")
 
 
@@ -30,12 +41,18 @@ def usage_error(capsys, argv: list[str]) -> str:
     assert len(lines) == 1, err
     prefix = f"flashmoba {argv[0]}: error: "
     assert lines[0].startswith(prefix), lines[0]
-    return lines[0][len(prefix):]
+    return lines[0][len(prefix) :]
 
 
-@pytest.mark.parametrize("argv, option", [(["nonsense"], "COMMAND"), (["train"], "--out"),
-                                          (["snr", "--trials", "x"], "--trials"),
-                                          (["train", "--out", "run", "--backend", "bogus"], "--backend")])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["nonsense"], "COMMAND"),
+        (["train"], "--out"),
+        (["snr", "--trials", "x"], "--trials"),
+        (["train", "--out", "run", "--backend", "bogus"], "--backend"),
+    ],
+)
 def test_argparse_errors_are_one_line_too(capsys, argv, option):
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -71,8 +88,13 @@ def test_module_entry_point_reports_usage_errors_too(tmp_path):
     # `python -m flashmoba.cli` (torchrun's way) runs the file as __main__.
     out = tmp_path / "file"
     out.write_text("not a run")
-    done = subprocess.run([sys.executable, "-m", "flashmoba.cli", "train", "--out", str(out)], capture_output=True,
-                          text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "flashmoba.cli", "train", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"flashmoba train: error: --out {out} is a file, not a run folder"]
 
@@ -93,17 +115,20 @@ def test_train_names_an_unknown_set_key_and_lists_the_valid_ones(capsys, tmp_pat
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv, option", [
-    (["--set", "num_layers"], "--set"),  # no '='
-    (["--set", "num_layers=two"], "--set num_layers"),
-    (["--topk", "0"], "--topk"),
-    (["--steps", "0"], "--steps"),
-    (["--context", "1024", "--batch-tokens", "512"], "--context"),
-    (["--needle-fraction", "1"], "--needle-fraction"),
-    (["--lr", "0"], "--lr"),
-    (["--vocab-size", "100"], "--vocab-size"),
-    (["--resume"], "--resume"),  # nothing to resume
-])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--set", "num_layers"], "--set"),  # no '='
+        (["--set", "num_layers=two"], "--set num_layers"),
+        (["--topk", "0"], "--topk"),
+        (["--steps", "0"], "--steps"),
+        (["--context", "1024", "--batch-tokens", "512"], "--context"),
+        (["--needle-fraction", "1"], "--needle-fraction"),
+        (["--lr", "0"], "--lr"),
+        (["--vocab-size", "100"], "--vocab-size"),
+        (["--resume"], "--resume"),  # nothing to resume
+    ],
+)
 def test_train_names_the_bad_option(capsys, tmp_path, argv, option):
     out = tmp_path / "run"
     assert option in usage_error(capsys, ["train", "--out", str(out), *argv])
@@ -133,8 +158,7 @@ def test_eval_names_a_folder_that_is_no_run(capsys, tmp_path):
 
 def test_eval_refuses_lengths_that_cannot_fit_in_memory(capsys, fake_run):
     # The reference attention of the tiny model (4 heads) at 1M tokens: 4e12 scores, more than any host has.
-    message = usage_error(capsys, ["eval", "--run", str(fake_run), "--lengths", "1000", "1000000",
-                                   "--device", "cpu"])
+    message = usage_error(capsys, ["eval", "--run", str(fake_run), "--lengths", "1000", "1000000", "--device", "cpu"])
     assert message.startswith("--lengths 1000000")
     assert "GB" in message and "GPU" in message and "Triton" in message and "smaller --lengths" in message
     assert not (fake_run / "eval.json").exists()
@@ -149,14 +173,17 @@ def test_eval_refuses_cuda_without_cuda(capsys, fake_run):
 # snr
 
 
-@pytest.mark.parametrize("argv, option", [
-    (["--trials", "0"], "--trials"),
-    (["--block-sizes", "0"], "--block-sizes"),
-    (["--cluster-size", "32"], "--cluster-size"),
-    (["--tail-dof", "2"], "--tail-dof"),
-    (["--block-correlation", "1"], "--block-correlation"),
-    (["--mu-signal", "nan"], "--mu-signal"),
-])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--trials", "0"], "--trials"),
+        (["--block-sizes", "0"], "--block-sizes"),
+        (["--cluster-size", "32"], "--cluster-size"),
+        (["--tail-dof", "2"], "--tail-dof"),
+        (["--block-correlation", "1"], "--block-correlation"),
+        (["--mu-signal", "nan"], "--mu-signal"),
+    ],
+)
 def test_snr_names_the_bad_option(capsys, argv, option):
     assert option in usage_error(capsys, [*SMALL_SNR, *argv])
 
@@ -185,8 +212,10 @@ def test_snr_plot_without_matplotlib_is_a_usage_error(capsys, tmp_path, monkeypa
 # missing extras, the Python API
 
 
-@pytest.mark.parametrize("command, module", [("train", "transformers"), ("train", "tokenizers"),
-                                             ("eval", "transformers"), ("eval", "matplotlib")])
+@pytest.mark.parametrize(
+    "command, module",
+    [("train", "transformers"), ("train", "tokenizers"), ("eval", "transformers"), ("eval", "matplotlib")],
+)
 def test_train_and_eval_name_the_missing_extra(capsys, tmp_path, monkeypatch, command, module):
     monkeypatch.setitem(sys.modules, module, None)
     option = "--out" if command == "train" else "--run"
@@ -215,8 +244,9 @@ def run_without_extras(code: str, cwd) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter where every optional extra is blocked, as on a base install."""
     block = f"import sys\nfor name in {EXTRAS!r}:\n    sys.modules[name] = None\n"
     # The environment is inherited: conftest sets TRITON_INTERPRET=1 on machines without CUDA.
-    done = subprocess.run([sys.executable, "-c", block + code], capture_output=True, text=True, cwd=cwd,
-                          timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", block + code], capture_output=True, text=True, cwd=cwd, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr
     return done
 

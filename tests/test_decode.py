@@ -16,12 +16,18 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
-
-import flashmoba
 from conftest import DEVICE
 from factory import (
-    _as_numpy64, _sequence_bounds, make_packed, naive_attention, naive_route, round_to_dtype, rounding_bound,
+    _as_numpy64,
+    _sequence_bounds,
+    make_packed,
+    naive_attention,
+    naive_route,
+    round_to_dtype,
+    rounding_bound,
 )
+
+import flashmoba
 from flashmoba.decode import MoBAKVCache, accumulate_block_sums, block_sums_dtype, dense_decode
 from flashmoba.decode.kernels import decode_fwd
 
@@ -44,19 +50,19 @@ def _case(case_id, *fields):
 
 #          id                          lens           hq hkv  d  block topk new
 DECODE_CASES = [
-    _case("gqa2-partial-last-block",  (37, 8, 64),     4, 2, 16,  8,  3, 1),
-    _case("mha-odd-block-new-spans",  (23, 4, 41),     3, 3,  8,  5,  2, 4),
-    _case("mqa-topk1",                (50, 17),        6, 1, 12, 16,  1, 2),
-    _case("topk-covers-all",          (30, 9),         2, 1, 16,  4, 20, 3),
-    _case("many-blocks-gqa4",         (150, 97),       4, 1, 32,  4,  3, 5),
+    _case("gqa2-partial-last-block", (37, 8, 64), 4, 2, 16, 8, 3, 1),
+    _case("mha-odd-block-new-spans", (23, 4, 41), 3, 3, 8, 5, 2, 4),
+    _case("mqa-topk1", (50, 17), 6, 1, 12, 16, 1, 2),
+    _case("topk-covers-all", (30, 9), 2, 1, 16, 4, 20, 3),
+    _case("many-blocks-gqa4", (150, 97), 4, 1, 32, 4, 3, 5),
 ]
 
 # Triton: block >= 16, D a multiple of 8 >= 16; small grids, the interpreter runs one program at a time.
 TRITON_CASES = [
-    _case("gqa2-routed-new2",         (70, 33),        4, 2, 16, 16,  3, 2),
-    _case("mha-d24-topk1",            (40, 17),        2, 2, 24, 16,  1, 1),
-    _case("two-route-tiles",          (1100,),         2, 1, 16, 16,  3, 1),
-    _case("gqa2-topk-covers-all",     (45, 60),        2, 1, 32, 16,  5, 2),
+    _case("gqa2-routed-new2", (70, 33), 4, 2, 16, 16, 3, 2),
+    _case("mha-d24-topk1", (40, 17), 2, 2, 24, 16, 1, 1),
+    _case("two-route-tiles", (1100,), 2, 1, 16, 16, 3, 1),
+    _case("gqa2-topk-covers-all", (45, 60), 2, 1, 32, 16, 5, 2),
 ]
 TRITON_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
@@ -88,13 +94,25 @@ def _decode_problem(case, dtype=torch.float64, left_pad=True, head_major=False):
     block_sums = torch.zeros(B, num_blocks, case.hkv, case.d, dtype=block_sums_dtype(dtype), device=DEVICE)
     accumulate_block_sums(block_sums, k_cache, starts, torch.zeros_like(seqlens), seqlens, case.block_size, S)
     rows = torch.tensor(rows, device=DEVICE)
-    return dict(q=q, k=k, v=v, cu=cu, q_new=q[rows].view(B, case.new, case.hq, case.d), rows=rows,
-                k_cache=k_cache, v_cache=v_cache, seqlens=seqlens, starts=starts, block_sums=block_sums)
+    return dict(
+        q=q,
+        k=k,
+        v=v,
+        cu=cu,
+        q_new=q[rows].view(B, case.new, case.hq, case.d),
+        rows=rows,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        seqlens=seqlens,
+        starts=starts,
+        block_sums=block_sums,
+    )
 
 
 def _cache(p, block_size):
-    return MoBAKVCache.from_tensors(p["k_cache"], p["v_cache"], p["seqlens"], starts=p["starts"],
-                                    block_size=block_size, block_sums=p["block_sums"])
+    return MoBAKVCache.from_tensors(
+        p["k_cache"], p["v_cache"], p["seqlens"], starts=p["starts"], block_size=block_size, block_sums=p["block_sums"]
+    )
 
 
 def _decode(p, case, **kwargs):
@@ -120,8 +138,10 @@ def naive_shared_route(q, k, cu_seqlens, block_size: int, topk: int) -> torch.Te
         for t in range(length):
             own = t // block_size
             for g in range(num_kv_heads):
-                scores = [sum(float(np.dot(qn[start + t, h], c[g])) for h in range(g * group, (g + 1) * group))
-                          for c in centroids]
+                scores = [
+                    sum(float(np.dot(qn[start + t, h], c[g])) for h in range(g * group, (g + 1) * group))
+                    for c in centroids
+                ]
                 ranked = sorted(range(own), key=lambda j: (-scores[j], j))
                 blocks = sorted([own] + ranked[: topk - 1])
                 selected[start + t, g * group : (g + 1) * group, : len(blocks)] = blocks
@@ -191,7 +211,13 @@ def test_reference_decode_equals_the_full_moba_pass(case):
     p = _decode_problem(case)
     out, lse = _decode(p, case, backend="reference")
     full_out, full_lse = flashmoba.moba_attn_varlen(
-        p["q"], p["k"], p["v"], p["cu"], block_size=case.block_size, topk=case.topk, return_lse=True,
+        p["q"],
+        p["k"],
+        p["v"],
+        p["cu"],
+        block_size=case.block_size,
+        topk=case.topk,
+        return_lse=True,
         backend="reference",
     )
     naive_out, naive_lse = naive_attention(p["q"], p["k"], p["v"], p["cu"], case.block_size, case.topk, True)
@@ -211,7 +237,9 @@ def test_decode_through_a_cache_filled_step_by_step():
     bounds = _sequence_bounds(cu)
     prompt = 20
     cache = MoBAKVCache(2, 64, case.hkv, case.d, block_size=4, dtype=torch.float64, device=DEVICE)
-    cache.append(torch.stack([k[a : a + prompt] for a, _ in bounds]), torch.stack([v[a : a + prompt] for a, _ in bounds]))
+    cache.append(
+        torch.stack([k[a : a + prompt] for a, _ in bounds]), torch.stack([v[a : a + prompt] for a, _ in bounds])
+    )
     out_bound, _ = rounding_bound(q, k, v, cu, torch.float64)
     for step in range(prompt, max(case.lens)):
         # Sequences that are done re-append their last token's slot with lengths 0.
@@ -229,8 +257,9 @@ def test_shared_kv_routing_equals_its_oracle(case):
     p = _decode_problem(case)
     out, lse = _decode(p, case, backend="reference", shared_kv_routing=True)
     indices = naive_shared_route(p["q"], p["k"], p["cu"], case.block_size, case.topk)
-    naive_out, naive_lse = naive_attention(p["q"], p["k"], p["v"], p["cu"], case.block_size, case.topk, True,
-                                           indices=indices)
+    naive_out, naive_lse = naive_attention(
+        p["q"], p["k"], p["v"], p["cu"], case.block_size, case.topk, True, indices=indices
+    )
     out_bound, lse_bound = rounding_bound(p["q"], p["k"], p["v"], p["cu"], torch.float64)
     rows = p["rows"].cpu()
     _assert_close(out.flatten(0, 1), naive_out[rows], 2 * out_bound)
@@ -243,8 +272,9 @@ def test_shared_kv_routing_equals_its_oracle(case):
 def test_shared_kv_routing_without_groups_is_per_head_routing():
     case = DECODE_CASES[1].values[0]  # HQ == HKV
     p = _decode_problem(case)
-    assert torch.equal(_decode(p, case, backend="reference", shared_kv_routing=True)[0],
-                       _decode(p, case, backend="reference")[0])
+    assert torch.equal(
+        _decode(p, case, backend="reference", shared_kv_routing=True)[0], _decode(p, case, backend="reference")[0]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,8 +304,9 @@ def test_triton_shared_kv_routing_equals_its_oracle(case):
     p = _decode_problem(case, dtype=torch.float16)
     out, lse = _decode(p, case, backend="triton", shared_kv_routing=True)
     indices = naive_shared_route(p["q"], p["k"], p["cu"], case.block_size, case.topk)
-    naive_out, naive_lse = naive_attention(p["q"], p["k"], p["v"], p["cu"], case.block_size, case.topk, True,
-                                           indices=indices)
+    naive_out, naive_lse = naive_attention(
+        p["q"], p["k"], p["v"], p["cu"], case.block_size, case.topk, True, indices=indices
+    )
     out_bound, lse_bound = _kernel_bound(p["q"], p["k"], p["v"], p["cu"], torch.float16)
     rows = p["rows"].cpu()
     _assert_close(out.flatten(0, 1), naive_out[rows], out_bound)
@@ -287,8 +318,19 @@ def test_triton_splitting_blocks_over_programs_keeps_the_result(splits):
     """Each selected block shared by several programs (3 does not divide the block: a short last share)."""
     case = TRITON_CASES[2].values[0]
     p = _decode_problem(case, dtype=torch.float32)
-    out, lse = decode_fwd(p["q_new"], p["k_cache"], p["v_cache"], p["seqlens"], p["starts"], p["block_sums"],
-                          case.block_size, case.topk, False, case.d**-0.5, splits_per_block=splits)
+    out, lse = decode_fwd(
+        p["q_new"],
+        p["k_cache"],
+        p["v_cache"],
+        p["seqlens"],
+        p["starts"],
+        p["block_sums"],
+        case.block_size,
+        case.topk,
+        False,
+        case.d**-0.5,
+        splits_per_block=splits,
+    )
     naive_out, naive_lse = naive_attention(p["q"], p["k"], p["v"], p["cu"], case.block_size, case.topk, True)
     out_bound, lse_bound = _kernel_bound(p["q"], p["k"], p["v"], p["cu"], torch.float32)
     rows = p["rows"].cpu()
@@ -303,8 +345,16 @@ def test_triton_splitting_blocks_over_programs_keeps_the_result(splits):
 def _valid_args():
     case = DecodeCase((20, 9), 4, 2, 16, 16, 2, 1)
     p = _decode_problem(case, dtype=torch.float32, left_pad=False)
-    return dict(q=p["q_new"], k=p["k_cache"], v=p["v_cache"], seqlens=p["seqlens"], starts=None,
-                block_sums=p["block_sums"], cache_block_size=16, topk=2)
+    return dict(
+        q=p["q_new"],
+        k=p["k_cache"],
+        v=p["v_cache"],
+        seqlens=p["seqlens"],
+        starts=None,
+        block_sums=p["block_sums"],
+        cache_block_size=16,
+        topk=2,
+    )
 
 
 BAD_INPUTS = [
@@ -330,8 +380,14 @@ def test_bad_input_is_named(mutate, error, match):
     args = _valid_args()
     mutate(args)
     with pytest.raises(error, match=match):
-        cache = MoBAKVCache.from_tensors(args.pop("k"), args.pop("v"), args.pop("seqlens"), starts=args.pop("starts"),
-                                         block_size=args.pop("cache_block_size"), block_sums=args.pop("block_sums"))
+        cache = MoBAKVCache.from_tensors(
+            args.pop("k"),
+            args.pop("v"),
+            args.pop("seqlens"),
+            starts=args.pop("starts"),
+            block_size=args.pop("cache_block_size"),
+            block_sums=args.pop("block_sums"),
+        )
         flashmoba.moba_decode(args.pop("q"), cache, backend=args.pop("backend", "reference"), **args)
 
 
@@ -391,8 +447,12 @@ def test_dense_decode_equals_full_causal_and_window_attention():
             if window is not None:
                 allowed &= pos[:, None] - pos[None, :] < window
             full = torch.nn.functional.scaled_dot_product_attention(
-                p["q"][a:e].transpose(0, 1), p["k"][a:e].transpose(0, 1), p["v"][a:e].transpose(0, 1),
-                attn_mask=allowed, enable_gqa=True).transpose(0, 1)
+                p["q"][a:e].transpose(0, 1),
+                p["k"][a:e].transpose(0, 1),
+                p["v"][a:e].transpose(0, 1),
+                attn_mask=allowed,
+                enable_gqa=True,
+            ).transpose(0, 1)
             torch.testing.assert_close(out[b], full[-new:])
 
 
@@ -440,8 +500,10 @@ def test_triton_decode_on_gpu_at_realistic_shapes(dtype, shared):
     exact = reference.decode(q.double(), k.double(), v.double(), *args)
     low = reference.decode(q, k, v, *args, compute_dtype=dtype)
     eps = torch.finfo(dtype).eps
-    for kernel, want, lowp, magnitude in ((out, exact[0], low[0], v.abs().max()),
-                                          (lse, exact[1], low[1], exact[1].abs().max())):
+    for kernel, want, lowp, magnitude in (
+        (out, exact[0], low[0], v.abs().max()),
+        (lse, exact[1], low[1], exact[1].abs().max()),
+    ):
         err = (kernel.double() - want).abs().max().item()
         ref_err = (lowp.double() - want).abs().max().item()
         assert err <= 2 * ref_err + eps * float(magnitude), f"error {err:.3g} vs reference error {ref_err:.3g}"

@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import DEVICE
 from transformers import (
     AttentionInterface,
     AutoModelForCausalLM,
@@ -27,7 +28,6 @@ from transformers import (
 )
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from conftest import DEVICE
 from flashmoba import MoBAKVCache, reference
 from flashmoba.integrations.transformers import MoBACache, MoBACacheLayer, register
 
@@ -39,9 +39,19 @@ VOCAB = 97
 def _config(family, **overrides):
     """A tiny GQA model (4 query heads, 2 KV heads, head dim 16) with MoBA settings in its config."""
     fields = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=None,
-        attention_dropout=0.0, moba_block_size=BLOCK, moba_topk=TOPK, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=None,
+        attention_dropout=0.0,
+        moba_block_size=BLOCK,
+        moba_topk=TOPK,
+        pad_token_id=0,
     )
     fields.update(overrides)
     return CONFIGS[family](**fields)
@@ -80,8 +90,14 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, *
         q_full[position[Tk - Tq + torch.tensor(q_rows)]] = query[b, :, q_rows].transpose(0, 1)
         topk = length if dense else config.moba_topk
         o, _ = reference.attention(
-            q_full, key[b, :, real].transpose(0, 1), value[b, :, real].transpose(0, 1),
-            torch.tensor([0, length]), config.moba_block_size, max(topk, 1), True, scaling,
+            q_full,
+            key[b, :, real].transpose(0, 1),
+            value[b, :, real].transpose(0, 1),
+            torch.tensor([0, length]),
+            config.moba_block_size,
+            max(topk, 1),
+            True,
+            scaling,
         )
         out[b, q_rows] = o[position[Tk - Tq + torch.tensor(q_rows)]]
     return out, None
@@ -162,13 +178,21 @@ def test_topk_covering_all_blocks_equals_sdpa(family):
 def _generate(model, ids, mask, new_tokens=8, **kwargs):
     """Greedy generation (8 new tokens cross two blocks of 4) -> (sequences, logits [B, new, V] or None)."""
     kwargs = {"output_logits": True, **kwargs}
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                         return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **kwargs,
+    )
     return out.sequences, torch.stack(out.logits, dim=1) if out.logits is not None else None
 
 
-@pytest.mark.parametrize("family, dense_layers, shared", [("llama", (), False), ("qwen2", (-1,), False),
-                                                          ("llama", (), True)])
+@pytest.mark.parametrize(
+    "family, dense_layers, shared", [("llama", (), False), ("qwen2", (-1,), False), ("llama", (), True)]
+)
 def test_generate_with_cache_equals_recomputing_the_prefix(family, dense_layers, shared):
     config = _config(family, moba_dense_layers=dense_layers, moba_shared_kv_routing=shared)
     moba, sdpa = _models(config, "moba", "sdpa")
@@ -253,13 +277,16 @@ def test_config_overrides_register_and_dense_layers_cover_all():
         _assert_logits_close(moba(ids, attention_mask=mask).logits, dense_logits, mask)
 
 
-@pytest.mark.parametrize("field, value, error, match", [
-    ("moba_topk", 0, ValueError, "topk must be >= 1"),
-    ("moba_block_size", 2.5, TypeError, "block_size must be an int"),
-    ("moba_dense_layers", [5], ValueError, "dense layer index 5 is out of range"),
-    ("moba_dense_layers", "0", TypeError, "dense_layers must be a sequence"),
-    ("attention_dropout", 0.1, ValueError, "no dropout"),
-])
+@pytest.mark.parametrize(
+    "field, value, error, match",
+    [
+        ("moba_topk", 0, ValueError, "topk must be >= 1"),
+        ("moba_block_size", 2.5, TypeError, "block_size must be an int"),
+        ("moba_dense_layers", [5], ValueError, "dense layer index 5 is out of range"),
+        ("moba_dense_layers", "0", TypeError, "dense_layers must be a sequence"),
+        ("attention_dropout", 0.1, ValueError, "no dropout"),
+    ],
+)
 def test_bad_settings_are_refused(field, value, error, match):
     (moba,) = _models(_config("llama", **{field: value}), "moba")
     moba.train(field == "attention_dropout")  # attention modules apply dropout in training only
@@ -288,8 +315,9 @@ def test_generation_after_right_padding_is_refused():
     (moba,) = _models(_config("llama"), "moba")
     ids, mask = _padded_batch((12, 7), left=False)
     with torch.no_grad(), pytest.raises(ValueError, match="left padding"):
-        moba.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, past_key_values=MoBACache(),
-                      pad_token_id=0)
+        moba.generate(
+            ids, attention_mask=mask, max_new_tokens=2, do_sample=False, past_key_values=MoBACache(), pad_token_id=0
+        )
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the Triton path needs a CUDA GPU (the H100 suite)")
@@ -306,7 +334,7 @@ def test_generation_on_gpu_through_triton_matches_the_reference():
     with torch.no_grad():
         tokens, logits = _generate(model32, ids, mask, new_tokens=new, past_key_values=MoBACache())
     register(block_size=block_size, topk=topk, backend="reference")
-    full_mask = torch.cat([mask, torch.ones_like(tokens[:, ids.shape[1]:])], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(tokens[:, ids.shape[1] :])], dim=1)
     steps = slice(ids.shape[1] - 1, -1)
     with torch.no_grad():
         exact = model64(tokens, attention_mask=full_mask).logits[:, steps]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DEVICE
+
 from flashmoba.nn import KeyConv, key_conv, key_conv_naive
 
 BACKENDS = ["reference", "triton"]
@@ -24,10 +24,10 @@ BACKENDS = ["reference", "triton"]
 # channel counts that are not multiples of the kernel's channel tile, token counts that cross tiles.
 #            id                         lens                  C   W  bias   state
 CASES = [
-    pytest.param((37,),                  8,  1, False, False, id="one-seq-w1"),
-    pytest.param((0, 5, 1, 2, 70, 0),    20, 3, True,  False, id="short-and-empty-w3-bias"),
-    pytest.param((0, 5, 1, 2, 70, 0),    20, 5, True,  True,  id="short-and-empty-w5-bias-state"),
-    pytest.param((64, 65, 3),            72, 3, False, True,  id="tile-edges-w3-state"),
+    pytest.param((37,), 8, 1, False, False, id="one-seq-w1"),
+    pytest.param((0, 5, 1, 2, 70, 0), 20, 3, True, False, id="short-and-empty-w3-bias"),
+    pytest.param((0, 5, 1, 2, 70, 0), 20, 5, True, True, id="short-and-empty-w5-bias-state"),
+    pytest.param((64, 65, 3), 72, 3, False, True, id="tile-edges-w3-state"),
 ]
 
 
@@ -86,8 +86,11 @@ def test_matches_naive_forward_and_gradients(backend, lens, channels, width, bia
     ref = naive(torch.float64)
     for dtype in dtypes:
         state = None if state64 is None else state64.to(DEVICE, dtype)
-        got = _run(lambda k, w, b: key_conv(k, w, b, cu_seqlens=cu.to(DEVICE), state=state, backend=backend),
-                   *_leaves((k64, w64, b64), dtype, DEVICE), grad_out)
+        got = _run(
+            lambda k, w, b: key_conv(k, w, b, cu_seqlens=cu.to(DEVICE), state=state, backend=backend),
+            *_leaves((k64, w64, b64), dtype, DEVICE),
+            grad_out,
+        )
         num_tokens = k64.shape[0]
         _assert_close_fa(got, naive(dtype), ref, dtype, terms=(width, width + 1, num_tokens, num_tokens))
 
@@ -128,7 +131,7 @@ def test_decoding_with_state_equals_full_pass(backend, width):
         for step in range(5):
             sizes = [min(plan[min(step, len(plan) - 1)], n - d) for plan, n, d in zip(chunk_plans, lens, done)]
             starts = [cu[s].item() + done[s] for s in range(len(lens))]
-            chunk = torch.cat([k[a:a + n] for a, n in zip(starts, sizes)])
+            chunk = torch.cat([k[a : a + n] for a, n in zip(starts, sizes)])
             chunk_cu = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
             out = conv(chunk, chunk_cu, state)
             for s, (a, b) in enumerate(zip(chunk_cu[:-1].tolist(), chunk_cu[1:].tolist())):
@@ -213,6 +216,7 @@ else:
     root = Path(__file__).resolve().parents[1]
     # The environment is inherited (conftest sets TRITON_INTERPRET=1 without CUDA, so backend="triton"
     # on CPU tensors gets as far as the missing package).
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr

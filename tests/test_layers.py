@@ -23,8 +23,21 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "flashmoba"
 LAYERS = {
-    "_checks": 0, "configs": 0, "reference": 1, "routing": 2, "attention": 3, "api": 4, "decode": 4,
-    "__init__": 5, "nn": 6, "theory": 6, "models": 7, "integrations": 7, "train": 8, "demo": 9, "cli": 9,
+    "_checks": 0,
+    "configs": 0,
+    "reference": 1,
+    "routing": 2,
+    "attention": 3,
+    "api": 4,
+    "decode": 4,
+    "__init__": 5,
+    "nn": 6,
+    "theory": 6,
+    "models": 7,
+    "integrations": 7,
+    "train": 8,
+    "demo": 9,
+    "cli": 9,
 }
 # (importer, imported) pairs that the layers allow but the house forbids: backends never import each other.
 FORBIDDEN = {("attention", "reference"), ("routing", "reference")}
@@ -58,13 +71,17 @@ def _edges():
 
 
 def test_every_unit_has_a_layer():
-    units = {_unit(".".join(("flashmoba", p.relative_to(PACKAGE).with_suffix("").parts[0])))
-             for p in PACKAGE.glob("*") if p.suffix == ".py" or (p / "__init__.py").exists()}
+    units = {
+        _unit(".".join(("flashmoba", p.relative_to(PACKAGE).with_suffix("").parts[0])))
+        for p in PACKAGE.glob("*")
+        if p.suffix == ".py" or (p / "__init__.py").exists()
+    }
     assert units - set(LAYERS) == set(), "give every new module or subpackage a layer in LAYERS"
 
 
 @pytest.mark.parametrize("path, source, target", sorted(set(_edges())), ids=lambda x: str(x))
 def test_imports_point_down(path, source, target):
-    assert LAYERS[target] <= LAYERS[source], f"{path}: {source} (layer {LAYERS[source]}) imports {target} " \
-                                             f"(layer {LAYERS[target]})"
+    assert LAYERS[target] <= LAYERS[source], (
+        f"{path}: {source} (layer {LAYERS[source]}) imports {target} (layer {LAYERS[target]})"
+    )
     assert (source, target) not in FORBIDDEN, f"{path}: backends never import each other ({source} -> {target})"

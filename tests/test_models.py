@@ -37,8 +37,13 @@ def _ids(*shape):
 
 def test_presets_and_layer_layout():
     config = MoBAHybridConfig.from_preset("340m", kconv_size=3)
-    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-            config.intermediate_size, config.head_dim) == (24, 1024, 16, 2816, 64)
+    assert (
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.intermediate_size,
+        config.head_dim,
+    ) == (24, 1024, 16, 2816, 64)
     assert config.kconv_size == 3 and config.num_key_value_heads == 16
     big = MoBAHybridConfig.from_preset("1b")
     assert (big.num_layers, big.hidden_size, big.num_heads, big.intermediate_size) == (24, 2048, 32, 8192)
@@ -142,7 +147,7 @@ def test_generate_on_a_padded_batch_equals_each_prompt_alone():
     with torch.no_grad():
         batch = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
         for i, n in enumerate(lens):
-            alone = model.generate(ids[i:i + 1, :n], max_new_tokens=12, do_sample=False, pad_token_id=0)
+            alone = model.generate(ids[i : i + 1, :n], max_new_tokens=12, do_sample=False, pad_token_id=0)
             assert torch.equal(batch[i, width:], alone[0, n:])
 
 

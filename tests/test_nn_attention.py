@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from factory import AWKWARD_CASES, naive_attention, rounding_bound
 
 import flashmoba
-from factory import AWKWARD_CASES, naive_attention, rounding_bound
 from flashmoba import MoBAKVCache
 from flashmoba.nn import MoBAAttention, sliding_window_attention
 
@@ -35,8 +35,19 @@ def naive_sliding_window(q, k, v, cu_seqlens, window):
 
 
 def _layer(attn_type, *, hq=4, hkv=2, d=16, kconv=0, rope=False, block_size=8, topk=3, window=12):
-    layer = MoBAAttention(hq * d // 2, hq, hkv, d, attn_type=attn_type, block_size=block_size, topk=topk,
-                          window=window, kconv_size=kconv, rope=rope, backend="reference").double()
+    layer = MoBAAttention(
+        hq * d // 2,
+        hq,
+        hkv,
+        d,
+        attn_type=attn_type,
+        block_size=block_size,
+        topk=topk,
+        window=window,
+        kconv_size=kconv,
+        rope=rope,
+        backend="reference",
+    ).double()
     if kconv:
         with torch.no_grad():
             layer.key_conv.weight.normal_(std=0.5)  # the zero init is the identity: make it do something
@@ -131,7 +142,7 @@ def test_decoding_with_cache_equals_full_pass(attn_type, kconv, rope):
     outputs = [[] for _ in lens]
     with torch.no_grad():
         for sizes in plan:
-            chunk = torch.cat([x[s][done[s]:done[s] + n] for s, n in enumerate(sizes)])
+            chunk = torch.cat([x[s][done[s] : done[s] + n] for s, n in enumerate(sizes)])
             out = layer(chunk, _cu(sizes), cache)
             for s, (a, b) in enumerate(zip(_cu(sizes)[:-1].tolist(), _cu(sizes)[1:].tolist())):
                 outputs[s].append(out[a:b])
@@ -170,8 +181,9 @@ def test_bad_arguments(kwargs, error, pattern):
     args = dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=16)
     args.update(kwargs)
     with pytest.raises(error, match=pattern):
-        MoBAAttention(args.pop("hidden_size"), args.pop("num_heads"), args.pop("num_kv_heads"),
-                      args.pop("head_dim"), **args)
+        MoBAAttention(
+            args.pop("hidden_size"), args.pop("num_heads"), args.pop("num_kv_heads"), args.pop("head_dim"), **args
+        )
 
 
 def test_bad_inputs():

@@ -11,25 +11,31 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from factory import AWKWARD_CASES, make_packed, naive_attention, naive_route, rounding_bound
 
 import flashmoba
 from flashmoba import reference
-from factory import AWKWARD_CASES, make_packed, naive_attention, naive_route, rounding_bound
 
 REF = {"backend": "reference"}
 
 
 def _attn(q, k, v, cu_seqlens, block_size, topk, causal=True, softmax_scale=None):
     return flashmoba.moba_attn_varlen(
-        q, k, v, cu_seqlens, block_size=block_size, topk=topk, causal=causal,
-        softmax_scale=softmax_scale, return_lse=True, **REF,
+        q,
+        k,
+        v,
+        cu_seqlens,
+        block_size=block_size,
+        topk=topk,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        return_lse=True,
+        **REF,
     )
 
 
 def _route(q, k, cu_seqlens, block_size, topk, causal=True):
-    return flashmoba.moba_route_varlen(
-        q, k, cu_seqlens, block_size=block_size, topk=topk, causal=causal, **REF
-    ).indices
+    return flashmoba.moba_route_varlen(q, k, cu_seqlens, block_size=block_size, topk=topk, causal=causal, **REF).indices
 
 
 def _assert_close(actual, expected, bound):
@@ -82,9 +88,7 @@ def _sdpa_per_sequence(q, k, v, cu_seqlens, mask_of_length):
         if b > a:
             attn_mask, is_causal = mask_of_length(b - a)
             heads_first = [x[a:b].transpose(0, 1) for x in (q, k, v)]  # [H, L, D]
-            o = F.scaled_dot_product_attention(
-                *heads_first, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True
-            )
+            o = F.scaled_dot_product_attention(*heads_first, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
             out[a:b] = o.transpose(0, 1)
     return out
 
@@ -142,9 +146,7 @@ def test_batched_equals_varlen_per_batch_element(causal):
     batch, length, hq, hkv, d, block_size, topk = 3, 37, 4, 2, 16, 8, 3
     q, k, v, _ = make_packed([batch * length], hq, hkv, d)
     q, k, v = (x.view(batch, length, -1, d) for x in (q, k, v))
-    out, lse = flashmoba.moba_attn(
-        q, k, v, block_size=block_size, topk=topk, causal=causal, return_lse=True, **REF
-    )
+    out, lse = flashmoba.moba_attn(q, k, v, block_size=block_size, topk=topk, causal=causal, return_lse=True, **REF)
     assert out.shape == q.shape and lse.shape == q.shape[:3]
     one = torch.tensor([0, length], dtype=torch.int32)
     out_bound, lse_bound = rounding_bound(q, k, v, one, torch.float64)
@@ -249,9 +251,7 @@ def test_noncausal_can_skip_the_own_block():
     assert (_route(q, k, cu, 4, 1, causal=False) == 1).all()
     assert _route(q, k, cu, 4, 1, causal=True).view(8).tolist() == [0] * 4 + [1] * 4
     out, _ = _attn(q, k, v, cu, 4, 1, causal=False)
-    expected = F.scaled_dot_product_attention(
-        *(x.transpose(0, 1) for x in (q, k[4:], v[4:]))
-    ).transpose(0, 1)
+    expected = F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in (q, k[4:], v[4:]))).transpose(0, 1)
     out_bound, _ = rounding_bound(q, k, v, cu, torch.float64)
     _assert_close(out, expected, 2 * out_bound)
 
@@ -340,7 +340,5 @@ def test_low_precision_inputs(case, dtype):
     oracle_out_bound, oracle_lse_bound = rounding_bound(q, k, v, cu, torch.float64)
     # The fp32 result y is rounded once to dtype: |round(y) - y| <= u |y| <= u (|expected| + error).
     unit = torch.finfo(dtype).eps / 2
-    torch.testing.assert_close(
-        out.double(), expected_out, rtol=unit, atol=(1 + unit) * (out_bound + oracle_out_bound)
-    )
+    torch.testing.assert_close(out.double(), expected_out, rtol=unit, atol=(1 + unit) * (out_bound + oracle_out_bound))
     _assert_close(lse.double(), expected_lse, lse_bound + oracle_lse_bound)

@@ -6,23 +6,21 @@ the vectorised code in :mod:`flashmoba.routing.result`.
 
 import pytest
 import torch
+from factory import make_packed
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_checks import assert_block_index_inverse, expected_layout
 
 import flashmoba
 from flashmoba.routing import block_layout
 from flashmoba.routing.result import MoBARouting, block_key_dtype, block_sort_rows
-from factory import make_packed
-from kernel_checks import assert_block_index_inverse, expected_layout
 
 HEADS = [(1, 1), (2, 1), (4, 2), (3, 3), (4, 1)]  # (HQ, HKV): GQA groups 1, 2, 4
 
 
 def _route(lens, hq, hkv, block_size, topk, causal, generator=None):
     q, k, _, cu = make_packed(lens, hq, hkv, 8, generator=generator)
-    return flashmoba.moba_route_varlen(
-        q, k, cu, block_size=block_size, topk=topk, causal=causal, backend="reference"
-    )
+    return flashmoba.moba_route_varlen(q, k, cu, block_size=block_size, topk=topk, causal=causal, backend="reference")
 
 
 def _check_indices(routing, lens, num_blocks_of):
@@ -82,9 +80,7 @@ def test_queries_of(lens, heads, block_size, topk, causal, seed):
     for s, n in enumerate(lens):
         for h in range(heads[0]):
             for j in range(-(-n // block_size)):
-                expected = [
-                    t for t in range(n) if j in routing.indices[starts[s] + t, h].tolist()
-                ]
+                expected = [t for t in range(n) if j in routing.indices[starts[s] + t, h].tolist()]
                 assert routing.queries_of(s, h, j).tolist() == expected
 
 

@@ -36,8 +36,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_triton_routing_properties(lens, block_size, topk, group, causal, seed):
     generator = torch.Generator().manual_seed(seed)
     q, k, _, cu = make_packed(lens, 2 * group, 2, 16, dtype=torch.float16, device=DEVICE, generator=generator)
-    routing = flashmoba.moba_route_varlen(q, k, cu, block_size=block_size, topk=topk, causal=causal,
-                                          backend="triton")
+    routing = flashmoba.moba_route_varlen(q, k, cu, block_size=block_size, topk=topk, causal=causal, backend="triton")
     assert routing.indices.shape == (sum(lens), 2 * group, topk)
     assert_routing_valid(q, k, cu, routing.indices, block_size, topk, causal, score_tol=1e-3)
     assert_block_index_inverse(routing, lens)

@@ -158,10 +158,11 @@ def test_wilson_interval_contains_its_rate_and_reaches_the_ends_exactly(z):
 # the exact block variance), each with predictions from wrong formulas that the band must reject.
 AGREEMENT_CASES = [
     pytest.param(RoutingScenario(head_dim=64, block_size=64), id="d64-B64"),
-    pytest.param(RoutingScenario(head_dim=32, block_size=128, cluster_size=4, mu_cluster=0.5),
-                 id="d32-B128-clustered"),
-    pytest.param(RoutingScenario(head_dim=64, block_size=128, mu_noise=0.3, mu_signal=2.3,
-                                 block_correlation=0.01), id="d64-B128-correlated"),
+    pytest.param(RoutingScenario(head_dim=32, block_size=128, cluster_size=4, mu_cluster=0.5), id="d32-B128-clustered"),
+    pytest.param(
+        RoutingScenario(head_dim=64, block_size=128, mu_noise=0.3, mu_signal=2.3, block_correlation=0.01),
+        id="d64-B128-correlated",
+    ),
 ]
 
 
@@ -173,7 +174,8 @@ def wrong_predictions(scenario: RoutingScenario) -> dict[str, float]:
         "sqrt(d/B) (no 2)": retrieval_probability(snr * math.sqrt(2), n, k),
         "sqrt(d/4B)": retrieval_probability(snr / math.sqrt(2), n, k),
         "delta_mu_eff d/(2B) (no sqrt)": retrieval_probability(
-            scenario.delta_mu_eff * scenario.head_dim / (2 * scenario.block_size), n, k),
+            scenario.delta_mu_eff * scenario.head_dim / (2 * scenario.block_size), n, k
+        ),
         "2x SNR": retrieval_probability(2 * snr, n, k),
         "pairwise 1 - p_fail": 1 - failure_probability(snr),
     }
@@ -198,9 +200,10 @@ def test_halving_block_size_equals_sqrt2_separation_in_simulation():
     stronger = RoutingScenario(head_dim=64, block_size=128, mu_signal=math.sqrt(2))
     same_signal = RoutingScenario(head_dim=64, block_size=128, mu_signal=1.0)
     trials = trials_for(half_block.predicted_retrieval())
-    rates = {name: simulate_retrieval(s, trials, seed=seed, backend="reference")
-             for seed, (name, s) in enumerate(
-                 {"half": half_block, "stronger": stronger, "same": same_signal}.items())}
+    rates = {
+        name: simulate_retrieval(s, trials, seed=seed, backend="reference")
+        for seed, (name, s) in enumerate({"half": half_block, "stronger": stronger, "same": same_signal}.items())
+    }
     std = math.hypot(rates["half"].std, rates["stronger"].std)
     assert abs(rates["half"].rate - rates["stronger"].rate) < BAND_SIGMAS * std
     # ... while the same signal at twice the block size is clearly worse.
@@ -219,8 +222,7 @@ def test_simulator_is_reproducible_and_leaves_the_global_rng_alone():
 
 def test_simulator_counts_the_same_hits_with_the_triton_router():
     # Same draws, two routers: the Triton kernels (interpreted on CPU) must select the same blocks.
-    scenario = RoutingScenario(head_dim=16, block_size=16, num_blocks=4, topk=2, cluster_size=3,
-                               mu_cluster=0.3)
+    scenario = RoutingScenario(head_dim=16, block_size=16, num_blocks=4, topk=2, cluster_size=3, mu_cluster=0.3)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     triton = simulate_retrieval(scenario, 64, seed=3, device=device, backend="triton")
     assert triton == simulate_retrieval(scenario, 64, seed=3, device=device, backend="reference")
@@ -263,16 +265,19 @@ class StandInMoBA(nn.Module):
 
     def qk(self, hidden_states, cu_seqlens=None):
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        return (self.q_proj(x).view(x.shape[0], self.heads, self.head_dim),
-                self.k_proj(x).view(x.shape[0], self.kv_heads, self.head_dim))
+        return (
+            self.q_proj(x).view(x.shape[0], self.heads, self.head_dim),
+            self.k_proj(x).view(x.shape[0], self.kv_heads, self.head_dim),
+        )
 
     def forward(self, hidden_states, cu_seqlens=None):
         q, k = self.qk(hidden_states, cu_seqlens)
         if cu_seqlens is None:  # batched [B, T, hidden]: equal-length sequences
             cu_seqlens = torch.arange(hidden_states.shape[0] + 1, dtype=torch.int32) * hidden_states.shape[1]
         v = self.v_proj(hidden_states.reshape(q.shape[0], -1)).view(k.shape)
-        out = flashmoba.moba_attn_varlen(q, k, v, cu_seqlens, block_size=self.block_size, topk=self.topk,
-                                         backend="reference")
+        out = flashmoba.moba_attn_varlen(
+            q, k, v, cu_seqlens, block_size=self.block_size, topk=self.topk, backend="reference"
+        )
         return self.o_proj(out.reshape(q.shape[0], -1))
 
 
@@ -304,23 +309,30 @@ def naive_router_stats(q, k, cu_seqlens, block_size, topk, min_past_blocks=3):
             if own < min_past_blocks:
                 continue
             for h in range(q.shape[1]):
-                a = k[start:start + own * block_size, h // group] @ q[t, h]
+                a = k[start : start + own * block_size, h // group] @ q[t, h]
                 star = int(torch.argmax(a))
                 j_star = star // block_size
                 in_signal = torch.zeros_like(a, dtype=torch.bool)
-                in_signal[j_star * block_size:(j_star + 1) * block_size] = True
+                in_signal[j_star * block_size : (j_star + 1) * block_size] = True
                 mu = a[~in_signal].mean()
                 scores = a.view(own, block_size).mean(1)
-                noise_scores = torch.cat([scores[:j_star], scores[j_star + 1:]])
-                better = sum(1 for j in range(own) if j != j_star and (
-                    scores[j] > scores[j_star] or (scores[j] == scores[j_star] and j < j_star)))
-                rows.append([
-                    float(a[star] - mu), float((a[in_signal] - mu).sum()), float(a[~in_signal].var()),
-                    float(noise_scores.var()), float(better < topk - 1),
-                ])
+                noise_scores = torch.cat([scores[:j_star], scores[j_star + 1 :]])
+                better = sum(
+                    1
+                    for j in range(own)
+                    if j != j_star and (scores[j] > scores[j_star] or (scores[j] == scores[j_star] and j < j_star))
+                )
+                rows.append(
+                    [
+                        float(a[star] - mu),
+                        float((a[in_signal] - mu).sum()),
+                        float(a[~in_signal].var()),
+                        float(noise_scores.var()),
+                        float(better < topk - 1),
+                    ]
+                )
     mean = torch.tensor(rows, dtype=torch.float64).mean(0).tolist()
-    return len(rows), dict(zip(("delta_mu", "delta_mu_eff", "noise_variance", "block_variance",
-                                "selected_rate"), mean))
+    return len(rows), dict(zip(("delta_mu", "delta_mu_eff", "noise_variance", "block_variance", "selected_rate"), mean))
 
 
 def assert_matches_naive(result, q, k, cu_seqlens, block_size, topk):
@@ -333,10 +345,10 @@ def assert_matches_naive(result, q, k, cu_seqlens, block_size, topk):
         assert getattr(result, name) == pytest.approx(value, abs=tol), name
     b = block_size
     assert result.cluster_term == pytest.approx(naive["delta_mu_eff"] - naive["delta_mu"], abs=tol)
-    assert result.snr == pytest.approx(naive["delta_mu_eff"] / math.sqrt(2 * b * naive["noise_variance"]),
-                                       rel=1e-9)
+    assert result.snr == pytest.approx(naive["delta_mu_eff"] / math.sqrt(2 * b * naive["noise_variance"]), rel=1e-9)
     assert result.snr_blocks == pytest.approx(
-        naive["delta_mu_eff"] / b / math.sqrt(2 * naive["block_variance"]), rel=1e-9)
+        naive["delta_mu_eff"] / b / math.sqrt(2 * naive["block_variance"]), rel=1e-9
+    )
 
 
 def test_measure_hand_values():
@@ -352,28 +364,38 @@ def test_measure_hand_values():
             return torch.ones(10, 1, 1), k
 
     model = nn.Sequential(nn.Embedding(4, 3), FixedQK())
-    (name, result), = measure_router_snr(model, torch.zeros(1, 10, dtype=torch.long),
-                                         min_past_blocks=4).items()
+    ((name, result),) = measure_router_snr(model, torch.zeros(1, 10, dtype=torch.long), min_past_blocks=4).items()
     assert name == "1"
     # signal key 5 (block 1); noise keys 0 2 1 -1 2 0: mean 2/3, variance 22/15; noise blocks 1, 0, 1.
     expected = {
-        "num_queries": 2, "delta_mu": 13 / 3, "cluster_term": 1 / 3, "delta_mu_eff": 14 / 3,
-        "noise_variance": 22 / 15, "block_variance": 1 / 3, "selected_rate": 1.0,
-        "snr": (14 / 3) / math.sqrt(2 * 2 * 22 / 15), "snr_blocks": (14 / 3 / 2) / math.sqrt(2 / 3),
+        "num_queries": 2,
+        "delta_mu": 13 / 3,
+        "cluster_term": 1 / 3,
+        "delta_mu_eff": 14 / 3,
+        "noise_variance": 22 / 15,
+        "block_variance": 1 / 3,
+        "selected_rate": 1.0,
+        "snr": (14 / 3) / math.sqrt(2 * 2 * 22 / 15),
+        "snr_blocks": (14 / 3 / 2) / math.sqrt(2 / 3),
         "block_correlation": ((1 / 3) / (22 / 15) - 1 / 2) / (1 - 1 / 2),
     }
     for field, value in expected.items():
         assert getattr(result, field) == pytest.approx(value, rel=1e-12), field
 
 
-@pytest.mark.parametrize("lens,heads,kv_heads,head_dim,block_size,topk", [
-    ((37, 0, 53, 20), 4, 2, 16, 8, 3),
-    ((70,), 2, 1, 8, 5, 2),
-])
+@pytest.mark.parametrize(
+    "lens,heads,kv_heads,head_dim,block_size,topk",
+    [
+        ((37, 0, 53, 20), 4, 2, 16, 8, 3),
+        ((70,), 2, 1, 8, 5, 2),
+    ],
+)
 def test_measure_matches_naive_on_stand_in(lens, heads, kv_heads, head_dim, block_size, topk):
     hidden = 24
-    model = TinyModel(StandInMoBA(hidden, heads, kv_heads, head_dim, block_size, topk),
-                      StandInMoBA(hidden, heads, kv_heads, head_dim, block_size, topk, attn_type="dense"))
+    model = TinyModel(
+        StandInMoBA(hidden, heads, kv_heads, head_dim, block_size, topk),
+        StandInMoBA(hidden, heads, kv_heads, head_dim, block_size, topk, attn_type="dense"),
+    )
     ids = torch.randint(0, 50, (sum(lens),))
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     results = measure_router_snr(model, ids, cu_seqlens=cu)
@@ -385,8 +407,7 @@ def test_measure_matches_naive_on_stand_in(lens, heads, kv_heads, head_dim, bloc
 
 def test_measure_matches_naive_on_real_moba_attention():
     hidden = 32
-    moba = MoBAAttention(hidden, 4, 2, 8, attn_type="moba", block_size=8, topk=3, kconv_size=3,
-                         backend="reference")
+    moba = MoBAAttention(hidden, 4, 2, 8, attn_type="moba", block_size=8, topk=3, kconv_size=3, backend="reference")
     dense = MoBAAttention(hidden, 4, 2, 8, attn_type="dense", backend="reference")
     model = TinyModel(moba, dense, hidden=hidden)
     ids = torch.randint(0, 50, (2, 45))
@@ -417,9 +438,29 @@ def test_measure_rejects_bad_input():
 
 def test_snr_command_writes_table_and_plot(tmp_path, capsys):
     plot, table = tmp_path / "snr.png", tmp_path / "snr.md"
-    assert flashmoba_main(["snr", "--head-dims", "16", "--block-sizes", "16", "32", "--trials", "64",
-                           "--breakdown-head-dim", "16", "--device", "cpu",
-                           "--plot", str(plot), "--markdown", str(table)]) == 0
+    assert (
+        flashmoba_main(
+            [
+                "snr",
+                "--head-dims",
+                "16",
+                "--block-sizes",
+                "16",
+                "32",
+                "--trials",
+                "64",
+                "--breakdown-head-dim",
+                "16",
+                "--device",
+                "cpu",
+                "--plot",
+                str(plot),
+                "--markdown",
+                str(table),
+            ]
+        )
+        == 0
+    )
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [line.strip("|").split("|") for line in table.read_text().splitlines() if line.startswith("| m=")]
     # ideal: 2 clusterings x 1 head dim x 2 block sizes; broken: 2 clusterings x 2 distributions x 2
@@ -439,11 +480,29 @@ def test_snr_plot_draws_points_with_no_miss_or_no_hit(tmp_path, monkeypatch):
     import flashmoba.theory.cli as snr_cli
 
     for hits in (128, 0):
-        monkeypatch.setattr(snr_cli, "simulate_retrieval",
-                            lambda scenario, trials, hits=hits, **kwargs: RetrievalEstimate(hits, 128))
+        monkeypatch.setattr(
+            snr_cli, "simulate_retrieval", lambda scenario, trials, hits=hits, **kwargs: RetrievalEstimate(hits, 128)
+        )
         plot = tmp_path / f"snr{hits}.png"
-        assert flashmoba_main(["snr", "--head-dims", "128", "--block-sizes", "32", "64", "--trials", "50",
-                               "--device", "cpu", "--plot", str(plot)]) == 0
+        assert (
+            flashmoba_main(
+                [
+                    "snr",
+                    "--head-dims",
+                    "128",
+                    "--block-sizes",
+                    "32",
+                    "64",
+                    "--trials",
+                    "50",
+                    "--device",
+                    "cpu",
+                    "--plot",
+                    str(plot),
+                ]
+            )
+            == 0
+        )
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

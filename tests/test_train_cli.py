@@ -6,10 +6,42 @@ import pytest
 
 from flashmoba.cli import main
 
-MICRO = ["--preset", "tiny", "--set", "hidden_size=32", "num_layers=2", "num_heads=2", "num_kv_heads=1",
-         "head_dim=16", "intermediate_size=64", "swa_window=16", "--block-size", "16", "--topk", "2", "--kconv", "3",
-         "--tokenizer", "bytes", "--max-corpus-mb", "0.3", "--context", "256", "--batch-tokens", "512",
-         "--steps", "4", "--warmup", "1", "--log-every", "1", "--checkpoint-every", "2", "--needle-fraction", "0.5"]
+MICRO = [
+    "--preset",
+    "tiny",
+    "--set",
+    "hidden_size=32",
+    "num_layers=2",
+    "num_heads=2",
+    "num_kv_heads=1",
+    "head_dim=16",
+    "intermediate_size=64",
+    "swa_window=16",
+    "--block-size",
+    "16",
+    "--topk",
+    "2",
+    "--kconv",
+    "3",
+    "--tokenizer",
+    "bytes",
+    "--max-corpus-mb",
+    "0.3",
+    "--context",
+    "256",
+    "--batch-tokens",
+    "512",
+    "--steps",
+    "4",
+    "--warmup",
+    "1",
+    "--log-every",
+    "1",
+    "--checkpoint-every",
+    "2",
+    "--needle-fraction",
+    "0.5",
+]
 
 
 def _losses(run):
@@ -29,8 +61,15 @@ def trained(tmp_path_factory, data_dir):
 
 
 def test_train_writes_a_complete_run(trained):
-    for name in ("run.json", "model_config.json", "train_config.json", "log.jsonl", "checkpoint.pt",
-                 "model/config.json", "model/tokenizer.json"):
+    for name in (
+        "run.json",
+        "model_config.json",
+        "train_config.json",
+        "log.jsonl",
+        "checkpoint.pt",
+        "model/config.json",
+        "model/tokenizer.json",
+    ):
         assert (trained / name).exists(), name
     config = json.loads((trained / "model_config.json").read_text())
     assert (config["moba_block_size"], config["moba_topk"], config["kconv_size"]) == (16, 2, 3)
@@ -64,8 +103,10 @@ def test_train_refuses_an_existing_run_before_touching_it(trained, data_dir, cap
 
 
 def test_eval_writes_results_and_plots(trained):
-    assert main(["eval", "--run", str(trained), "--lengths", "400", "--samples", "2", "--ppl-tokens", "1000",
-                 "--no-snr"]) == 0
+    assert (
+        main(["eval", "--run", str(trained), "--lengths", "400", "--samples", "2", "--ppl-tokens", "1000", "--no-snr"])
+        == 0
+    )
     results = json.loads((trained / "eval.json").read_text())
     assert 500 < results["perplexity"]["tokens"] <= 1000
     cells = {(r["task"], r["length"]): r["total"] for r in results["retrieval"]}

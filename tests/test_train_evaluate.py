@@ -102,7 +102,8 @@ def test_retrieval_counts_follow_the_model(factory):
     cpu = torch.device("cpu")
     perfect = needle_retrieval(PeekingLM(vocab), factory, config, cpu)
     assert [(r["task"], r["length"], r["correct"], r["total"]) for r in perfect] == [
-        (t, n, 9, 9) for t in config.tasks for n in config.lengths]
+        (t, n, 9, 9) for t in config.tasks for n in config.lengths
+    ]
     assert all(r["ci_high"] == 1.0 and 0.6 < r["ci_low"] < 1.0 for r in perfect)
     # Right only on the even sequences of each packed row: rows of 1500 tokens hold 5 samples of 300
     # (3 even) and 2 of 700 (1 even); 9 samples -> rows of 5 + 4 (3 + 2 even) and 2 + 2 + 2 + 2 + 1.
@@ -124,22 +125,35 @@ def test_router_snr_of_a_moba_model_and_not_of_a_dense_one(factory):
     measured = {}
     for attn in ("moba", "dense"):
         config = MoBAHybridConfig.from_preset(
-            "tiny", vocab_size=factory.tokenizer.get_vocab_size(), hidden_size=32, num_layers=2, num_heads=2,
-            num_kv_heads=1, head_dim=16, intermediate_size=64, moba_block_size=16, moba_topk=2, global_attn=attn,
-            attn_backend="reference")
+            "tiny",
+            vocab_size=factory.tokenizer.get_vocab_size(),
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=16,
+            intermediate_size=64,
+            moba_block_size=16,
+            moba_topk=2,
+            global_attn=attn,
+            attn_backend="reference",
+        )
         model = MoBAHybridForCausalLM(config).eval()
         measured[attn] = router_snr(model, factory, EvalConfig(context=300), torch.device("cpu"))
     layers = measured["moba"]["layers"]
     assert list(layers) == ["model.layers.1.self_attn"]  # the one MoBA layer
-    assert layers["model.layers.1.self_attn"]["block_size"] == 16 and layers["model.layers.1.self_attn"]["num_queries"] > 0
+    assert (
+        layers["model.layers.1.self_attn"]["block_size"] == 16 and layers["model.layers.1.self_attn"]["num_queries"] > 0
+    )
     assert math.isfinite(layers["model.layers.1.self_attn"]["snr"])
     assert measured["dense"]["layers"] is None and "no MoBA layer" in measured["dense"]["note"]
 
 
 def test_evaluate_bundles_everything(factory):
     config = EvalConfig(context=200, ppl_tokens=3000, batch_tokens=800, lengths=(300,), samples=3, snr=False)
-    results = evaluate(PeekingLM(factory.tokenizer.get_vocab_size()), factory.haystack, factory, config,
-                       torch.device("cpu"))
+    results = evaluate(
+        PeekingLM(factory.tokenizer.get_vocab_size()), factory.haystack, factory, config, torch.device("cpu")
+    )
     assert set(results) == {"perplexity", "retrieval", "router_snr", "config"}
     assert results["config"]["lengths"] == [300] and len(results["retrieval"]) == 3
 

@@ -22,18 +22,31 @@ def driver():
 def fake_run(variant, seed, rng, lengths=(1024, 4096)):
     retrieval = [
         {"task": task, "length": n, "correct": int(c), "total": 20, "accuracy": c / 20, "ci_low": 0.0, "ci_high": 1.0}
-        for task in ("niah_single_1", "niah_single_2", "niah_single_3") for n, c in zip(lengths, rng.integers(0, 21, 2))
+        for task in ("niah_single_1", "niah_single_2", "niah_single_3")
+        for n, c in zip(lengths, rng.integers(0, 21, 2))
     ]
     moba = variant != "dense"
     layer = {"snr": 1.5, "snr_blocks": 0.5, "delta_mu_eff": 2.0, "block_correlation": 0.1, "selected_rate": 0.8}
     return {
-        "variant": variant, "seed": seed, "data": {"tokenizer_crc32": 1}, "params": 30_000_000,
-        "setup": {"context": 4096}, "environment": {"device": "test"}, "train_seconds": 60.0, "eval_seconds": 20.0,
+        "variant": variant,
+        "seed": seed,
+        "data": {"tokenizer_crc32": 1},
+        "params": 30_000_000,
+        "setup": {"context": 4096},
+        "environment": {"device": "test"},
+        "train_seconds": 60.0,
+        "eval_seconds": 20.0,
         "log": [{"step": s, "loss": 5.0 - s / 10, "tokens": s * 100, "tokens_per_s": 1000.0} for s in range(1, 11)],
         "eval": {
-            "perplexity": {"ppl": 10.0, "loss": 2.3, "tokens": 100, "by_position": [
-                {"start": 0, "end": 2048, "tokens": 50, "loss": 2.5, "ppl": 12.2},
-                {"start": 2048, "end": 4096, "tokens": 50, "loss": 2.1, "ppl": 8.2}]},
+            "perplexity": {
+                "ppl": 10.0,
+                "loss": 2.3,
+                "tokens": 100,
+                "by_position": [
+                    {"start": 0, "end": 2048, "tokens": 50, "loss": 2.5, "ppl": 12.2},
+                    {"start": 2048, "end": 4096, "tokens": 50, "loss": 2.1, "ppl": 8.2},
+                ],
+            },
             "retrieval": retrieval,
             "router_snr": {"layers": {"model.layers.1.self_attn": layer} if moba else None},
         },

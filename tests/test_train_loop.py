@@ -20,8 +20,18 @@ VOCAB = 64
 def micro_model(dtype=torch.float32, global_attn="moba"):
     """The real hybrid model (one sliding-window and one MoBA layer), small enough for CPU tests."""
     config = MoBAHybridConfig.from_preset(
-        "tiny", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-        intermediate_size=64, swa_window=16, moba_block_size=8, moba_topk=2, global_attn=global_attn,
+        "tiny",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        swa_window=16,
+        moba_block_size=8,
+        moba_topk=2,
+        global_attn=global_attn,
         attn_backend="reference",
     )
     return MoBAHybridForCausalLM(config).to(dtype)
@@ -40,8 +50,16 @@ def counting_corpus(num_docs, rng, max_len=200):
 def make_run(tmp_path, steps, seed=0, dtype=torch.float32, **config):
     torch.manual_seed(seed)
     model = micro_model(dtype)
-    cfg = TrainConfig(steps=steps, batch_tokens=128, max_seqlen=48, warmup_steps=2, lr=3e-2, seed=seed,
-                      checkpoint_every=1000, **config)
+    cfg = TrainConfig(
+        steps=steps,
+        batch_tokens=128,
+        max_seqlen=48,
+        warmup_steps=2,
+        lr=3e-2,
+        seed=seed,
+        checkpoint_every=1000,
+        **config,
+    )
     corpus = counting_corpus(40, np.random.default_rng(seed))
     stream = PackedStream(corpus, cfg.batch_tokens, cfg.max_seqlen, seed=seed)
     return model, stream, cfg
@@ -78,8 +96,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert [r["grad_norm"] for r in first + second] == [r["grad_norm"] for r in full]
     for name, value in model.state_dict().items():
         assert torch.equal(value, full_params[name]), name
-    logged = [eval(line.replace("NaN", "float('nan')"))["loss"] for line in
-              (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    logged = [
+        eval(line.replace("NaN", "float('nan')"))["loss"]
+        for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()
+    ]
     assert logged == [r["loss"] for r in full]
 
 
@@ -128,8 +148,9 @@ def test_two_processes_match_gradient_accumulation(tmp_path):
     # fork: the workers inherit the imported modules instead of importing transformers again.
     with torch.multiprocessing.get_context("fork").Manager() as manager:
         shared = manager.dict()
-        torch.multiprocessing.start_processes(_worker, args=(2, _free_port(), str(tmp_path), shared), nprocs=2,
-                                              start_method="fork")
+        torch.multiprocessing.start_processes(
+            _worker, args=(2, _free_port(), str(tmp_path), shared), nprocs=2, start_method="fork"
+        )
         results = dict(shared)
 
     model, stream, cfg = make_run(tmp_path, steps=DISTRIBUTED_STEPS, dtype=torch.float64, grad_accum=2)

@@ -119,9 +119,20 @@ def test_packed_documents_do_not_see_each_other_in_the_model(global_attn):
     from flashmoba.models import MoBAHybridConfig, MoBAHybridForCausalLM
 
     config = MoBAHybridConfig.from_preset(
-        "tiny", vocab_size=DOC_STRIDE * 8, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-        intermediate_size=64, swa_window=8, moba_block_size=4, moba_topk=2, kconv_size=3,
-        global_attn=global_attn, attn_backend="reference",
+        "tiny",
+        vocab_size=DOC_STRIDE * 8,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        swa_window=8,
+        moba_block_size=4,
+        moba_topk=2,
+        kconv_size=3,
+        global_attn=global_attn,
+        attn_backend="reference",
     )
     model = MoBAHybridForCausalLM(config).double().eval()
     stream = PackedStream(labelled_corpus([30, 7, 50, 19, 3, 41]), batch_tokens=96, max_seqlen=32, seed=1)

@@ -8,7 +8,8 @@ up to bf16 noise. On a machine with two GPUs:
 writes ``multi_gpu.json`` (every run's log) and ``multi_gpu.md`` (largest loss difference to the 1-GPU run,
 tokens/s of each run). Run folders go to --work-dir. On a CPU (2 gloo processes), for a quick look:
 
-    python benchmarks/experiments/multi_gpu_check.py --out /tmp/mg --preset tiny --context 256 --batch-tokens 512 --steps 3
+    python benchmarks/experiments/multi_gpu_check.py --out /tmp/mg --preset tiny --context 256 \
+        --batch-tokens 512 --steps 3
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pathlib import Path
 RUNS = {
     "1gpu_accum2": ([sys.executable, "-m", "flashmoba.cli"], ["--grad-accum", "2"]),
     "2gpu_ddp": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "flashmoba.cli"], []),
-    "2gpu_fsdp2": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "flashmoba.cli"],
-                   ["--fsdp"]),
+    "2gpu_fsdp2": (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "flashmoba.cli"],
+        ["--fsdp"],
+    ),
 }
 
 
@@ -38,17 +41,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-tokens", type=int, default=16384, help="per micro-batch and GPU")
     parser.add_argument("--max-corpus-mb", type=float, default=16.0)
     args = parser.parse_args(argv)
-    common = ["train", "--preset", args.preset, "--steps", str(args.steps), "--log-every", "1",
-              "--checkpoint-every", str(args.steps), "--max-corpus-mb", str(args.max_corpus_mb),
-              "--data-dir", str(args.work_dir / "data"), "--context", str(args.context),
-              "--batch-tokens", str(args.batch_tokens), "--kconv", "3"]
+    common = [
+        "train",
+        "--preset",
+        args.preset,
+        "--steps",
+        str(args.steps),
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        str(args.steps),
+        "--max-corpus-mb",
+        str(args.max_corpus_mb),
+        "--data-dir",
+        str(args.work_dir / "data"),
+        "--context",
+        str(args.context),
+        "--batch-tokens",
+        str(args.batch_tokens),
+        "--kconv",
+        "3",
+    ]
     logs = {}
     for name, (launcher, extra) in RUNS.items():
         run_dir = args.work_dir / name
         subprocess.run([*launcher, *common, "--out", str(run_dir), *extra], check=True)
         logs[name] = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     reference = [r["loss"] for r in logs["1gpu_accum2"]]
-    lines = ["| run | max abs loss difference to 1gpu_accum2 | final loss | tokens/s (after step 1) |", "|---|---|---|---|"]
+    lines = [
+        "| run | max abs loss difference to 1gpu_accum2 | final loss | tokens/s (after step 1) |",
+        "|---|---|---|---|",
+    ]
     for name, log in logs.items():
         diff = max(abs(r["loss"] - ref) for r, ref in zip(log, reference))
         speed = sum(r["tokens_per_s"] for r in log[1:]) / max(1, len(log) - 1)

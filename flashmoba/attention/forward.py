@@ -69,10 +69,19 @@ def max_weight_log2(dtype: torch.dtype) -> int:
 
 @triton.jit
 def _attn_fwd_row_ref_kernel(
-    Q, K, RowRef, num_tokens,
-    stride_qn, stride_qh, stride_kn, stride_kh,
-    HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    RowRef,
+    num_tokens,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    HQ: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """``RowRef[t, h] = q[t, h] . k[t, h // GROUP]`` in float32."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -90,15 +99,36 @@ def _attn_fwd_row_ref_kernel(
 
 @triton.jit
 def _attn_fwd_tile(
-    Q, Entries, RowRef, Acc, RowSum, RowMax,
-    k, v, key_offset, key_ok, block_start,
-    e_start, e_end, h, split,
-    stride_qn, stride_qh,
+    Q,
+    Entries,
+    RowRef,
+    Acc,
+    RowSum,
+    RowMax,
+    k,
+    v,
+    key_offset,
+    key_ok,
+    block_start,
+    e_start,
+    e_end,
+    h,
+    split,
+    stride_qn,
+    stride_qh,
     scale_log2,
-    HQ: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_SPLITS,
-    CAUSAL_MASK: tl.constexpr, DETERMINISTIC: tl.constexpr, P_MAX: tl.constexpr,
-    RECORD_ALL: tl.constexpr, RESCUE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HQ: tl.constexpr,
+    TOPK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    KEY_SPLITS,
+    CAUSAL_MASK: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    P_MAX: tl.constexpr,
+    RECORD_ALL: tl.constexpr,
+    RESCUE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One gathered tile of up to BLOCK_M queries against this program's key tile. ``RESCUE``: only the
     rows flagged in ``RowMax``, and nothing at all (no loads of Q) when the tile has none."""
@@ -141,8 +171,18 @@ def _attn_fwd_tile(
 
 
 @triton.jit
-def _has_flagged_query(Entries, Offsets, RowMax, g, kvh, num_blocks_max,
-                       HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, BLOCK_M: tl.constexpr):
+def _has_flagged_query(
+    Entries,
+    Offsets,
+    RowMax,
+    g,
+    kvh,
+    num_blocks_max,
+    HQ: tl.constexpr,
+    GROUP: tl.constexpr,
+    TOPK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """Whether a query of block ``g``'s segments of KV head ``kvh`` is flagged (``RowMax != 0``)."""
     flagged = 0
     for hh in range(GROUP):
@@ -159,14 +199,42 @@ def _has_flagged_query(Entries, Offsets, RowMax, g, kvh, num_blocks_max,
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Entries, Offsets, RowRef, Acc, RowSum, RowMax, AnyFailed,
-    cu_seqlens, cu_blocks, block_seq,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-    num_seqs, num_blocks_max, scale_log2,
-    HQ: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE, KEY_SPLITS, CAUSAL: tl.constexpr, DETERMINISTIC: tl.constexpr, P_MAX: tl.constexpr,
+    Q,
+    K,
+    V,
+    Entries,
+    Offsets,
+    RowRef,
+    Acc,
+    RowSum,
+    RowMax,
+    AnyFailed,
+    cu_seqlens,
+    cu_blocks,
+    block_seq,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    num_seqs,
+    num_blocks_max,
+    scale_log2,
+    HQ: tl.constexpr,
+    GROUP: tl.constexpr,
+    TOPK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE,
+    KEY_SPLITS,
+    CAUSAL: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    P_MAX: tl.constexpr,
     RESCUE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Program (global block, KV head, key tile) of the main pass, or with ``RESCUE`` of the rescue pass
     (only the rows flagged in ``RowMax``, against their moved references)."""
@@ -174,12 +242,12 @@ def _attn_fwd_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     active, block_start, key_offset, key_ok, num_own = key_tile_of_program(
-        g, split, cu_seqlens, cu_blocks, block_seq, num_seqs, BLOCK_SIZE, BLOCK_N, CAUSAL)
+        g, split, cu_seqlens, cu_blocks, block_seq, num_seqs, BLOCK_SIZE, BLOCK_N, CAUSAL
+    )
     if RESCUE:  # nothing to do unless some row failed, and no keys to read unless one of ours did
         active = active & (tl.load(AnyFailed) != 0)
         if active:
-            active = _has_flagged_query(Entries, Offsets, RowMax, g, kvh, num_blocks_max,
-                                        HQ, GROUP, TOPK, BLOCK_M)
+            active = _has_flagged_query(Entries, Offsets, RowMax, g, kvh, num_blocks_max, HQ, GROUP, TOPK, BLOCK_M)
     if active:
         # This program's keys and values stay on chip while it walks the gathered queries.
         kpos = block_start + key_offset
@@ -194,18 +262,70 @@ def _attn_fwd_kernel(
             # the own block's queries: token-level causal mask
             for e0 in range(seg_start, seg_start + num_own, BLOCK_M):
                 _attn_fwd_tile(
-                    Q, Entries, RowRef, Acc, RowSum, RowMax, k, v, key_offset, key_ok, block_start,
-                    e0, seg_start + num_own, h, split, stride_qn, stride_qh, scale_log2,
-                    HQ, TOPK, HEAD_DIM, KEY_SPLITS, True, DETERMINISTIC, P_MAX, not CAUSAL, RESCUE,
-                    BLOCK_M, BLOCK_D, PRECISION,
+                    Q,
+                    Entries,
+                    RowRef,
+                    Acc,
+                    RowSum,
+                    RowMax,
+                    k,
+                    v,
+                    key_offset,
+                    key_ok,
+                    block_start,
+                    e0,
+                    seg_start + num_own,
+                    h,
+                    split,
+                    stride_qn,
+                    stride_qh,
+                    scale_log2,
+                    HQ,
+                    TOPK,
+                    HEAD_DIM,
+                    KEY_SPLITS,
+                    True,
+                    DETERMINISTIC,
+                    P_MAX,
+                    not CAUSAL,
+                    RESCUE,
+                    BLOCK_M,
+                    BLOCK_D,
+                    PRECISION,
                 )
             # routed queries lie after the block: no mask
             for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
                 _attn_fwd_tile(
-                    Q, Entries, RowRef, Acc, RowSum, RowMax, k, v, key_offset, key_ok, block_start,
-                    e0, seg_end, h, split, stride_qn, stride_qh, scale_log2,
-                    HQ, TOPK, HEAD_DIM, KEY_SPLITS, False, DETERMINISTIC, P_MAX, not CAUSAL, RESCUE,
-                    BLOCK_M, BLOCK_D, PRECISION,
+                    Q,
+                    Entries,
+                    RowRef,
+                    Acc,
+                    RowSum,
+                    RowMax,
+                    k,
+                    v,
+                    key_offset,
+                    key_ok,
+                    block_start,
+                    e0,
+                    seg_end,
+                    h,
+                    split,
+                    stride_qn,
+                    stride_qh,
+                    scale_log2,
+                    HQ,
+                    TOPK,
+                    HEAD_DIM,
+                    KEY_SPLITS,
+                    False,
+                    DETERMINISTIC,
+                    P_MAX,
+                    not CAUSAL,
+                    RESCUE,
+                    BLOCK_M,
+                    BLOCK_D,
+                    PRECISION,
                 )
 
 
@@ -220,8 +340,17 @@ def _row_sums(RowSum, r64, r_ok, PARTS: tl.constexpr, BLOCK_R: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_prepare_rescue_kernel(
-    Acc, RowSum, RowMax, RowRef, AnyFailed, num_rows, scale_log2,
-    HEAD_DIM: tl.constexpr, PARTS: tl.constexpr, P_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
+    Acc,
+    RowSum,
+    RowMax,
+    RowRef,
+    AnyFailed,
+    num_rows,
+    scale_log2,
+    HEAD_DIM: tl.constexpr,
+    PARTS: tl.constexpr,
+    P_MAX: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """Rows that failed their reference: move the reference to the row's largest logit, clear the row's
     sums, and leave 1 in ``RowMax`` (0 for every other row) and in ``AnyFailed`` for the rescue pass."""
@@ -242,14 +371,24 @@ def _attn_fwd_prepare_rescue_kernel(
             tl.store(RowSum + r64 * PARTS + i, 0.0, mask=failed)
             for d0 in range(0, HEAD_DIM, BLOCK_R):
                 d = d0 + tl.arange(0, BLOCK_R)
-                tl.store(Acc + (r64 * PARTS + i)[:, None] * HEAD_DIM + d[None, :], 0.0,
-                         mask=failed[:, None] & (d < HEAD_DIM)[None, :])
+                tl.store(
+                    Acc + (r64 * PARTS + i)[:, None] * HEAD_DIM + d[None, :],
+                    0.0,
+                    mask=failed[:, None] & (d < HEAD_DIM)[None, :],
+                )
 
 
 @triton.jit
 def _attn_fwd_finalize_kernel(
-    Acc, RowSum, Out, Lse2, num_rows,
-    HEAD_DIM: tl.constexpr, PARTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    Acc,
+    RowSum,
+    Out,
+    Lse2,
+    num_rows,
+    HEAD_DIM: tl.constexpr,
+    PARTS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Rows ``t * HQ + h``: sum the ``PARTS`` partial accumulators in order, divide, write out and
     ``lse2 = log2(sum)``."""
@@ -262,8 +401,7 @@ def _attn_fwd_finalize_kernel(
     for i in range(PARTS):  # in a fixed order (bitwise reproducible in deterministic mode)
         acc += tl.load(Acc + (r64 * PARTS + i)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
     row_sum = _row_sums(RowSum, r64, r_ok, PARTS, BLOCK_R)
-    tl.store(Out + r64[:, None] * HEAD_DIM + d[None, :], (acc / row_sum[:, None]).to(Out.dtype.element_ty),
-             mask=mask)
+    tl.store(Out + r64[:, None] * HEAD_DIM + d[None, :], (acc / row_sum[:, None]).to(Out.dtype.element_ty), mask=mask)
     tl.store(Lse2 + r64, tl.log2(row_sum), mask=r_ok)
 
 
@@ -322,28 +460,86 @@ def attn_fwd(
     p_max = max_weight_log2(q.dtype)
     BLOCK_T = max(16, 4096 // BLOCK_D)
     _attn_fwd_row_ref_kernel[(triton.cdiv(N, BLOCK_T), HKV)](
-        q, k, stats[0], N, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        HQ=HQ, GROUP=group, HEAD_DIM=D, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+        q,
+        k,
+        stats[0],
+        N,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        HQ=HQ,
+        GROUP=group,
+        HEAD_DIM=D,
+        BLOCK_T=BLOCK_T,
+        BLOCK_D=BLOCK_D,
     )
     BLOCK_R = max(16, min(64, 4096 // BLOCK_D))
     row_grid = (triton.cdiv(num_rows, BLOCK_R),)
     for rescue in (False, True):
         if rescue:
             _attn_fwd_prepare_rescue_kernel[row_grid](
-                acc, row_sum, row_max, stats[0], any_failed, num_rows, scale_log2,
-                HEAD_DIM=D, PARTS=parts, P_MAX=p_max, BLOCK_R=BLOCK_R,
+                acc,
+                row_sum,
+                row_max,
+                stats[0],
+                any_failed,
+                num_rows,
+                scale_log2,
+                HEAD_DIM=D,
+                PARTS=parts,
+                P_MAX=p_max,
+                BLOCK_R=BLOCK_R,
             )
         _attn_fwd_kernel[(num_blocks_max, HKV, key_splits)](
-            q, k, v, entries, offsets, stats[0], acc, row_sum, row_max, any_failed,
-            cu_seqlens, cu_blocks, block_seq,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            cu_seqlens.numel() - 1, num_blocks_max, scale_log2,
-            HQ=HQ, GROUP=group, TOPK=topk, HEAD_DIM=D, BLOCK_SIZE=block_size, KEY_SPLITS=key_splits,
-            CAUSAL=causal, DETERMINISTIC=deterministic, P_MAX=p_max, RESCUE=rescue,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=BLOCK_D,
-            PRECISION=configs.dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            q,
+            k,
+            v,
+            entries,
+            offsets,
+            stats[0],
+            acc,
+            row_sum,
+            row_max,
+            any_failed,
+            cu_seqlens,
+            cu_blocks,
+            block_seq,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            cu_seqlens.numel() - 1,
+            num_blocks_max,
+            scale_log2,
+            HQ=HQ,
+            GROUP=group,
+            TOPK=topk,
+            HEAD_DIM=D,
+            BLOCK_SIZE=block_size,
+            KEY_SPLITS=key_splits,
+            CAUSAL=causal,
+            DETERMINISTIC=deterministic,
+            P_MAX=p_max,
+            RESCUE=rescue,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_D=BLOCK_D,
+            PRECISION=configs.dot_precision(q.dtype),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
     _attn_fwd_finalize_kernel[row_grid](
-        acc, row_sum, out, stats[1], num_rows, HEAD_DIM=D, PARTS=parts, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+        acc,
+        row_sum,
+        out,
+        stats[1],
+        num_rows,
+        HEAD_DIM=D,
+        PARTS=parts,
+        BLOCK_R=BLOCK_R,
+        BLOCK_D=BLOCK_D,
     )
     return out, stats

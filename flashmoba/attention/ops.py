@@ -32,8 +32,19 @@ def moba_attn_fwd_op(
     _, block_index = route_triton(q, k, cu_seqlens, block_size, topk, causal, layout)
     cu_blocks, block_seq, _ = layout
     out, stats = attn_fwd(
-        q, k, v, cu_seqlens, cu_blocks, block_seq, block_index.offsets, block_index.entries,
-        topk, block_size, causal, scale, deterministic,
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_blocks,
+        block_seq,
+        block_index.offsets,
+        block_index.entries,
+        topk,
+        block_size,
+        causal,
+        scale,
+        deterministic,
     )
     return out, stats, block_index.offsets, block_index.entries
 
@@ -70,8 +81,22 @@ def moba_attn_bwd_op(
     """-> (dq, dk, dv)."""
     cu_blocks, block_seq, _ = block_layout(cu_seqlens, q.shape[0], block_size)
     return attn_bwd(
-        dout, q, k, v, out, stats, cu_seqlens, cu_blocks, block_seq, offsets, entries,
-        topk, block_size, causal, scale, deterministic,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        stats,
+        cu_seqlens,
+        cu_blocks,
+        block_seq,
+        offsets,
+        entries,
+        topk,
+        block_size,
+        causal,
+        scale,
+        deterministic,
     )
 
 

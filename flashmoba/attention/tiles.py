@@ -29,8 +29,9 @@ def gathered_queries(Entries, e, row_ok, h, HQ: tl.constexpr, TOPK: tl.constexpr
 
 
 @triton.jit
-def key_tile_of_program(g, split, cu_seqlens, cu_blocks, block_seq, num_seqs, BLOCK_SIZE,
-                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+def key_tile_of_program(
+    g, split, cu_seqlens, cu_blocks, block_seq, num_seqs, BLOCK_SIZE, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr
+):
     """The keys of program (global block ``g``, key tile ``split``).
 
     Returns ``(active, block_start, key_offset, key_ok, num_own)``: ``active`` is false for programs past

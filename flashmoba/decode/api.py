@@ -45,19 +45,22 @@ def _check_queries(q, cache) -> None:
     if Tq < 1:
         raise ValueError(f"q needs at least one token, got shape {tuple(q.shape)}")
     if B != cache.batch_size or D != DK:
-        raise ValueError(f"q must have shape [B={cache.batch_size}, Tq, HQ, D={DK}] to match the cache, "
-                         f"got {tuple(q.shape)}")
+        raise ValueError(
+            f"q must have shape [B={cache.batch_size}, Tq, HQ, D={DK}] to match the cache, got {tuple(q.shape)}"
+        )
     if HQ % HKV != 0:
         raise ValueError(
-            f"the number of query heads ({HQ}) must be a positive multiple of the number of KV heads ({HKV})")
+            f"the number of query heads ({HQ}) must be a positive multiple of the number of KV heads ({HKV})"
+        )
     if not tracing():
         lengths, starts = cache.seqlens.tolist(), cache.starts.tolist()
         if any(n < Tq for n in lengths):
             raise ValueError(f"every sequence must hold its {Tq} new token(s) (cache.seqlens >= Tq), got {lengths}")
         rows = cache.k.shape[1]
         if any(s < 0 or s + n > rows for s, n in zip(starts, lengths)):
-            raise ValueError(f"sequences must lie inside the cache rows [0, {rows}): starts {starts}, "
-                             f"seqlens {lengths}")
+            raise ValueError(
+                f"sequences must lie inside the cache rows [0, {rows}): starts {starts}, seqlens {lengths}"
+            )
 
 
 def moba_decode(
@@ -99,8 +102,9 @@ def moba_decode(
     """
     _check_queries(q, cache)
     if cache.block_size is None:
-        raise ValueError("the cache keeps no block sums (block_size=None): make it with a block_size or call "
-                         "cache.bind_block_size()")
+        raise ValueError(
+            "the cache keeps no block sums (block_size=None): make it with a block_size or call cache.bind_block_size()"
+        )
     if block_size is not None:
         cache.bind_block_size(block_size)  # raises on a mismatch
     block_size, topk = check_routing_args(cache.block_size, topk, True, softmax_scale)
@@ -113,8 +117,9 @@ def moba_decode(
     if backend == "reference":
         from flashmoba.decode import reference
 
-        out, lse = reference.decode(q, cache.k, cache.v, cache.seqlens, cache.starts, block_sums, block_size, topk,
-                                    shared_kv_routing, scale)
+        out, lse = reference.decode(
+            q, cache.k, cache.v, cache.seqlens, cache.starts, block_sums, block_size, topk, shared_kv_routing, scale
+        )
         lse = lse.float() if q.dtype != torch.float64 else lse
     else:
         for name, t in (("q", q), ("cache.k", cache.k), ("cache.v", cache.v)):
@@ -122,8 +127,9 @@ def moba_decode(
                 raise ValueError(f"backend='triton' needs {name} contiguous in its last (head) dim")
         from flashmoba.decode.kernels import decode_fwd
 
-        out, lse = decode_fwd(q, cache.k, cache.v, cache.seqlens, cache.starts, block_sums, block_size, topk,
-                              shared_kv_routing, scale)
+        out, lse = decode_fwd(
+            q, cache.k, cache.v, cache.seqlens, cache.starts, block_sums, block_size, topk, shared_kv_routing, scale
+        )
     return (out, lse) if return_lse else out
 
 
@@ -174,7 +180,11 @@ def dense_decode(
     if window is not None:
         allowed &= delta < window
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[:, None],
-        scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2],
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=allowed[:, None],
+        scale=softmax_scale,
+        enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)

@@ -52,7 +52,8 @@ def accumulate_block_sums(
             every block that receives a token.
         k: ``[B, S, HKV, D]`` cache buffer holding the tokens (any strides).
         starts: int ``[B]``, the buffer row of each sequence's first token.
-        begin, end: int ``[B]``, the local token range to add (``end - begin`` may be 0).
+        begin: int ``[B]``, the first local token to add.
+        end: int ``[B]``, one past the last (``end - begin`` may be 0).
         block_size: tokens per block.
         max_new: host-side upper bound on ``end - begin`` (sizes the window).
     """
@@ -118,8 +119,12 @@ class MoBAKVCache:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
     ):
-        for name, value in (("batch_size", batch_size), ("max_seqlen", max_seqlen),
-                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("max_seqlen", max_seqlen),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
             check_int(name, value, 1)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
@@ -148,10 +153,11 @@ class MoBAKVCache:
         """A cache over existing buffers (no copy).
 
         Args:
-            k, v: ``[B, S, HKV, D]``, any strides (the Triton decode needs a unit stride on D, e.g. a
+            k: ``[B, S, HKV, D]`` keys, any strides (the Triton decode needs a unit stride on D, e.g. a
                 ``transpose(1, 2)`` view of a ``[B, HKV, S, D]`` buffer).
-            seqlens: int ``[B]`` tokens held by each sequence; starts: int ``[B]`` the row of its first
-                token (default 0).
+            v: values, like ``k``.
+            seqlens: int ``[B]`` tokens held by each sequence.
+            starts: int ``[B]`` the row of each sequence's first token (default 0).
             block_size: tokens per MoBA block (``None``: a cache for :func:`~flashmoba.decode.dense_decode`).
             block_sums: ``[B, NB >= ceil(S / block_size), HKV, D]`` running key sums of exactly those
                 tokens (:func:`accumulate_block_sums`), or ``None`` to sum the held keys (reads all of them).
@@ -159,8 +165,10 @@ class MoBAKVCache:
         for name, t in (("k", k), ("v", v)):
             check_tensor(name, t, dim=4)
         if v.shape != k.shape or v.device != k.device or v.dtype != k.dtype:
-            raise ValueError(f"v must match k in shape, dtype and device: {tuple(k.shape)} {k.dtype} {k.device}, "
-                             f"got {tuple(v.shape)} {v.dtype} {v.device}")
+            raise ValueError(
+                f"v must match k in shape, dtype and device: {tuple(k.shape)} {k.dtype} {k.device}, "
+                f"got {tuple(v.shape)} {v.dtype} {v.device}"
+            )
         if not k.is_floating_point():
             raise TypeError(f"k must be a floating-point tensor, got {k.dtype}")
         batch = k.shape[0]
@@ -181,14 +189,15 @@ class MoBAKVCache:
             if cache.block_size is None:
                 raise ValueError("block_sums need the block_size they were summed with")
             num_blocks = -(-k.shape[1] // cache.block_size)
-            if (block_sums.shape[0] != batch or block_sums.shape[1] < num_blocks
-                    or block_sums.shape[2:] != k.shape[2:]):
+            if block_sums.shape[0] != batch or block_sums.shape[1] < num_blocks or block_sums.shape[2:] != k.shape[2:]:
                 raise ValueError(
                     f"block_sums must have shape [B={batch}, NB >= ceil(S / block_size) = {num_blocks}, "
-                    f"HKV={k.shape[2]}, D={k.shape[3]}], got {tuple(block_sums.shape)}")
+                    f"HKV={k.shape[2]}, D={k.shape[3]}], got {tuple(block_sums.shape)}"
+                )
             if block_sums.dtype != block_sums_dtype(k.dtype):
-                raise TypeError(f"block_sums must be {block_sums_dtype(k.dtype)} for {k.dtype} keys, "
-                                f"got {block_sums.dtype}")
+                raise TypeError(
+                    f"block_sums must be {block_sums_dtype(k.dtype)} for {k.dtype} keys, got {block_sums.dtype}"
+                )
             if block_sums.device != k.device or not block_sums.is_contiguous():
                 raise ValueError(f"block_sums must be a contiguous tensor on {k.device}")
             cache._sums = block_sums
@@ -239,8 +248,10 @@ class MoBAKVCache:
             self.block_size = block_size
             self._sums, self._folded, self._pending = None, None, self._rows
         elif self.block_size != block_size:
-            raise ValueError(f"block_size {block_size} does not match the cache's block size {self.block_size}: "
-                             "its block sums describe blocks of that size")
+            raise ValueError(
+                f"block_size {block_size} does not match the cache's block size {self.block_size}: "
+                "its block sums describe blocks of that size"
+            )
 
     @property
     def block_sums(self) -> torch.Tensor:
@@ -256,8 +267,13 @@ class MoBAKVCache:
         """Fold the pending tokens' keys into the sums (allocating or growing them first)."""
         num_blocks = -(-self.k.shape[1] // self.block_size)
         if self._sums is None:
-            self._sums = torch.zeros(self.k.shape[0], num_blocks, *self.k.shape[2:],
-                                     dtype=block_sums_dtype(self.k.dtype), device=self.k.device)
+            self._sums = torch.zeros(
+                self.k.shape[0],
+                num_blocks,
+                *self.k.shape[2:],
+                dtype=block_sums_dtype(self.k.dtype),
+                device=self.k.device,
+            )
             self._folded = torch.zeros_like(self.seqlens)
             self._pending = self._rows
         elif self._sums.shape[1] < num_blocks:
@@ -265,8 +281,9 @@ class MoBAKVCache:
             grown[:, : self._sums.shape[1]] = self._sums
             self._sums = grown
         if self._pending:
-            accumulate_block_sums(self._sums, self.k, self.starts, self._folded, self.seqlens, self.block_size,
-                                  self._pending)
+            accumulate_block_sums(
+                self._sums, self.k, self.starts, self._folded, self.seqlens, self.block_size, self._pending
+            )
             self._folded.copy_(self.seqlens)  # in place: a captured CUDA graph keeps reading the same tensor
             self._pending = 0
         return self._sums
@@ -278,7 +295,8 @@ class MoBAKVCache:
         """Append new tokens after every sequence's held ones and fold their keys into the block sums.
 
         Args:
-            k, v: ``[B, T, HKV, D]`` new keys and values, in the cache's dtype (any strides).
+            k: ``[B, T, HKV, D]`` new keys, in the cache's dtype (any strides).
+            v: the new values, like ``k``.
             lengths: optional int ``[B]``: sequence ``b`` takes only its first ``lengths[b]`` rows (a
                 right-padded batch of prompts); default: all ``T`` rows. Passing it synchronises with the host.
 
@@ -292,13 +310,16 @@ class MoBAKVCache:
         if self.k is None:
             if not k.is_floating_point():
                 raise TypeError(f"k must be a floating-point tensor, got {k.dtype}")
-            self._allocate(k.new_zeros(k.shape[0], max(k.shape[1], 1), *k.shape[2:]),
-                           v.new_zeros(k.shape[0], max(k.shape[1], 1), *k.shape[2:]))
+            self._allocate(
+                k.new_zeros(k.shape[0], max(k.shape[1], 1), *k.shape[2:]),
+                v.new_zeros(k.shape[0], max(k.shape[1], 1), *k.shape[2:]),
+            )
         for name, t in (("k", k), ("v", v)):
             if t.shape[0] != self.k.shape[0] or t.shape[2:] != self.k.shape[2:]:
                 raise ValueError(
                     f"{name} must have shape [B={self.k.shape[0]}, T, HKV={self.k.shape[2]}, D={self.k.shape[3]}], "
-                    f"got {tuple(t.shape)}")
+                    f"got {tuple(t.shape)}"
+                )
             if t.device != self.k.device:
                 raise ValueError(f"{name} is on {t.device} but the cache is on {self.k.device}")
             if t.dtype != self.k.dtype:
@@ -319,8 +340,9 @@ class MoBAKVCache:
             self._rows = int((self.starts + new_seqlens).max()) if B else 0
             if self._rows > self.k.shape[1]:
                 if not self._growable:
-                    raise ValueError(f"appending would exceed max_seqlen={self.k.shape[1]} "
-                                     f"(new lengths {new_seqlens.tolist()})")
+                    raise ValueError(
+                        f"appending would exceed max_seqlen={self.k.shape[1]} (new lengths {new_seqlens.tolist()})"
+                    )
                 self._grow(max(self._rows, 2 * self.k.shape[1]))
         steps = torch.arange(T, device=k.device)
         batch = torch.arange(B, device=k.device)[:, None].expand(B, T)

@@ -32,12 +32,28 @@ MIN_DOT = 16  # smallest tl.dot operand dimension
 
 @triton.jit
 def _decode_route_kernel(
-    Q, SUMS, SEQLENS, CAND_SCORE, CAND_BLOCK,
-    stride_qb, stride_qt, stride_qh,
-    stride_sb, stride_sn, stride_sh,
-    num_queries, head_dim, block_size, num_routes, num_splits,
-    GROUP: tl.constexpr, GROUP_P: tl.constexpr, SHARED: tl.constexpr,
-    KEEP: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    SUMS,
+    SEQLENS,
+    CAND_SCORE,
+    CAND_BLOCK,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_sb,
+    stride_sn,
+    stride_sh,
+    num_queries,
+    head_dim,
+    block_size,
+    num_routes,
+    num_splits,
+    GROUP: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    SHARED: tl.constexpr,
+    KEEP: tl.constexpr,
+    BLOCK_NB: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)  # b * Tq + i
     kv_head = tl.program_id(1)
@@ -51,17 +67,28 @@ def _decode_route_kernel(
         d_ok = d < head_dim
         g = tl.arange(0, GROUP_P)
         q = tl.load(
-            Q + b.to(tl.int64) * stride_qb + (row % num_queries) * stride_qt
-            + (kv_head * GROUP + g)[:, None] * stride_qh + d[None, :],
-            mask=(g < GROUP)[:, None] & d_ok[None, :], other=0.0,
+            Q
+            + b.to(tl.int64) * stride_qb
+            + (row % num_queries) * stride_qt
+            + (kv_head * GROUP + g)[:, None] * stride_qh
+            + d[None, :],
+            mask=(g < GROUP)[:, None] & d_ok[None, :],
+            other=0.0,
         ).to(tl.float32)
         blocks = first + tl.arange(0, BLOCK_NB)
         eligible = blocks < own
-        centroids = tl.load(
-            SUMS + b.to(tl.int64) * stride_sb + blocks.to(tl.int64)[:, None] * stride_sn
-            + kv_head * stride_sh + d[None, :],
-            mask=eligible[:, None] & d_ok[None, :], other=0.0,
-        ) / block_size
+        centroids = (
+            tl.load(
+                SUMS
+                + b.to(tl.int64) * stride_sb
+                + blocks.to(tl.int64)[:, None] * stride_sn
+                + kv_head * stride_sh
+                + d[None, :],
+                mask=eligible[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            / block_size
+        )
         # Rounded to the keys' dtype as the prefill router stores them, then scored exactly in fp32.
         centroids = centroids.to(Q.dtype.element_ty).to(tl.float32)
         scores = tl.dot(q, tl.trans(centroids), input_precision="ieee")  # [GROUP_P, BLOCK_NB] fp32
@@ -84,14 +111,42 @@ def _decode_route_kernel(
 
 @triton.jit
 def _decode_attend_kernel(
-    Q, K, V, SEQLENS, STARTS, CAND_SCORE, CAND_BLOCK, O_PART, LSE_PART,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    num_queries, num_heads, head_dim, block_size, num_routes, num_splits, chunk, scale,
-    GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr,
-    KEEP: tl.constexpr, KEEP_P: tl.constexpr, SPLITS_P: tl.constexpr, ROUTE_NB: tl.constexpr,
-    SUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    SEQLENS,
+    STARTS,
+    CAND_SCORE,
+    CAND_BLOCK,
+    O_PART,
+    LSE_PART,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    num_queries,
+    num_heads,
+    head_dim,
+    block_size,
+    num_routes,
+    num_splits,
+    chunk,
+    scale,
+    GROUP: tl.constexpr,
+    HEADS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    KEEP: tl.constexpr,
+    KEEP_P: tl.constexpr,
+    SPLITS_P: tl.constexpr,
+    ROUTE_NB: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     route_row = tl.program_id(0)  # (b * Tq + i) * num_routes + route
     part = tl.program_id(1)  # slot * SUB + sub
@@ -134,7 +189,8 @@ def _decode_attend_kernel(
     d_ok = d < head_dim
     q = tl.load(
         Q + b.to(tl.int64) * stride_qb + i * stride_qt + heads[:, None] * stride_qh + d[None, :],
-        mask=head_ok[:, None] & d_ok[None, :], other=0.0,
+        mask=head_ok[:, None] & d_ok[None, :],
+        other=0.0,
     )
     k_base = K + b.to(tl.int64) * stride_kb + kv_head * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kv_head * stride_vh
@@ -169,10 +225,19 @@ def _decode_attend_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    O_PART, LSE_PART, OUT, LSE,
-    stride_ob, stride_ot, stride_oh,
-    num_queries, num_heads, head_dim, num_parts,
-    PARTS_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    O_PART,
+    LSE_PART,
+    OUT,
+    LSE,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    num_queries,
+    num_heads,
+    head_dim,
+    num_parts,
+    PARTS_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)
     head = tl.program_id(1)
@@ -190,7 +255,8 @@ def _decode_combine_kernel(
     b = row // num_queries
     tl.store(
         OUT + b.to(tl.int64) * stride_ob + (row % num_queries) * stride_ot + head * stride_oh + d,
-        out.to(OUT.dtype.element_ty), mask=d_ok,
+        out.to(OUT.dtype.element_ty),
+        mask=d_ok,
     )
     tl.store(LSE + row * num_heads + head, top + tl.log(total))
 
@@ -245,12 +311,28 @@ def decode_fwd(
     cand_block = torch.empty(cand_shape, dtype=torch.int32, device=q.device)
     if max_earlier > keep:
         _decode_route_kernel[(rows, HKV, num_splits)](
-            q, block_sums, cache_seqlens, cand_score, cand_block,
-            q.stride(0), q.stride(1), q.stride(2),
-            block_sums.stride(0), block_sums.stride(1), block_sums.stride(2),
-            Tq, D, block_size, routes, num_splits,
-            GROUP=group, GROUP_P=max(MIN_DOT, triton.next_power_of_2(group)), SHARED=shared_kv_routing,
-            KEEP=keep, BLOCK_NB=ROUTE_TILE, BLOCK_D=block_d,
+            q,
+            block_sums,
+            cache_seqlens,
+            cand_score,
+            cand_block,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            block_sums.stride(0),
+            block_sums.stride(1),
+            block_sums.stride(2),
+            Tq,
+            D,
+            block_size,
+            routes,
+            num_splits,
+            GROUP=group,
+            GROUP_P=max(MIN_DOT, triton.next_power_of_2(group)),
+            SHARED=shared_kv_routing,
+            KEEP=keep,
+            BLOCK_NB=ROUTE_TILE,
+            BLOCK_D=block_d,
         )
     if splits_per_block is None:
         splits_per_block = _splits_per_block(q.device, rows * routes * topk, block_size)
@@ -259,22 +341,58 @@ def decode_fwd(
     o_part = torch.empty(rows * HQ * parts, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(rows * HQ * parts, dtype=torch.float32, device=q.device)
     _decode_attend_kernel[(rows * routes, parts)](
-        q, k_cache, v_cache, cache_seqlens, cache_starts, cand_score, cand_block, o_part, lse_part,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        Tq, HQ, D, block_size, routes, num_splits, chunk, softmax_scale,
-        GROUP=group, HEADS=heads_per_route, BLOCK_M=max(MIN_DOT, triton.next_power_of_2(heads_per_route)),
-        KEEP=keep, KEEP_P=triton.next_power_of_2(max(keep, 1)), SPLITS_P=triton.next_power_of_2(num_splits),
-        ROUTE_NB=ROUTE_TILE, SUB=splits_per_block,
-        BLOCK_N=max(MIN_DOT, min(64, triton.next_power_of_2(chunk))), BLOCK_D=block_d,
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        cache_starts,
+        cand_score,
+        cand_block,
+        o_part,
+        lse_part,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        Tq,
+        HQ,
+        D,
+        block_size,
+        routes,
+        num_splits,
+        chunk,
+        softmax_scale,
+        GROUP=group,
+        HEADS=heads_per_route,
+        BLOCK_M=max(MIN_DOT, triton.next_power_of_2(heads_per_route)),
+        KEEP=keep,
+        KEEP_P=triton.next_power_of_2(max(keep, 1)),
+        SPLITS_P=triton.next_power_of_2(num_splits),
+        ROUTE_NB=ROUTE_TILE,
+        SUB=splits_per_block,
+        BLOCK_N=max(MIN_DOT, min(64, triton.next_power_of_2(chunk))),
+        BLOCK_D=block_d,
     )
     out = torch.empty(B, Tq, HQ, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Tq, HQ, dtype=torch.float32, device=q.device)
     _decode_combine_kernel[(rows, HQ)](
-        o_part, lse_part, out, lse,
-        out.stride(0), out.stride(1), out.stride(2),
-        Tq, HQ, D, parts,
-        PARTS_P=triton.next_power_of_2(parts), BLOCK_D=block_d,
+        o_part,
+        lse_part,
+        out,
+        lse,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        Tq,
+        HQ,
+        D,
+        parts,
+        PARTS_P=triton.next_power_of_2(parts),
+        BLOCK_D=block_d,
     )
     return out, lse

@@ -83,7 +83,9 @@ def _validated_settings(block_size, topk, dense_layers, shared_kv_routing, backe
 def _layer_settings(module) -> tuple[_Settings, bool]:
     """The settings of one attention module (config fields override register()) and whether it is dense."""
     if _registered is None:
-        raise RuntimeError("call flashmoba.integrations.transformers.register() before using attn_implementation='moba'")
+        raise RuntimeError(
+            "call flashmoba.integrations.transformers.register() before using attn_implementation='moba'"
+        )
     config = module.config
 
     def field(name, default):
@@ -91,9 +93,12 @@ def _layer_settings(module) -> tuple[_Settings, bool]:
         return default if value is None else value
 
     settings = _validated_settings(
-        field("block_size", _registered.block_size), field("topk", _registered.topk),
-        field("dense_layers", _registered.dense_layers), field("shared_kv_routing", _registered.shared_kv_routing),
-        _registered.backend, source="config.moba_",
+        field("block_size", _registered.block_size),
+        field("topk", _registered.topk),
+        field("dense_layers", _registered.dense_layers),
+        field("shared_kv_routing", _registered.shared_kv_routing),
+        _registered.backend,
+        source="config.moba_",
     )
     if not settings.dense_layers:
         return settings, False
@@ -284,8 +289,12 @@ def _dense_varlen(q, k, v, cu_seqlens, causal, scale):
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b > a:
             out[a:b] = F.scaled_dot_product_attention(
-                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
-                is_causal=causal, scale=scale, enable_gqa=True,
+                q[a:b].transpose(0, 1),
+                k[a:b].transpose(0, 1),
+                v[a:b].transpose(0, 1),
+                is_causal=causal,
+                scale=scale,
+                enable_gqa=True,
             ).transpose(0, 1)
     return out
 
@@ -298,11 +307,17 @@ def _prefill(q, k, v, padding, settings, dense, causal, scale, kwargs):
     if cu_seqlens is not None:
         cu_k = kwargs.get("cu_seq_lens_k")
         if B != 1 or padding is not None or (cu_k is not None and not torch.equal(cu_k, cu_seqlens)):
-            raise ValueError("packed inputs (cu_seq_lens_q/k) need batch size 1, no padding mask and "
-                             "cu_seq_lens_k == cu_seq_lens_q")
+            raise ValueError(
+                "packed inputs (cu_seq_lens_q/k) need batch size 1, no padding mask and cu_seq_lens_k == cu_seq_lens_q"
+            )
     elif padding is not None:
         indices, cu_seqlens, max_seqlen = padding.indices, padding.cu_seqlens, padding.max_seqlen
-    elif B == 1 and position_ids is not None and position_ids.dim() == 2 and bool((torch.diff(position_ids[0]) != 1).any()):
+    elif (
+        B == 1
+        and position_ids is not None
+        and position_ids.dim() == 2
+        and bool((torch.diff(position_ids[0]) != 1).any())
+    ):
         (cu_seqlens, _), (max_seqlen, _) = prepare_fa_kwargs_from_position_ids(position_ids)
     else:
         cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=q.device) * T
@@ -319,8 +334,16 @@ def _prefill(q, k, v, padding, settings, dense, causal, scale, kwargs):
         out = _dense_varlen(qp, kp, vp, cu_seqlens, causal, scale)
     else:
         out = moba_attn_varlen(
-            qp, kp, vp, cu_seqlens, max_seqlen=max_seqlen, block_size=settings.block_size, topk=settings.topk,
-            causal=causal, softmax_scale=scale, backend=settings.backend,
+            qp,
+            kp,
+            vp,
+            cu_seqlens,
+            max_seqlen=max_seqlen,
+            block_size=settings.block_size,
+            topk=settings.topk,
+            causal=causal,
+            softmax_scale=scale,
+            backend=settings.backend,
         )
     if indices is None:
         return out.view(B, T, HQ, D)
@@ -376,8 +399,10 @@ def moba_attention_forward(
             "(was the mask built for another attn_implementation?)"
         )
     if kwargs.get("sliding_window") is not None:
-        warnings.warn("attn_implementation='moba' ignores the model's sliding window: MoBA's block selection "
-                      "replaces it", stacklevel=2)
+        warnings.warn(
+            "attn_implementation='moba' ignores the model's sliding window: MoBA's block selection replaces it",
+            stacklevel=2,
+        )
     settings, dense = _layer_settings(module)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
@@ -404,8 +429,14 @@ def moba_attention_forward(
             stacklevel=2,
         )
     cache.bind_block_size(settings.block_size)
-    out = moba_decode(q, cache, topk=settings.topk, shared_kv_routing=settings.shared_kv_routing,
-                      softmax_scale=scaling, backend=settings.backend)
+    out = moba_decode(
+        q,
+        cache,
+        topk=settings.topk,
+        shared_kv_routing=settings.shared_kv_routing,
+        softmax_scale=scaling,
+        backend=settings.backend,
+    )
     return out, None
 
 

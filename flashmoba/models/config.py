@@ -37,35 +37,75 @@ GLOBAL_ATTN_TYPES = ("moba", "dense")
 
 PRESETS: dict[str, dict] = {
     # CPU tests: short sequences still span several MoBA blocks and SWA windows.
-    "tiny": dict(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
-                 intermediate_size=352, swa_window=32, moba_block_size=16, moba_topk=2,
-                 max_position_embeddings=512, tie_word_embeddings=True),
+    "tiny": dict(
+        vocab_size=1024,
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        intermediate_size=352,
+        swa_window=32,
+        moba_block_size=16,
+        moba_topk=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
     # Short GPU runs: head dim 64 and the paper's routing at a few thousand tokens.
-    "small": dict(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64,
-                  intermediate_size=1408, tie_word_embeddings=True),
-    "340m": dict(vocab_size=32000, hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16, head_dim=64,
-                 intermediate_size=2816, tie_word_embeddings=True),
-    "1b": dict(vocab_size=32000, hidden_size=2048, num_layers=24, num_heads=32, num_kv_heads=32, head_dim=64,
-               intermediate_size=8192, tie_word_embeddings=True),
+    "small": dict(
+        vocab_size=32000,
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=8,
+        head_dim=64,
+        intermediate_size=1408,
+        tie_word_embeddings=True,
+    ),
+    "340m": dict(
+        vocab_size=32000,
+        hidden_size=1024,
+        num_layers=24,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=64,
+        intermediate_size=2816,
+        tie_word_embeddings=True,
+    ),
+    "1b": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        num_layers=24,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=64,
+        intermediate_size=8192,
+        tie_word_embeddings=True,
+    ),
 }
 
 
 class MoBAHybridConfig(PretrainedConfig):
     r"""Configuration of :class:`~flashmoba.models.MoBAHybridForCausalLM`.
 
-    Args:
-        vocab_size, hidden_size, intermediate_size: token vocabulary, model width, SwiGLU width.
+    Attributes:
+        vocab_size: token vocabulary.
+        hidden_size: model width.
+        intermediate_size: SwiGLU width.
         num_layers: decoder layers (alias ``num_hidden_layers``).
-        num_heads / num_kv_heads: query / KV heads (aliases ``num_attention_heads`` /
-            ``num_key_value_heads``); ``num_kv_heads`` defaults to ``num_heads``. head_dim: D.
+        num_heads: query heads (alias ``num_attention_heads``).
+        num_kv_heads: KV heads (alias ``num_key_value_heads``); defaults to ``num_heads``.
+        head_dim: D.
         swa_window: keys per query of the sliding-window layers (the query included).
         global_attn: "moba" or "dense", the attention of the even (1-based) layers.
-        moba_block_size, moba_topk: MoBA routing of the global layers (``topk`` counts the own block).
+        moba_block_size: MoBA block size of the global layers.
+        moba_topk: MoBA blocks per query of the global layers (the own block counts).
         kconv_size: key-convolution width W on the global layers; 0 = off (the paper: 3 or 5).
         max_position_embeddings: the training context (informational: RoPE is computed on the fly, so
             longer inputs run, as in the paper's 64K evaluation of 8K-trained models).
         rope_theta: RoPE base of the sliding-window layers.
-        rms_norm_eps: RMSNorm epsilon. initializer_range: std of the normal init of linear and embedding weights.
+        rms_norm_eps: RMSNorm epsilon.
+        initializer_range: std of the normal init of linear and embedding weights.
         tie_word_embeddings: share the LM head with the input embedding.
         attn_backend: "auto", "reference" or "triton" for MoBA and the key convolution ("reference" is the
             fast choice on CPU).
@@ -110,8 +150,19 @@ class MoBAHybridConfig(PretrainedConfig):
     def _check_fields(self):
         """ValueError / TypeError naming the field, for an architecture that cannot be built."""
         minimum = {"kconv_size": 0}
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "swa_window", "moba_block_size", "moba_topk", "kconv_size"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "swa_window",
+            "moba_block_size",
+            "moba_topk",
+            "kconv_size",
+        ):
             setattr(self, name, check_int(name, getattr(self, name), minimum.get(name, 1)))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
@@ -136,7 +187,7 @@ class MoBAHybridConfig(PretrainedConfig):
         return own + list(cls.attribute_map), generic
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "MoBAHybridConfig":
+    def from_preset(cls, name: str, **overrides) -> MoBAHybridConfig:
         """A preset ("tiny", "small", "340m", "1b"; module docstring) with fields overridden by keyword.
 
         Raises:
@@ -150,6 +201,8 @@ class MoBAHybridConfig(PretrainedConfig):
         unknown = [key for key in overrides if key not in own and key not in generic]
         if unknown:
             # PretrainedConfig would keep any keyword as an attribute: a misspelt field must not pass silently.
-            raise TypeError(f"unknown config field(s) {', '.join(map(repr, unknown))}; the fields are "
-                            f"{', '.join(own)} (and the generic PretrainedConfig ones, e.g. dtype)")
+            raise TypeError(
+                f"unknown config field(s) {', '.join(map(repr, unknown))}; the fields are "
+                f"{', '.join(own)} (and the generic PretrainedConfig ones, e.g. dtype)"
+            )
         return cls(**{**PRESETS[name], **overrides})

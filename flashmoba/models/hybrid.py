@@ -18,7 +18,8 @@ next real token with an attention mask); the last token of every sequence predic
 crosses a document boundary; -100 is ignored.
 
 Generation keeps a :class:`MoBAHybridCache` (one :class:`~flashmoba.MoBAKVCache` per layer, key-conv
-states included; MoBA layers decode sparsely through :func:`flashmoba.moba_decode`); ``use_cache`` defaults to False in ``forward`` and generate() turns it on.
+states included; MoBA layers decode sparsely through :func:`flashmoba.moba_decode`); ``use_cache`` defaults to
+False in ``forward`` and generate() turns it on.
 """
 
 from __future__ import annotations
@@ -151,10 +152,19 @@ class MoBAHybridDecoderLayer(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = MoBAAttention(
-            config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
-            attn_type=attn_type, block_size=config.moba_block_size, topk=config.moba_topk,
-            window=config.swa_window, kconv_size=0 if local else config.kconv_size, rope=local,
-            rope_theta=config.rope_theta, layer_idx=layer_idx, backend=config.attn_backend,
+            config.hidden_size,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            attn_type=attn_type,
+            block_size=config.moba_block_size,
+            topk=config.moba_topk,
+            window=config.swa_window,
+            kconv_size=0 if local else config.kconv_size,
+            rope=local,
+            rope_theta=config.rope_theta,
+            layer_idx=layer_idx,
+            backend=config.attn_backend,
         )
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MoBAHybridMLP(config.hidden_size, config.intermediate_size)
@@ -219,15 +229,19 @@ class MoBAHybridModel(MoBAHybridPreTrainedModel):
             past_key_values: a :class:`MoBAHybridCache` from an earlier call: the new tokens continue
                 its sequences.
             use_cache: return a cache (a new one if none was passed); default False.
-            position_ids, output_attentions, output_hidden_states: not supported (positions come from
-                ``cu_seqlens`` / ``attention_mask`` / the cache); passing them raises.
+            position_ids: not supported (positions come from ``cu_seqlens`` / ``attention_mask`` / the
+                cache); passing it raises.
+            output_attentions: not supported; True raises.
+            output_hidden_states: not supported; True raises.
 
         Returns:
             :class:`MoBAHybridModelOutput`.
         """
         if position_ids is not None:
-            raise ValueError("position_ids is not supported: positions restart per sequence (cu_seqlens / "
-                             "attention_mask) and continue from the cache")
+            raise ValueError(
+                "position_ids is not supported: positions restart per sequence (cu_seqlens / "
+                "attention_mask) and continue from the cache"
+            )
         if output_attentions or output_hidden_states:
             raise ValueError("output_attentions / output_hidden_states are not supported by MoBAHybridModel")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -296,7 +310,8 @@ class MoBAHybridForCausalLM(MoBAHybridPreTrainedModel, GenerationMixin):
         """Logits, and the loss when ``labels`` are given.
 
         Args:
-            input_ids, cu_seqlens, attention_mask, past_key_values, use_cache: as :meth:`MoBAHybridModel.forward`.
+            input_ids: as in :meth:`MoBAHybridModel.forward`, like ``cu_seqlens``, ``attention_mask``,
+                ``past_key_values`` and ``use_cache``.
             labels: like ``input_ids`` (-100 = ignore); shifted inside (module docstring).
             logits_to_keep: return logits of the last ``logits_to_keep`` positions only (0 = all).
             num_items_in_batch: divide the summed loss by this instead of the number of targets
@@ -305,14 +320,21 @@ class MoBAHybridForCausalLM(MoBAHybridPreTrainedModel, GenerationMixin):
         Returns:
             :class:`CausalLMOutputWithPast`: ``logits [B, T or logits_to_keep, V]``, ``loss``, ``past_key_values``.
         """
-        out = self.model(input_ids, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
-                         past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        out = self.model(
+            input_ids,
+            cu_seqlens=cu_seqlens,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                                 f"got {tuple(labels.shape)}")
+                raise ValueError(
+                    f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+                )
             mask = _real_tokens(attention_mask, input_ids)
             packed_labels = labels[mask] if mask is not None else labels.reshape(-1)
             packed_logits = self.lm_head(out.packed_hidden_state)

@@ -51,8 +51,9 @@ def _dense_causal_attention(q, k, v, cu_seqlens):
     """Causal attention of every packed sequence on its own: ``[N, H, D]`` in and out."""
     bounds = cu_seqlens.tolist()
     pieces = [
-        _sdpa(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
-              is_causal=True)[0].transpose(0, 1)
+        _sdpa(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None], is_causal=True)[
+            0
+        ].transpose(0, 1)
         for a, b in zip(bounds[:-1], bounds[1:])
         if b > a
     ]
@@ -91,8 +92,12 @@ def sliding_window_attention(q, k, v, cu_seqlens, window: int):
     last = num_tokens - 1
     q_tok = (start[:, None] + q_pos).clamp(0, last)
     k_tok = (start[:, None] + k_pos).clamp(0, last)
-    out = _sdpa(q[q_tok].permute(0, 2, 1, 3), k[k_tok].permute(0, 2, 1, 3), v[k_tok].permute(0, 2, 1, 3),
-                attn_mask=allowed[:, None])  # [G, HQ, window, D]
+    out = _sdpa(
+        q[q_tok].permute(0, 2, 1, 3),
+        k[k_tok].permute(0, 2, 1, 3),
+        v[k_tok].permute(0, 2, 1, 3),
+        attn_mask=allowed[:, None],
+    )  # [G, HQ, window, D]
     pos = token_positions(cu_seqlens, num_tokens)
     chunk = cu_chunks.long()[token_sequence_ids(cu_seqlens, num_tokens)] + pos // window
     return out[chunk, :, pos % window]
@@ -117,13 +122,17 @@ class MoBAAttention(nn.Module):
     """Multi-head attention with GQA, optional key convolution and RoPE, MoBA / dense / sliding window.
 
     Args:
-        hidden_size: model width. num_heads / num_kv_heads: query / KV heads (``num_heads % num_kv_heads
-            == 0``). head_dim: D.
+        hidden_size: model width.
+        num_heads: query heads, a multiple of ``num_kv_heads``.
+        num_kv_heads: KV heads.
+        head_dim: D.
         attn_type: "moba", "dense" or "swa" (module docstring).
-        block_size, topk: MoBA routing (used by "moba"; kept as attributes on every layer).
+        block_size: MoBA block size (used by "moba"; kept as an attribute on every layer).
+        topk: MoBA blocks per query, the own block included.
         window: keys per query of "swa".
         kconv_size: width W of the key convolution (:class:`KeyConv`), 0 = none.
-        rope: rotary embedding on queries and keys (after the key convolution); rope_theta: its base.
+        rope: rotary embedding on queries and keys (after the key convolution).
+        rope_theta: its base.
         layer_idx: the layer's index in its model (informational: shown in ``repr``, read by tools that
             report per layer).
         backend: "auto", "reference" or "triton", for MoBA and the key convolution.
@@ -151,9 +160,14 @@ class MoBAAttention(nn.Module):
     ):
         super().__init__()
         for name, value, minimum in (
-            ("hidden_size", hidden_size, 1), ("num_heads", num_heads, 1), ("num_kv_heads", num_kv_heads, 1),
-            ("head_dim", head_dim, 1), ("block_size", block_size, 1), ("topk", topk, 1),
-            ("window", window, 1), ("kconv_size", kconv_size, 0),
+            ("hidden_size", hidden_size, 1),
+            ("num_heads", num_heads, 1),
+            ("num_kv_heads", num_kv_heads, 1),
+            ("head_dim", head_dim, 1),
+            ("block_size", block_size, 1),
+            ("topk", topk, 1),
+            ("window", window, 1),
+            ("kconv_size", kconv_size, 0),
         ):
             check_int(name, value, minimum)
         if num_heads % num_kv_heads:
@@ -202,11 +216,18 @@ class MoBAAttention(nn.Module):
         if self.attn_type == "moba":
             if batch_shape is not None:
                 shape = (*batch_shape, -1, self.head_dim)
-                out = flashmoba.moba_attn(q.view(shape), k.view(shape), v.view(shape), block_size=self.block_size,
-                                          topk=self.topk, backend=self.backend)
+                out = flashmoba.moba_attn(
+                    q.view(shape),
+                    k.view(shape),
+                    v.view(shape),
+                    block_size=self.block_size,
+                    topk=self.topk,
+                    backend=self.backend,
+                )
                 return out.view_as(q)
-            return flashmoba.moba_attn_varlen(q, k, v, cu_seqlens, block_size=self.block_size, topk=self.topk,
-                                              backend=self.backend)
+            return flashmoba.moba_attn_varlen(
+                q, k, v, cu_seqlens, block_size=self.block_size, topk=self.topk, backend=self.backend
+            )
         if self.attn_type == "swa":
             return sliding_window_attention(q, k, v, cu_seqlens, self.window)
         if batch_shape is not None:
@@ -241,7 +262,10 @@ class MoBAAttention(nn.Module):
         for b, n in enumerate(new_lengths):
             if n:
                 one = MoBAKVCache.from_tensors(
-                    cache.k[b : b + 1], cache.v[b : b + 1], cache.seqlens[b : b + 1], starts=cache.starts[b : b + 1],
+                    cache.k[b : b + 1],
+                    cache.v[b : b + 1],
+                    cache.seqlens[b : b + 1],
+                    starts=cache.starts[b : b + 1],
                     block_size=cache.block_size,
                     block_sums=cache.block_sums[b : b + 1] if self.attn_type == "moba" else None,
                 )

@@ -18,10 +18,15 @@ from flashmoba.routing.result import block_layout
 
 @triton.jit
 def _block_centroids_kernel(
-    K, C,
-    cu_seqlens, cu_blocks, block_seq,
-    stride_kn, stride_kh,
-    stride_cg, stride_ch,
+    K,
+    C,
+    cu_seqlens,
+    cu_blocks,
+    block_seq,
+    stride_kn,
+    stride_kh,
+    stride_cg,
+    stride_ch,
     num_seqs,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE,
@@ -72,12 +77,20 @@ def block_centroids(k: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, 
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_T, num_warps = configs.centroids(block_size, D, k.device)
     _block_centroids_kernel[(num_blocks_max, HKV)](
-        k, centroids,
-        cu_seqlens, cu_blocks, block_seq,
-        k.stride(0), k.stride(1),
-        centroids.stride(0), centroids.stride(1),
+        k,
+        centroids,
+        cu_seqlens,
+        cu_blocks,
+        block_seq,
+        k.stride(0),
+        k.stride(1),
+        centroids.stride(0),
+        centroids.stride(1),
         cu_seqlens.numel() - 1,
-        HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+        HEAD_DIM=D,
+        BLOCK_SIZE=block_size,
+        BLOCK_T=BLOCK_T,
+        BLOCK_D=BLOCK_D,
         num_warps=num_warps,
     )
     return centroids

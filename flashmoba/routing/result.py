@@ -32,8 +32,18 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["BlockIndex", "BlockLayout", "MoBARouting", "block_index_from_keys", "block_key_dtype", "block_layout",
-           "block_sort_rows", "build_block_index", "entries_dtype", "max_num_blocks"]
+__all__ = [
+    "BlockIndex",
+    "BlockLayout",
+    "MoBARouting",
+    "block_index_from_keys",
+    "block_key_dtype",
+    "block_layout",
+    "block_sort_rows",
+    "build_block_index",
+    "entries_dtype",
+    "max_num_blocks",
+]
 
 
 def max_num_blocks(num_tokens: int, block_size: int, num_seqs: int) -> int:
@@ -156,8 +166,12 @@ def block_index_from_keys(keys: torch.Tensor, topk: int, num_blocks_max: int) ->
         positions = torch.sub(order.view(torch.int32)[:, ::2], head_start.to(torch.int32))
     else:
         positions = order - head_start
-    return BlockIndex(offsets=torch.cat([(starts + row_start).flatten(), total]), entries=positions.flatten(),
-                      num_heads=num_heads, topk=topk)
+    return BlockIndex(
+        offsets=torch.cat([(starts + row_start).flatten(), total]),
+        entries=positions.flatten(),
+        num_heads=num_heads,
+        topk=topk,
+    )
 
 
 def build_block_index(
@@ -171,9 +185,7 @@ def build_block_index(
     N, HQ, topk = indices.shape
     device = indices.device
     cu_blocks, _, num_blocks_max = layout or block_layout(cu_seqlens, N, block_size)
-    token_seq = torch.searchsorted(
-        cu_seqlens[1:].long(), torch.arange(N, device=device), right=True
-    )
+    token_seq = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(N, device=device), right=True)
     g = torch.where(indices >= 0, cu_blocks[token_seq].view(N, 1, 1) + indices, num_blocks_max)
     heads_per_row, key_base = block_sort_rows(HQ, num_blocks_max)
     row_offset = torch.arange(HQ, device=device) % heads_per_row * (num_blocks_max + 1) + key_base

@@ -146,12 +146,25 @@ def _tile_scores(q, C, block, kv_head, BLOCK_N: tl.constexpr, BLOCK_D: tl.conste
 
 @triton.jit
 def _route_topk_kernel(
-    Q, C, Indices, BlockKeys,
-    cu_seqlens, cu_blocks, cu_tiles, tile_seq,
-    stride_qn, stride_qh,
-    stride_in, stride_ih, stride_kh,
-    num_seqs, num_tiles, num_blocks_max,
-    GROUP, key_heads, key_base,
+    Q,
+    C,
+    Indices,
+    BlockKeys,
+    cu_seqlens,
+    cu_blocks,
+    cu_tiles,
+    tile_seq,
+    stride_qn,
+    stride_qh,
+    stride_in,
+    stride_ih,
+    stride_kh,
+    num_seqs,
+    num_tiles,
+    num_blocks_max,
+    GROUP,
+    key_heads,
+    key_base,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE,
     TOPK: tl.constexpr,
@@ -181,8 +194,9 @@ def _route_topk_kernel(
     rows = (seq_start + pos).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q = tl.load(Q + rows[:, None] * stride_qn + h * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + rows[:, None] * stride_qn + h * stride_qh + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+    )
 
     # Causal: the own block is forced, so only TOPK - 1 places are contested, by blocks before it.
     PICKS: tl.constexpr = TOPK - 1 if CAUSAL else TOPK
@@ -283,17 +297,37 @@ def route_topk(
         # TMA tiles of BLOCK_N centroids of one KV head; reads past the tensor (or past D) give zeros.
         centroid_tiles = TensorDescriptor.from_tensor(centroids.contiguous(), [BLOCK_N, 1, BLOCK_D])
         _route_topk_kernel[(num_tiles_max, HQ)](
-            q, centroid_tiles, indices, keys,
-            cu_seqlens, cu_blocks, cu_tiles, tile_seq,
-            q.stride(0), q.stride(1),
-            indices.stride(0), indices.stride(1), keys.stride(0),
-            cu_seqlens.numel() - 1, num_tiles_max, num_blocks_max,
-            HQ // HKV, *block_sort_rows(HQ, num_blocks_max),
-            HEAD_DIM=D, BLOCK_SIZE=block_size, TOPK=topk, K_PAD=K_PAD,
-            CAUSAL=causal, WRITE_KEYS=return_block_keys,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            q,
+            centroid_tiles,
+            indices,
+            keys,
+            cu_seqlens,
+            cu_blocks,
+            cu_tiles,
+            tile_seq,
+            q.stride(0),
+            q.stride(1),
+            indices.stride(0),
+            indices.stride(1),
+            keys.stride(0),
+            cu_seqlens.numel() - 1,
+            num_tiles_max,
+            num_blocks_max,
+            HQ // HKV,
+            *block_sort_rows(HQ, num_blocks_max),
+            HEAD_DIM=D,
+            BLOCK_SIZE=block_size,
+            TOPK=topk,
+            K_PAD=K_PAD,
+            CAUSAL=causal,
+            WRITE_KEYS=return_block_keys,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D,
             PRECISION=configs.dot_precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            maxnreg=cfg.maxnreg,
         )
     return (indices, keys) if return_block_keys else indices
 

@@ -23,8 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from flashmoba._checks import check_float, check_int, resolve_backend
-from flashmoba._checks import UsageError, check_device, check_option
+from flashmoba._checks import UsageError, check_device, check_float, check_int, check_option, resolve_backend
 from flashmoba.theory.simulate import RetrievalEstimate, RoutingScenario, simulate_retrieval
 from flashmoba.theory.snr import failure_probability, required_snr
 
@@ -50,9 +49,7 @@ class SweepPoint:
 
 
 def _scenario_grid(args) -> list[tuple[str, bool, RoutingScenario]]:
-    base = RoutingScenario(
-        num_blocks=args.num_blocks, topk=args.topk, mu_signal=args.mu_signal, mu_noise=args.mu_noise
-    )
+    base = RoutingScenario(num_blocks=args.num_blocks, topk=args.topk, mu_signal=args.mu_signal, mu_noise=args.mu_noise)
     clusterings = {
         False: {},
         True: {"cluster_size": args.cluster_size, "mu_cluster": args.mu_cluster},
@@ -61,25 +58,27 @@ def _scenario_grid(args) -> list[tuple[str, bool, RoutingScenario]]:
     for clustered, cluster in clusterings.items():
         for d in args.head_dims:
             for b in args.block_sizes:
-                grid.append(("ideal", clustered,
-                             dataclasses.replace(base, head_dim=d, block_size=b, **cluster)))
+                grid.append(("ideal", clustered, dataclasses.replace(base, head_dim=d, block_size=b, **cluster)))
         breakers = {
             "heavy-tailed": {"tail_dof": args.tail_dof},
             "correlated": {"block_correlation": args.block_correlation},
         }
         for name, breaker in breakers.items():
             for b in args.block_sizes:
-                grid.append((name, clustered, dataclasses.replace(
-                    base, head_dim=args.breakdown_head_dim, block_size=b, **cluster, **breaker)))
+                grid.append(
+                    (
+                        name,
+                        clustered,
+                        dataclasses.replace(base, head_dim=args.breakdown_head_dim, block_size=b, **cluster, **breaker),
+                    )
+                )
     return grid
 
 
 def _sweep(args) -> list[SweepPoint]:
     points = []
     for distribution, clustered, scenario in tqdm(_scenario_grid(args), desc="snr sweep", unit="config"):
-        measured = simulate_retrieval(
-            scenario, args.trials, seed=args.seed, device=args.device, backend=args.backend
-        )
+        measured = simulate_retrieval(scenario, args.trials, seed=args.seed, device=args.device, backend=args.backend)
         points.append(SweepPoint(distribution, clustered, scenario, measured))
     return points
 
@@ -144,36 +143,45 @@ def _plot(points: list[SweepPoint], args, path: Path) -> None:
     from matplotlib.lines import Line2D
 
     columns = [*args.head_dims, "broken"]
-    fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns), 6.6), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns), 6.6), sharey=True, squeeze=False)
     threshold = required_snr(args.num_blocks, args.topk)
     styles = {"ideal": ("C0", "o"), "heavy-tailed": ("C1", "^"), "correlated": ("C2", "s")}
     for row, clustered in enumerate((False, True)):
         for col, column in enumerate(columns):
             ax = axes[row, col]
             head_dim = args.breakdown_head_dim if column == "broken" else column
-            chosen = [p for p in points if p.clustered == clustered
-                      and (p.distribution != "ideal" if column == "broken"
-                           else p.distribution == "ideal" and p.scenario.head_dim == column)]
+            chosen = [
+                p
+                for p in points
+                if p.clustered == clustered
+                and (
+                    p.distribution != "ideal"
+                    if column == "broken"
+                    else p.distribution == "ideal" and p.scenario.head_dim == column
+                )
+            ]
             for distribution, (color, marker) in styles.items():
                 group = [p for p in chosen if p.distribution == distribution]
                 if not group:
                     continue
                 blocks = [p.scenario.block_size for p in group]
                 paper_color = color if distribution == "ideal" else "k"
-                ax.plot(blocks, [p.scenario.predicted_retrieval("paper") for p in group], "-",
-                        color=paper_color, lw=1)
+                ax.plot(blocks, [p.scenario.predicted_retrieval("paper") for p in group], "-", color=paper_color, lw=1)
                 if distribution == "correlated":
-                    ax.plot(blocks, [p.scenario.predicted_retrieval("exact") for p in group], ":",
-                            color=color, lw=1.5)
+                    ax.plot(blocks, [p.scenario.predicted_retrieval("exact") for p in group], ":", color=color, lw=1.5)
                 rates = [p.measured.rate for p in group]
                 bounds = [p.measured.interval() for p in group]
-                err = [[r - lo for r, (lo, _) in zip(rates, bounds)],
-                       [hi - r for r, (_, hi) in zip(rates, bounds)]]
+                err = [[r - lo for r, (lo, _) in zip(rates, bounds)], [hi - r for r, (_, hi) in zip(rates, bounds)]]
                 ax.errorbar(blocks, rates, yerr=err, fmt=marker, color=color, ms=4, capsize=2)
                 off = [p for p in group if p.differs("paper")]
-                ax.scatter([p.scenario.block_size for p in off], [p.measured.rate for p in off], s=110,
-                           facecolors="none", edgecolors="red", lw=1.3)
+                ax.scatter(
+                    [p.scenario.block_size for p in off],
+                    [p.measured.rate for p in off],
+                    s=110,
+                    facecolors="none",
+                    edgecolors="red",
+                    lw=1.3,
+                )
             # The paper's rule calls blocks below B* reliable, where SNR(B*) = Phi^-1(1 - k/n).
             b_star = head_dim * chosen[0].scenario.delta_mu_eff ** 2 / (2 * threshold**2)
             left, right = min(args.block_sizes) / 1.3, max(args.block_sizes) * 1.3
@@ -194,19 +202,29 @@ def _plot(points: list[SweepPoint], args, path: Path) -> None:
         Line2D([], [], color="k", label="paper's prediction (sigma^2 = 1/d, independent, Gaussian)"),
         Line2D([], [], color="C2", ls=":", lw=1.5, label="prediction with exact block variance"),
         Line2D([], [], color="C0", marker="o", ls="", label="real router, ideal keys (95% CI)"),
-        Line2D([], [], color="C1", marker="^", ls="",
-               label=f"real router, heavy-tailed keys (t, dof {args.tail_dof:g})"),
-        Line2D([], [], color="C2", marker="s", ls="",
-               label=f"real router, correlated keys (rho {args.block_correlation:g})"),
-        Line2D([], [], marker="o", ls="", mfc="none", mec="red", ms=10,
-               label="differs from the paper's prediction (99.9%)"),
+        Line2D(
+            [], [], color="C1", marker="^", ls="", label=f"real router, heavy-tailed keys (t, dof {args.tail_dof:g})"
+        ),
+        Line2D(
+            [],
+            [],
+            color="C2",
+            marker="s",
+            ls="",
+            label=f"real router, correlated keys (rho {args.block_correlation:g})",
+        ),
+        Line2D(
+            [], [], marker="o", ls="", mfc="none", mec="red", ms=10, label="differs from the paper's prediction (99.9%)"
+        ),
         Line2D([], [], color="0.85", lw=8, label="paper's rule says reliable (SNR > Phi^-1(1-k/n))"),
     ]
     fig.legend(handles=legend, loc="lower center", ncol=3, fontsize=8)
     fig.suptitle(
         f"MoBA router: probability that the signal block is in the top-{args.topk} of "
         f"{args.num_blocks} blocks, theory vs the real router ({points[0].measured.trials}+ trials "
-        "per point)", fontsize=10)
+        "per point)",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.11, 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -225,14 +243,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mu-cluster", type=float, default=0.5)
     parser.add_argument("--tail-dof", type=float, default=2.5, help="Student-t dof, heavy-tailed runs")
     parser.add_argument("--block-correlation", type=float, default=0.01, help="rho of correlated runs")
-    parser.add_argument("--breakdown-head-dim", type=int, default=64,
-                        help="head dim of the heavy-tailed and correlated runs")
+    parser.add_argument(
+        "--breakdown-head-dim", type=int, default=64, help="head dim of the heavy-tailed and correlated runs"
+    )
     parser.add_argument("--trials", type=int, default=1000, help="trials per configuration")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
-    parser.add_argument("--plot", type=Path, default=None,
-                        help="draw the figure into this PNG (needs matplotlib); default: no plot")
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="draw the figure into this PNG (needs matplotlib); default: no plot"
+    )
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables here")
 
 
@@ -241,8 +261,14 @@ def _check_arguments(args: argparse.Namespace) -> None:
     for option, values in (("--head-dims", args.head_dims), ("--block-sizes", args.block_sizes)):
         for value in values:
             check_option(check_int, option, value, 1)
-    for option, minimum in (("--num-blocks", 1), ("--topk", 1), ("--cluster-size", 1),
-                            ("--breakdown-head-dim", 1), ("--trials", 1), ("--seed", 0)):
+    for option, minimum in (
+        ("--num-blocks", 1),
+        ("--topk", 1),
+        ("--cluster-size", 1),
+        ("--breakdown-head-dim", 1),
+        ("--trials", 1),
+        ("--seed", 0),
+    ):
         check_option(check_int, option, getattr(args, option[2:].replace("-", "_")), minimum)
     for option in ("--mu-signal", "--mu-noise", "--mu-cluster", "--tail-dof", "--block-correlation"):
         check_option(check_float, option, getattr(args, option[2:].replace("-", "_")))
@@ -251,8 +277,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if not 0 <= args.block_correlation < 1:
         raise UsageError(f"--block-correlation must be in [0, 1), got {args.block_correlation}")
     if args.cluster_size > min(args.block_sizes):
-        raise UsageError(f"--cluster-size ({args.cluster_size}) must not exceed the smallest of --block-sizes "
-                         f"({min(args.block_sizes)})")
+        raise UsageError(
+            f"--cluster-size ({args.cluster_size}) must not exceed the smallest of --block-sizes "
+            f"({min(args.block_sizes)})"
+        )
     device = check_device("--device", args.device)
     try:
         resolve_backend(args.backend, device)

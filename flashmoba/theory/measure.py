@@ -136,15 +136,19 @@ def _layer_snr(q, k, cu_seqlens, block_size, topk, min_past_blocks, backend) -> 
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         for head in range(num_heads):
-            sums = _sequence_sums(q[start:end, head], k[start:end, head // group],
-                                  routing.indices[start:end, head], block_size, min_past_blocks)
+            sums = _sequence_sums(
+                q[start:end, head],
+                k[start:end, head // group],
+                routing.indices[start:end, head],
+                block_size,
+                min_past_blocks,
+            )
             for name, value in sums.items():
                 total[name] += value
     n = total["n"]
     if n == 0:
         raise ValueError(
-            f"no query has {min_past_blocks} full blocks before its own (block_size {block_size}): "
-            "use longer input_ids"
+            f"no query has {min_past_blocks} full blocks before its own (block_size {block_size}): use longer input_ids"
         )
     mean = {name: value / n for name, value in total.items()}
     bs = block_size

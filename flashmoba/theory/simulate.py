@@ -76,9 +76,7 @@ class RoutingScenario:
         for name in ("head_dim", "block_size", "num_blocks", "topk", "cluster_size"):
             check_int(name, getattr(self, name), 1)
         if self.cluster_size > self.block_size:
-            raise ValueError(
-                f"cluster_size ({self.cluster_size}) must not exceed block_size ({self.block_size})"
-            )
+            raise ValueError(f"cluster_size ({self.cluster_size}) must not exceed block_size ({self.block_size})")
         if self.tail_dof is not None and not check_float("tail_dof", self.tail_dof) > 2:
             raise ValueError(f"tail_dof must be > 2 (finite variance), got {self.tail_dof}")
         # Validates the means, mu_cluster and block_correlation through the closed forms.
@@ -95,9 +93,7 @@ class RoutingScenario:
         if variance_model not in VARIANCE_MODELS:
             raise ValueError(f"variance_model must be one of {VARIANCE_MODELS}, got {variance_model!r}")
         rho = self.block_correlation if variance_model == "exact" else 0.0
-        return router_snr(
-            self.delta_mu_eff, self.block_size, head_dim=self.head_dim, block_correlation=rho
-        )
+        return router_snr(self.delta_mu_eff, self.block_size, head_dim=self.head_dim, block_correlation=rho)
 
     def predicted_retrieval(self, variance_model: str = "exact") -> float:
         """Order-statistics probability that the signal block is in the top-k (Gaussian block scores)."""

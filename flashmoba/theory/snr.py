@@ -119,7 +119,9 @@ def router_snr(
     """
     check_float("delta_mu_eff", delta_mu_eff)
     variance = block_score_variance(
-        block_size, head_dim=head_dim, noise_variance=noise_variance,
+        block_size,
+        head_dim=head_dim,
+        noise_variance=noise_variance,
         block_correlation=block_correlation,
     )
     return delta_mu_eff / block_size / math.sqrt(2.0 * variance)
@@ -146,9 +148,7 @@ def required_snr(num_blocks: int, topk: int) -> float:
 def _binomial_cdf(max_successes: int, trials: int, log_p: torch.Tensor, log_q: torch.Tensor):
     """``P(Binomial(trials, p) <= max_successes)`` elementwise, from ``log p`` and ``log (1 - p)``."""
     j = torch.arange(max_successes + 1, dtype=torch.float64)
-    log_choose = (
-        math.lgamma(trials + 1) - torch.lgamma(j + 1) - torch.lgamma(trials - j + 1)
-    )
+    log_choose = math.lgamma(trials + 1) - torch.lgamma(j + 1) - torch.lgamma(trials - j + 1)
     log_terms = log_choose + j * log_p[..., None] + (trials - j) * log_q[..., None]
     return torch.logsumexp(log_terms, dim=-1).exp()
 
@@ -174,13 +174,9 @@ def retrieval_probability(snr: float, num_blocks: int, topk: int) -> float:
     if topk >= num_blocks:
         return 1.0
     center = math.sqrt(2.0) * snr
-    z = torch.linspace(
-        center - _GRID_HALF_WIDTH, center + _GRID_HALF_WIDTH, _GRID_POINTS, dtype=torch.float64
-    )
+    z = torch.linspace(center - _GRID_HALF_WIDTH, center + _GRID_HALF_WIDTH, _GRID_POINTS, dtype=torch.float64)
     density = torch.exp(-0.5 * (z - center) ** 2) / math.sqrt(2.0 * math.pi)
-    retrieved = _binomial_cdf(
-        topk - 1, num_blocks - 1, torch.special.log_ndtr(-z), torch.special.log_ndtr(z)
-    )
+    retrieved = _binomial_cdf(topk - 1, num_blocks - 1, torch.special.log_ndtr(-z), torch.special.log_ndtr(z))
     return float(torch.trapezoid(density * retrieved, z).clamp(0.0, 1.0))
 
 
@@ -197,8 +193,7 @@ def snr_for_retrieval(target: float, num_blocks: int, topk: int) -> float:
     low, high = _SNR_SEARCH
     if not retrieval_probability(low, num_blocks, topk) < target < retrieval_probability(high, num_blocks, topk):
         raise ValueError(
-            f"target must be a retrieval probability reachable with top-{topk} of {num_blocks} blocks, "
-            f"got {target}"
+            f"target must be a retrieval probability reachable with top-{topk} of {num_blocks} blocks, got {target}"
         )
     while high - low > _SNR_TOLERANCE:
         middle = 0.5 * (low + high)

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from flashmoba._checks import check_int
-from flashmoba._checks import UsageError, check_device, check_option
+from flashmoba._checks import UsageError, check_device, check_int, check_option
 from flashmoba.train.evaluate import SNR_SEQUENCES, EvalConfig, estimate_memory, evaluate, uses_reference_attention
 from flashmoba.train.needles import TASKS, NeedleFactory
 from flashmoba.train.plots import plot_loss_curves, plot_position_perplexity, plot_retrieval
@@ -27,8 +26,12 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, type=Path, help="run folder written by flashmoba train")
-    parser.add_argument("--lengths", type=int, nargs="+",
-                        help="needle sequence lengths (default: 1/2 to 2x the training context on CPU, 1K-32K on GPU)")
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        help="needle sequence lengths (default: 1/2 to 2x the training context on CPU, 1K-32K on GPU)",
+    )
     parser.add_argument("--samples", type=int, help="samples per task and length (default 10 on CPU, 100 on GPU)")
     parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS))
     parser.add_argument("--context", type=int, help="perplexity context (default: the training context)")
@@ -76,22 +79,30 @@ def _check_memory(model_config: dict, config: EvalConfig, device: torch.device) 
     # Needle rows hold one sequence of each length (or several up to --batch-tokens); perplexity rows hold
     # --batch-tokens, the router SNR one row of SNR_SEQUENCES sequences of the context.
     snr_rows = SNR_SEQUENCES * config.context if config.snr else config.context
-    for option, longest, row in (("--lengths", max(config.lengths), max(config.batch_tokens, max(config.lengths))),
-                                 ("--context", config.context, max(config.batch_tokens, snr_rows))):
+    for option, longest, row in (
+        ("--lengths", max(config.lengths), max(config.batch_tokens, max(config.lengths))),
+        ("--context", config.context, max(config.batch_tokens, snr_rows)),
+    ):
         need = estimate_memory(model_config, longest, row, device)
         if need <= available:
             continue
         where = "memory of this machine" if device.type == "cpu" else f"memory of GPU {device}"
         reference = uses_reference_attention(model_config, device)
-        what = (f"the reference MoBA attention's [{model_config.get('num_heads')} heads, L, L] score matrices "
-                "and the logits" if reference else "the [N, vocabulary] logits")
+        what = (
+            f"the reference MoBA attention's [{model_config.get('num_heads')} heads, L, L] score matrices "
+            "and the logits"
+            if reference
+            else "the [N, vocabulary] logits"
+        )
         how = f"with a smaller {option}"
         if reference:
             how = f"on a GPU with the Triton backend (--device cuda), or {how}"
             if model_config.get("attn_backend") == "reference":
                 how += " (the model was saved with attn_backend 'reference': set 'auto' in its config.json)"
-        raise UsageError(f"{option} {longest}: a {longest}-token sequence needs about {need / 1e9:.1f} GB for {what}, "
-                         f"more than the {available / 1e9:.1f} GB of {where}; run it {how}")
+        raise UsageError(
+            f"{option} {longest}: a {longest}-token sequence needs about {need / 1e9:.1f} GB for {what}, "
+            f"more than the {available / 1e9:.1f} GB of {where}; run it {how}"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,8 +117,9 @@ def run(args: argparse.Namespace) -> int:
         ppl_tokens=(1_000_000 if on_gpu else 32_768) if args.ppl_tokens is None else args.ppl_tokens,
         batch_tokens=stored["batch_tokens"] if args.batch_tokens is None else args.batch_tokens,
         tasks=tuple(args.tasks),
-        lengths=tuple(args.lengths or ((1024, 2048, 4096, 8192, 16384, 32768) if on_gpu else
-                                       (context // 2, context, 2 * context))),
+        lengths=tuple(
+            args.lengths or ((1024, 2048, 4096, 8192, 16384, 32768) if on_gpu else (context // 2, context, 2 * context))
+        ),
         samples=(100 if on_gpu else 10) if args.samples is None else args.samples,
         seed=args.seed,
         snr=not args.no_snr,
@@ -129,8 +141,10 @@ def run(args: argparse.Namespace) -> int:
     plot_loss_curves({name: log}, args.run / "loss.png")
     print(f"validation perplexity {results['perplexity']['ppl']:.3f} over {results['perplexity']['tokens']} tokens")
     for row in results["retrieval"]:
-        print(f"{row['task']:>14} {row['length']:>6}: {row['correct']:>4}/{row['total']} "
-              f"= {row['accuracy']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]")
+        print(
+            f"{row['task']:>14} {row['length']:>6}: {row['correct']:>4}/{row['total']} "
+            f"= {row['accuracy']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+        )
     if results["router_snr"].get("note"):
         print(results["router_snr"]["note"])
     print(f"results: {args.run / 'eval.json'} and PNGs in {args.run}")

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from flashmoba._checks import check_float, check_int
-from flashmoba._checks import UsageError, check_device, check_option
+from flashmoba._checks import UsageError, check_device, check_float, check_int, check_option
 from flashmoba.train.data import reads_with_datasets
 from flashmoba.train.loop import CHECKPOINT, TrainConfig, init_distributed, train
 from flashmoba.train.needles import NeedleFactory
@@ -32,18 +31,31 @@ from flashmoba.train.tokenizer import MIN_VOCAB_SIZE, save_tokenizer
 __all__ = ["PRESET_DEFAULTS", "add_arguments", "run"]
 
 PRESET_DEFAULTS = {
-    "tiny": dict(context=512, batch_tokens=2048, steps=150, vocab_size=1024, max_corpus_mb=4.0, lr=3e-3,
-                 warmup=20),
-    "gpu": dict(context=4096, batch_tokens=32768, steps=1000, vocab_size=8192, max_corpus_mb=64.0, lr=1e-3,
-                warmup=50),
+    "tiny": dict(context=512, batch_tokens=2048, steps=150, vocab_size=1024, max_corpus_mb=4.0, lr=3e-3, warmup=20),
+    "gpu": dict(context=4096, batch_tokens=32768, steps=1000, vocab_size=8192, max_corpus_mb=64.0, lr=1e-3, warmup=50),
 }
 # Arguments that shape the model or the data; ``--resume`` takes them from run.json.
-_MODEL_OVERRIDES = {"global_attn": "global_attn", "block_size": "moba_block_size", "topk": "moba_topk",
-                    "kconv": "kconv_size", "backend": "attn_backend"}
+_MODEL_OVERRIDES = {
+    "global_attn": "global_attn",
+    "block_size": "moba_block_size",
+    "topk": "moba_topk",
+    "kconv": "kconv_size",
+    "backend": "attn_backend",
+}
 VAL_LOSS_BATCHES = 2
 # Integer options -> their minimum (an option left at None takes its default later)
-_INT_OPTIONS = {"--context": 2, "--batch-tokens": 2, "--grad-accum": 1, "--steps": 1, "--warmup": 0, "--seed": 0,
-                "--log-every": 1, "--eval-every": 0, "--checkpoint-every": 1, "--stop-at": 1}
+_INT_OPTIONS = {
+    "--context": 2,
+    "--batch-tokens": 2,
+    "--grad-accum": 1,
+    "--steps": 1,
+    "--warmup": 0,
+    "--seed": 0,
+    "--log-every": 1,
+    "--eval-every": 0,
+    "--checkpoint-every": 1,
+    "--stop-at": 1,
+}
 # The shortest needle sequence of the training mix (an eighth of the context when that is longer).
 _MIN_NEEDLE_LENGTH = 64
 
@@ -58,18 +70,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--topk", type=int, help="MoBA top-k (the own block counts)")
     model.add_argument("--kconv", type=int, help="key convolution width (0 = off)")
     model.add_argument("--backend", choices=("auto", "reference", "triton"))
-    model.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="any other config field, e.g. num_hidden_layers=4 (values parsed as JSON)")
+    model.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other config field, e.g. num_hidden_layers=4 (values parsed as JSON)",
+    )
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default="python",
-                      help="'python' (this installation's source), a folder, .txt/.jsonl/.parquet, or a datasets name")
+    data.add_argument(
+        "--data",
+        default="python",
+        help="'python' (this installation's source), a folder, .txt/.jsonl/.parquet, or a datasets name",
+    )
     data.add_argument("--text-field", default="text")
-    data.add_argument("--data-dir", type=Path, help="tokenizer + tokenized data (default OUT/data; share it across runs)")
+    data.add_argument(
+        "--data-dir", type=Path, help="tokenizer + tokenized data (default OUT/data; share it across runs)"
+    )
     data.add_argument("--max-corpus-mb", type=float, help="character budget of the default corpus, in millions")
     data.add_argument("--tokenizer", choices=("bpe", "bytes"), default="bpe")
     data.add_argument("--vocab-size", type=int)
-    data.add_argument("--needle-fraction", type=float, default=0.2,
-                      help="share of training tokens in synthetic key-value retrieval sequences")
+    data.add_argument(
+        "--needle-fraction",
+        type=float,
+        default=0.2,
+        help="share of training tokens in synthetic key-value retrieval sequences",
+    )
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--context", type=int, help="training context (longest sequence)")
     opt.add_argument("--batch-tokens", type=int, help="tokens per micro-batch and process")
@@ -134,10 +160,18 @@ def _model_config(args: argparse.Namespace, vocab_size: int):
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        steps=args.steps, batch_tokens=args.batch_tokens, grad_accum=args.grad_accum, max_seqlen=args.context,
-        lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup, seed=args.seed,
-        log_every=args.log_every, eval_every=args.eval_every or args.steps,
-        checkpoint_every=args.checkpoint_every, activation_checkpointing=args.activation_checkpointing,
+        steps=args.steps,
+        batch_tokens=args.batch_tokens,
+        grad_accum=args.grad_accum,
+        max_seqlen=args.context,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup,
+        seed=args.seed,
+        log_every=args.log_every,
+        eval_every=args.eval_every or args.steps,
+        checkpoint_every=args.checkpoint_every,
+        activation_checkpointing=args.activation_checkpointing,
         fsdp=args.fsdp,
     )
 
@@ -188,11 +222,14 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if args.context > args.batch_tokens:
         raise UsageError(f"--context ({args.context}) must not exceed --batch-tokens ({args.batch_tokens})")
     if args.needle_fraction > 0 and args.context < _MIN_NEEDLE_LENGTH:
-        raise UsageError(f"--context must be >= {_MIN_NEEDLE_LENGTH} for needle sequences, got {args.context} "
-                         "(or pass --needle-fraction 0)")
+        raise UsageError(
+            f"--context must be >= {_MIN_NEEDLE_LENGTH} for needle sequences, got {args.context} "
+            "(or pass --needle-fraction 0)"
+        )
     if reads_with_datasets(args.data) and importlib.util.find_spec("datasets") is None:
-        raise UsageError(f"--data {args.data}: reading it needs datasets (not installed): "
-                         "pip install 'flashmoba[train]'")
+        raise UsageError(
+            f"--data {args.data}: reading it needs datasets (not installed): pip install 'flashmoba[train]'"
+        )
     check_device("--device", args.device)
     # The vocabulary is known once the tokenizer is trained: any size checks the other fields now.
     _model_config(args, MIN_VOCAB_SIZE)
@@ -205,8 +242,13 @@ def run(args: argparse.Namespace) -> int:
     args = _fill_defaults(args)
     _check_arguments(args)
     data_dir = args.data_dir or args.out / "data"
-    recipe = dict(source=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                  max_chars=int(args.max_corpus_mb * 1e6), text_field=args.text_field)
+    recipe = dict(
+        source=args.data,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        max_chars=int(args.max_corpus_mb * 1e6),
+        text_field=args.text_field,
+    )
     if data_dir.exists() and not data_dir.is_dir():
         raise UsageError(f"--data-dir {data_dir} is a file, not a folder")
     try:
@@ -232,26 +274,45 @@ def run(args: argparse.Namespace) -> int:
     _, model_cls = model_classes()
     model = model_cls(model_config)
     if where.is_main:
-        print(f"flashmoba train: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-              f"{len(data.train.tokens) / 1e6:.1f}M training tokens, {where.world_size} process(es) on {where.device}")
+        print(
+            f"flashmoba train: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+            f"{len(data.train.tokens) / 1e6:.1f}M training tokens, {where.world_size} process(es) on {where.device}"
+        )
 
     needles = NeedleFactory(data.tokenizer, data.train)
-    mix = functools.partial(
-        needles.training_sequences, seed=args.seed, token_budget=int(args.needle_fraction * args.batch_tokens),
-        min_length=max(_MIN_NEEDLE_LENGTH, args.context // 8), max_length=args.context,
-    ) if args.needle_fraction > 0 else None
+    mix = (
+        functools.partial(
+            needles.training_sequences,
+            seed=args.seed,
+            token_budget=int(args.needle_fraction * args.batch_tokens),
+            min_length=max(_MIN_NEEDLE_LENGTH, args.context // 8),
+            max_length=args.context,
+        )
+        if args.needle_fraction > 0
+        else None
+    )
     stream = PackedStream(data.train, args.batch_tokens, args.context, seed=args.seed, extra_sequences=mix)
     starts, lengths = sequence_chunks(data.val, args.context)
     val_sequences = [data.val.tokens[s : s + n] for s, n in zip(starts, lengths)]
     # Every process scores the same few batches (FSDP needs all of them in every forward anyway).
     val_batches = pack_sequences(val_sequences, args.batch_tokens)[:VAL_LOSS_BATCHES]
 
-    train(model, stream, config, args.out, where=where, resume=args.resume, stop_at_step=args.stop_at,
-          val_batches=val_batches)
+    train(
+        model,
+        stream,
+        config,
+        args.out,
+        where=where,
+        resume=args.resume,
+        stop_at_step=args.stop_at,
+        val_batches=val_batches,
+    )
     if where.is_main and (args.out / "model").exists():
         save_tokenizer(data.tokenizer, args.out / "model")
-        print(f"flashmoba train: model and tokenizer in {args.out / 'model'}; "
-              f"evaluate with: flashmoba eval --run {args.out}")
+        print(
+            f"flashmoba train: model and tokenizer in {args.out / 'model'}; "
+            f"evaluate with: flashmoba eval --run {args.out}"
+        )
     if where.world_size > 1:
         torch.distributed.destroy_process_group()
     return 0

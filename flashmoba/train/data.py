@@ -25,8 +25,14 @@ import numpy as np
 
 from flashmoba._checks import check_float, check_int
 
-__all__ = ["CorpusSplits", "TokenizedCorpus", "python_source_corpus", "user_corpus", "load_corpus",
-           "reads_with_datasets"]
+__all__ = [
+    "CorpusSplits",
+    "TokenizedCorpus",
+    "python_source_corpus",
+    "user_corpus",
+    "load_corpus",
+    "reads_with_datasets",
+]
 
 # Site-packages folders that sit inside the standard library folder; walked as their own root instead.
 _THIRD_PARTY_DIRS = ("site-packages", "dist-packages")
@@ -73,7 +79,7 @@ class TokenizedCorpus:
         np.savez(path, tokens=self.tokens, offsets=self.offsets)
 
     @classmethod
-    def load(cls, path: Path) -> "TokenizedCorpus":
+    def load(cls, path: Path) -> TokenizedCorpus:
         with np.load(path) as f:
             return cls(tokens=f["tokens"], offsets=f["offsets"])
 
@@ -110,7 +116,8 @@ def _package_files(roots: list[Path]) -> dict[str, list[tuple[Path, str]]]:
                 if name.endswith(".py"):
                     relative = (here / name).relative_to(root)
                     packages.setdefault(relative.parts[0].removesuffix(".py"), []).append(
-                        (here / name, relative.as_posix()))
+                        (here / name, relative.as_posix())
+                    )
     return {name: sorted(files, key=lambda f: f[1]) for name, files in sorted(packages.items())}
 
 
@@ -238,9 +245,11 @@ def user_corpus(source: str, *, text_field: str = _TEXT_FIELD, val_fraction: flo
     return CorpusSplits(train=train, val=val)
 
 
-def load_corpus(source: str = "python", *, max_chars: int = 64_000_000, val_fraction: float = 0.05,
-                text_field: str = _TEXT_FIELD) -> CorpusSplits:
-    """``"python"`` for :func:`python_source_corpus` (capped at ``max_chars``), anything else for :func:`user_corpus`."""
+def load_corpus(
+    source: str = "python", *, max_chars: int = 64_000_000, val_fraction: float = 0.05, text_field: str = _TEXT_FIELD
+) -> CorpusSplits:
+    """``"python"`` for :func:`python_source_corpus` (capped at ``max_chars``), anything else for
+    :func:`user_corpus`."""
     if source == "python":
         return python_source_corpus(val_fraction=val_fraction, max_chars=max_chars)
     return user_corpus(source, text_field=text_field, val_fraction=val_fraction)

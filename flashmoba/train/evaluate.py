@@ -33,8 +33,16 @@ _REFERENCE_BYTES_PER_SCORE = 3 * 4 + 2
 # The float32 logits [N, V] of a packed row and one working copy of them (log-softmax, bfloat16 -> float32).
 _BYTES_PER_LOGIT = 2 * 4
 
-__all__ = ["EvalConfig", "perplexity", "needle_retrieval", "router_snr", "evaluate", "estimate_memory",
-           "uses_reference_attention"]
+__all__ = [
+    "EvalConfig",
+    "perplexity",
+    "needle_retrieval",
+    "router_snr",
+    "evaluate",
+    "estimate_memory",
+    "uses_reference_attention",
+]
+
 
 @dataclass
 class EvalConfig:
@@ -136,13 +144,18 @@ def perplexity(model, corpus: TokenizedCorpus, config: EvalConfig, device: torch
         nll = torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")
         scored = position[1:] > 0  # the target starts no new sequence
         bucket = torch.bucketize(position[1:][scored], torch.tensor(edges[1:-1], device=device), right=True)
-        nll_sum += torch.zeros(len(counts), dtype=torch.float64, device=device).index_add_(
-            0, bucket, nll[scored].double()).cpu().numpy()
+        nll_sum += (
+            torch.zeros(len(counts), dtype=torch.float64, device=device)
+            .index_add_(0, bucket, nll[scored].double())
+            .cpu()
+            .numpy()
+        )
         counts += torch.bincount(bucket, minlength=len(counts)).cpu().numpy()
     total = float(nll_sum.sum() / counts.sum())
     by_position = [
         {"start": a, "end": b, "tokens": int(c), "loss": float(s / c), "ppl": math.exp(s / c)}
-        for a, b, s, c in zip(edges[:-1], edges[1:], nll_sum, counts) if c > 0
+        for a, b, s, c in zip(edges[:-1], edges[1:], nll_sum, counts)
+        if c > 0
     ]
     return {"loss": total, "ppl": math.exp(total), "tokens": int(counts.sum()), "by_position": by_position}
 
@@ -162,8 +175,17 @@ def needle_retrieval(model, factory: NeedleFactory, config: EvalConfig, device: 
                 correct += answer_correct(predicted[a:b], samples[cursor])
                 cursor += 1
         low, high = RetrievalEstimate(hits=correct, trials=len(samples)).interval()  # Wilson, 95%
-        rows.append({"task": task, "length": length, "correct": correct, "total": len(samples),
-                     "accuracy": correct / len(samples), "ci_low": low, "ci_high": high})
+        rows.append(
+            {
+                "task": task,
+                "length": length,
+                "correct": correct,
+                "total": len(samples),
+                "accuracy": correct / len(samples),
+                "ci_low": low,
+                "ci_high": high,
+            }
+        )
     return rows
 
 

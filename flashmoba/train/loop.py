@@ -71,8 +71,16 @@ class TrainConfig:
 
     def __post_init__(self):
         minimum = {"warmup_steps": 0, "eval_every": 0}
-        for name in ("steps", "batch_tokens", "grad_accum", "max_seqlen", "log_every", "checkpoint_every",
-                     "warmup_steps", "eval_every"):
+        for name in (
+            "steps",
+            "batch_tokens",
+            "grad_accum",
+            "max_seqlen",
+            "log_every",
+            "checkpoint_every",
+            "warmup_steps",
+            "eval_every",
+        ):
             setattr(self, name, check_int(name, getattr(self, name), minimum.get(name, 1)))
         if self.max_seqlen > self.batch_tokens:
             raise ValueError(f"max_seqlen ({self.max_seqlen}) must not exceed batch_tokens ({self.batch_tokens})")
@@ -186,8 +194,13 @@ def _save_checkpoint(path: Path, wrapped, optimizer, step: int, stream: PackedSt
     model_state, optim_state = get_state_dict(wrapped, optimizer, options=options)
     rng_states = _all_ranks(_rng_state(), where)
     if where.is_main:
-        payload = {"step": step, "model": model_state, "optimizer": optim_state,
-                   "stream": stream.state_dict(), "rng": rng_states}
+        payload = {
+            "step": step,
+            "model": model_state,
+            "optimizer": optim_state,
+            "stream": stream.state_dict(),
+            "rng": rng_states,
+        }
         tmp = path.with_suffix(".tmp")
         torch.save(payload, tmp)
         os.replace(tmp, path)  # never leave a half-written checkpoint behind
@@ -198,8 +211,9 @@ def _save_checkpoint(path: Path, wrapped, optimizer, step: int, stream: PackedSt
 def _load_checkpoint(path: Path, wrapped, optimizer, stream: PackedStream, where: Distributed) -> int:
     payload = torch.load(path, map_location="cpu", weights_only=False)
     options = StateDictOptions(full_state_dict=True)
-    set_state_dict(wrapped, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"],
-                   options=options)
+    set_state_dict(
+        wrapped, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"], options=options
+    )
     stream.load_state_dict(payload["stream"])
     if len(payload["rng"]) != where.world_size:
         raise ValueError(f"{path} was written by {len(payload['rng'])} processes, this run has {where.world_size}")
@@ -228,7 +242,9 @@ def _validation_loss(wrapped, batches: list[PackedBatch], where: Distributed, au
     for batch in batches:
         batch = batch.to(where.device)
         with autocast:
-            total += wrapped(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, labels=batch.input_ids).loss.double()
+            total += wrapped(
+                input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, labels=batch.input_ids
+            ).loss.double()
     wrapped.train()
     return _mean_over_ranks(total / max(1, len(batches)), where)
 

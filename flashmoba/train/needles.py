@@ -31,13 +31,56 @@ __all__ = ["TASKS", "NeedleSample", "NeedleFactory", "answer_correct"]
 # RULER's noise paragraph (its "essay"-free S-NIAH-1 haystack).
 REPEATED_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 _KEY_ADJECTIVES = (
-    "amber", "brisk", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly", "keen", "lively",
-    "mellow", "noble", "odd", "proud", "quiet", "rapid", "silent", "tidy", "upbeat", "vivid", "wary", "young",
+    "amber",
+    "brisk",
+    "calm",
+    "dusty",
+    "eager",
+    "faint",
+    "gentle",
+    "hollow",
+    "icy",
+    "jolly",
+    "keen",
+    "lively",
+    "mellow",
+    "noble",
+    "odd",
+    "proud",
+    "quiet",
+    "rapid",
+    "silent",
+    "tidy",
+    "upbeat",
+    "vivid",
+    "wary",
+    "young",
 )
 _KEY_NOUNS = (
-    "anchor", "badger", "canyon", "dolphin", "ember", "falcon", "glacier", "harbor", "island", "jungle",
-    "kettle", "lantern", "meadow", "nebula", "orchid", "pepper", "quartz", "river", "saddle", "tunnel",
-    "violin", "walrus", "yarrow", "zephyr",
+    "anchor",
+    "badger",
+    "canyon",
+    "dolphin",
+    "ember",
+    "falcon",
+    "glacier",
+    "harbor",
+    "island",
+    "jungle",
+    "kettle",
+    "lantern",
+    "meadow",
+    "nebula",
+    "orchid",
+    "pepper",
+    "quartz",
+    "river",
+    "saddle",
+    "tunnel",
+    "violin",
+    "walrus",
+    "yarrow",
+    "zephyr",
 )
 # task -> (haystack, value kind)
 TASKS = {
@@ -130,8 +173,13 @@ class NeedleFactory:
         ]
         query_order = rng.permutation(count)
         queries = [
-            (self._encode(f"\nWhat is the special magic {singular} for {keys[i]} mentioned in the provided text? "
-                          f"The special magic {singular} for {keys[i]} mentioned in the provided text is: "), values[i])
+            (
+                self._encode(
+                    f"\nWhat is the special magic {singular} for {keys[i]} mentioned in the provided text? "
+                    f"The special magic {singular} for {keys[i]} mentioned in the provided text is: "
+                ),
+                values[i],
+            )
             for i in query_order
         ]
         structure = sum(len(a) + len(b) + len(c) for a, b, c in needles) + sum(len(q) + len(v) for q, v in queries)
@@ -192,8 +240,9 @@ class NeedleFactory:
                 return sample
         return None
 
-    def training_sequences(self, micro_batch: int, *, seed: int, token_budget: int, min_length: int,
-                           max_length: int) -> list[np.ndarray]:
+    def training_sequences(
+        self, micro_batch: int, *, seed: int, token_budget: int, min_length: int, max_length: int
+    ) -> list[np.ndarray]:
         """Needle sequences for one training micro-batch: about ``token_budget`` tokens in sequences of
         ``min_length..max_length`` tokens; a pure function of its arguments (exact resume)."""
         rng = np.random.default_rng([seed, 0x6E656564, micro_batch])

@@ -11,8 +11,8 @@ integers (:meth:`PackedStream.state_dict`), which makes resuming exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return self.input_ids.shape[1]
 
-    def to(self, device) -> "PackedBatch":
+    def to(self, device) -> PackedBatch:
         return PackedBatch(self.input_ids.to(device), self.cu_seqlens.to(device))
 
 
@@ -109,8 +109,9 @@ class PackedStream:
         extra_sequences: Callable[[int], list[np.ndarray]] | None = None,
     ):
         if not 2 <= max_seqlen <= batch_tokens:
-            raise ValueError(f"need 2 <= max_seqlen <= batch_tokens, got max_seqlen={max_seqlen}, "
-                             f"batch_tokens={batch_tokens}")
+            raise ValueError(
+                f"need 2 <= max_seqlen <= batch_tokens, got max_seqlen={max_seqlen}, batch_tokens={batch_tokens}"
+            )
         self.corpus = corpus
         self.batch_tokens = batch_tokens
         self.max_seqlen = max_seqlen

@@ -53,10 +53,21 @@ def plot_retrieval(retrieval: dict[str, list[dict]], path: Path, train_context: 
             cells = sorted((r for r in rows if r["task"] == task), key=lambda r: r["length"])
             x = np.array([r["length"] for r in cells])
             y = np.array([r["accuracy"] for r in cells])
-            err = np.array([[r["accuracy"] - r["ci_low"] for r in cells], [r["ci_high"] - r["accuracy"] for r in cells]])
+            err = np.array(
+                [[r["accuracy"] - r["ci_low"] for r in cells], [r["ci_high"] - r["accuracy"] for r in cells]]
+            )
             # A small horizontal offset per run keeps overlapping error bars readable.
-            ax.errorbar(x * 1.04 ** (i - len(retrieval) / 2), y, yerr=err, marker="o", ms=3, capsize=2,
-                        lw=1, label=name, color=f"C{i}")
+            ax.errorbar(
+                x * 1.04 ** (i - len(retrieval) / 2),
+                y,
+                yerr=err,
+                marker="o",
+                ms=3,
+                capsize=2,
+                lw=1,
+                label=name,
+                color=f"C{i}",
+            )
         if train_context:
             ax.axvline(train_context, color="gray", ls="--", lw=0.8)
         ax.set_xscale("log", base=2)
@@ -78,8 +89,14 @@ def plot_position_perplexity(perplexities: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, result) in enumerate(perplexities.items()):
         buckets = result["by_position"]
-        ax.plot([(b["start"] + b["end"]) / 2 for b in buckets], [b["ppl"] for b in buckets], marker="o", ms=3,
-                label=f"{name} (all: {result['ppl']:.2f})", color=f"C{i}")
+        ax.plot(
+            [(b["start"] + b["end"]) / 2 for b in buckets],
+            [b["ppl"] for b in buckets],
+            marker="o",
+            ms=3,
+            label=f"{name} (all: {result['ppl']:.2f})",
+            color=f"C{i}",
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position in sequence (bucket centre)")
     ax.set_ylabel("validation perplexity")

@@ -45,20 +45,38 @@ def load_data(directory: Path) -> RunData:
     directory = Path(directory)
     if not (directory / "data.json").exists():
         raise ValueError(f"{directory} holds no prepared data (no data.json)")
-    return RunData(load_tokenizer(directory / "tokenizer"), TokenizedCorpus.load(directory / "train.npz"),
-                   TokenizedCorpus.load(directory / "val.npz"), directory)
+    return RunData(
+        load_tokenizer(directory / "tokenizer"),
+        TokenizedCorpus.load(directory / "train.npz"),
+        TokenizedCorpus.load(directory / "val.npz"),
+        directory,
+    )
 
 
-def check_prepared_data(directory: Path, *, source: str, tokenizer: str, vocab_size: int, max_chars: int,
-                        val_fraction: float = 0.05, text_field: str = "text") -> bool:
+def check_prepared_data(
+    directory: Path,
+    *,
+    source: str,
+    tokenizer: str,
+    vocab_size: int,
+    max_chars: int,
+    val_fraction: float = 0.05,
+    text_field: str = "text",
+) -> bool:
     """Whether ``directory`` holds data made by :func:`prepare_data` with these arguments (False: none yet).
 
     Raises:
         ValueError: ``directory`` holds data made with other arguments.
     """
     directory = Path(directory)
-    recipe = {"source": source, "tokenizer": tokenizer, "vocab_size": vocab_size, "max_chars": max_chars,
-              "val_fraction": val_fraction, "text_field": text_field}
+    recipe = {
+        "source": source,
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "max_chars": max_chars,
+        "val_fraction": val_fraction,
+        "text_field": text_field,
+    }
     marker = directory / "data.json"
     if not marker.exists():
         return False
@@ -68,16 +86,30 @@ def check_prepared_data(directory: Path, *, source: str, tokenizer: str, vocab_s
     return True
 
 
-def prepare_data(directory: Path, *, source: str, tokenizer: str, vocab_size: int, max_chars: int,
-                 val_fraction: float = 0.05, text_field: str = "text") -> RunData:
+def prepare_data(
+    directory: Path,
+    *,
+    source: str,
+    tokenizer: str,
+    vocab_size: int,
+    max_chars: int,
+    val_fraction: float = 0.05,
+    text_field: str = "text",
+) -> RunData:
     """Load the corpus, train the tokenizer and tokenize both splits into ``directory``; reuse them if present.
 
     Raises:
         ValueError: ``directory`` holds data made with other arguments.
     """
     directory = Path(directory)
-    recipe = {"source": source, "tokenizer": tokenizer, "vocab_size": vocab_size, "max_chars": max_chars,
-              "val_fraction": val_fraction, "text_field": text_field}
+    recipe = {
+        "source": source,
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "max_chars": max_chars,
+        "val_fraction": val_fraction,
+        "text_field": text_field,
+    }
     if check_prepared_data(directory, **recipe):
         return load_data(directory)
     marker = directory / "data.json"

@@ -12,8 +12,8 @@ The tokenizer is saved as a ``transformers`` fast tokenizer next to the model, s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

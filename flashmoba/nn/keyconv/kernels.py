@@ -21,9 +21,20 @@ BLOCK_C = 64
 
 @triton.jit
 def _lagged_keys(
-    K, STATE, t, pos, seq, c, t_ok, c_ok, lag,
-    stride_kn, stride_ss, stride_sw,
-    WIDTH: tl.constexpr, HAS_STATE: tl.constexpr,
+    K,
+    STATE,
+    t,
+    pos,
+    seq,
+    c,
+    t_ok,
+    c_ok,
+    lag,
+    stride_kn,
+    stride_ss,
+    stride_sw,
+    WIDTH: tl.constexpr,
+    HAS_STATE: tl.constexpr,
 ):
     """fp32 ``[BLOCK_T, BLOCK_C]``: the keys ``lag`` tokens before tokens ``t`` (at in-sequence positions
     ``pos``); before the sequence start, the state row (zeros without a state)."""
@@ -35,24 +46,38 @@ def _lagged_keys(
         state_mask = (t_ok & ~inside)[:, None] & c_ok[None, :]
         x += tl.load(
             STATE + seq[:, None] * stride_ss + row[:, None] * stride_sw + c[None, :],
-            mask=state_mask, other=0.0,
+            mask=state_mask,
+            other=0.0,
         ).to(tl.float32)
     return x
 
 
 @triton.jit
 def _conv_preactivation(
-    K, W, B, STATE, t, pos, seq, c, t_ok, c_ok,
-    stride_kn, stride_ss, stride_sw,
-    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    K,
+    W,
+    B,
+    STATE,
+    t,
+    pos,
+    seq,
+    c,
+    t_ok,
+    c_ok,
+    stride_kn,
+    stride_ss,
+    stride_sw,
+    WIDTH: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """fp32 ``[BLOCK_T, BLOCK_C]``: ``z = sum_l w_l * k_{t-l} + b`` for tokens ``t``."""
     z = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
     for lag in tl.static_range(WIDTH):
         w = tl.load(W + c * WIDTH + (WIDTH - 1 - lag), mask=c_ok, other=0.0).to(tl.float32)
-        x = _lagged_keys(K, STATE, t, pos, seq, c, t_ok, c_ok, lag, stride_kn, stride_ss, stride_sw,
-                         WIDTH, HAS_STATE)
+        x = _lagged_keys(K, STATE, t, pos, seq, c, t_ok, c_ok, lag, stride_kn, stride_ss, stride_sw, WIDTH, HAS_STATE)
         z += w[None, :] * x
     if HAS_BIAS:
         z += tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -61,11 +86,24 @@ def _conv_preactivation(
 
 @triton.jit
 def _conv_silu_residual_kernel(
-    K, W, B, STATE, OUT, SEQ_IDS, CU,
-    num_tokens, num_channels,
-    stride_kn, stride_on, stride_ss, stride_sw,
-    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    K,
+    W,
+    B,
+    STATE,
+    OUT,
+    SEQ_IDS,
+    CU,
+    num_tokens,
+    num_channels,
+    stride_kn,
+    stride_on,
+    stride_ss,
+    stride_sw,
+    WIDTH: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """``out = k + SiLU(z)`` for one tile of tokens x channels."""
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -74,8 +112,26 @@ def _conv_silu_residual_kernel(
     c_ok = c < num_channels
     seq = tl.load(SEQ_IDS + t, mask=t_ok, other=0)
     pos = t - tl.load(CU + seq).to(tl.int64)
-    z = _conv_preactivation(K, W, B, STATE, t, pos, seq, c, t_ok, c_ok, stride_kn, stride_ss, stride_sw,
-                            WIDTH, HAS_BIAS, HAS_STATE, BLOCK_T, BLOCK_C)
+    z = _conv_preactivation(
+        K,
+        W,
+        B,
+        STATE,
+        t,
+        pos,
+        seq,
+        c,
+        t_ok,
+        c_ok,
+        stride_kn,
+        stride_ss,
+        stride_sw,
+        WIDTH,
+        HAS_BIAS,
+        HAS_STATE,
+        BLOCK_T,
+        BLOCK_C,
+    )
     mask = t_ok[:, None] & c_ok[None, :]
     k = tl.load(K + t[:, None] * stride_kn + c[None, :], mask=mask, other=0.0).to(tl.float32)
     out = k + z * tl.sigmoid(z)
@@ -84,11 +140,28 @@ def _conv_silu_residual_kernel(
 
 @triton.jit
 def _conv_silu_residual_grads_kernel(
-    K, W, B, STATE, DOUT, DK, DW_PARTIAL, DB_PARTIAL, SEQ_IDS, CU,
-    num_tokens, num_channels,
-    stride_kn, stride_don, stride_dkn, stride_ss, stride_sw,
-    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    K,
+    W,
+    B,
+    STATE,
+    DOUT,
+    DK,
+    DW_PARTIAL,
+    DB_PARTIAL,
+    SEQ_IDS,
+    CU,
+    num_tokens,
+    num_channels,
+    stride_kn,
+    stride_don,
+    stride_dkn,
+    stride_ss,
+    stride_sw,
+    WIDTH: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """For one tile: the key gradient, and this tile's row of the weight / bias gradient sums."""
     pid_t = tl.program_id(0)
@@ -106,21 +179,44 @@ def _conv_silu_residual_grads_kernel(
         # The output `ahead` tokens later reads this key through the weight of lag `ahead`; its
         # pre-activation is recomputed here rather than stored by the forward.
         ahead_ok = t_ok & (pos + ahead < length)
-        z = _conv_preactivation(K, W, B, STATE, t + ahead, pos + ahead, seq, c, ahead_ok, c_ok,
-                                stride_kn, stride_ss, stride_sw, WIDTH, HAS_BIAS, HAS_STATE, BLOCK_T, BLOCK_C)
+        z = _conv_preactivation(
+            K,
+            W,
+            B,
+            STATE,
+            t + ahead,
+            pos + ahead,
+            seq,
+            c,
+            ahead_ok,
+            c_ok,
+            stride_kn,
+            stride_ss,
+            stride_sw,
+            WIDTH,
+            HAS_BIAS,
+            HAS_STATE,
+            BLOCK_T,
+            BLOCK_C,
+        )
         sig = tl.sigmoid(z)
-        dout = tl.load(DOUT + (t + ahead)[:, None] * stride_don + c[None, :],
-                       mask=ahead_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        dout = tl.load(
+            DOUT + (t + ahead)[:, None] * stride_don + c[None, :], mask=ahead_ok[:, None] & c_ok[None, :], other=0.0
+        ).to(tl.float32)
         grad_z = dout * sig * (1.0 + z * (1.0 - sig))
         w = tl.load(W + c * WIDTH + (WIDTH - 1 - ahead), mask=c_ok, other=0.0).to(tl.float32)
         dk += w[None, :] * grad_z
         if ahead == 0:
             # This tile's share of the weight / bias gradients: sum_t grad_z[t] * k[t - lag].
             for lag in tl.static_range(WIDTH):
-                x = _lagged_keys(K, STATE, t, pos, seq, c, t_ok, c_ok, lag, stride_kn, stride_ss,
-                                 stride_sw, WIDTH, HAS_STATE)
-                tl.store(DW_PARTIAL + (pid_t * WIDTH + WIDTH - 1 - lag) * num_channels + c,
-                         tl.sum(grad_z * x, axis=0), mask=c_ok)
+                x = _lagged_keys(
+                    K, STATE, t, pos, seq, c, t_ok, c_ok, lag, stride_kn, stride_ss, stride_sw, WIDTH, HAS_STATE
+                )
+                tl.store(
+                    DW_PARTIAL + (pid_t * WIDTH + WIDTH - 1 - lag) * num_channels + c,
+                    tl.sum(grad_z * x, axis=0),
+                    mask=c_ok,
+                )
             if HAS_BIAS:
                 tl.store(DB_PARTIAL + pid_t * num_channels + c, tl.sum(grad_z, axis=0), mask=c_ok)
     tl.store(DK + t[:, None] * stride_dkn + c[None, :], dk.to(DK.dtype.element_ty), mask=mask)
@@ -140,11 +236,23 @@ def key_conv_fwd(k, weight, bias, cu_seqlens, seq_ids, state):
     out = torch.empty_like(k)
     grid = (triton.cdiv(num_tokens, BLOCK_T), triton.cdiv(num_channels, BLOCK_C))
     _conv_silu_residual_kernel[grid](
-        k, weight, bias, state, out, seq_ids, cu_seqlens,
-        num_tokens, num_channels,
-        k.stride(0), out.stride(0), *_state_strides(state),
-        WIDTH=weight.shape[1], HAS_BIAS=bias is not None, HAS_STATE=state is not None,
-        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+        k,
+        weight,
+        bias,
+        state,
+        out,
+        seq_ids,
+        cu_seqlens,
+        num_tokens,
+        num_channels,
+        k.stride(0),
+        out.stride(0),
+        *_state_strides(state),
+        WIDTH=weight.shape[1],
+        HAS_BIAS=bias is not None,
+        HAS_STATE=state is not None,
+        BLOCK_T=BLOCK_T,
+        BLOCK_C=BLOCK_C,
     )
     return out
 
@@ -159,11 +267,27 @@ def key_conv_bwd(dout, k, weight, bias, cu_seqlens, seq_ids, state):
     dw_partial = torch.empty(tiles, width, num_channels, dtype=torch.float32, device=k.device)
     db_partial = torch.empty(tiles, num_channels, dtype=torch.float32, device=k.device) if bias is not None else None
     _conv_silu_residual_grads_kernel[(tiles, triton.cdiv(num_channels, BLOCK_C))](
-        k, weight, bias, state, dout, dk, dw_partial, db_partial, seq_ids, cu_seqlens,
-        num_tokens, num_channels,
-        k.stride(0), dout.stride(0), dk.stride(0), *_state_strides(state),
-        WIDTH=width, HAS_BIAS=bias is not None, HAS_STATE=state is not None,
-        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+        k,
+        weight,
+        bias,
+        state,
+        dout,
+        dk,
+        dw_partial,
+        db_partial,
+        seq_ids,
+        cu_seqlens,
+        num_tokens,
+        num_channels,
+        k.stride(0),
+        dout.stride(0),
+        dk.stride(0),
+        *_state_strides(state),
+        WIDTH=width,
+        HAS_BIAS=bias is not None,
+        HAS_STATE=state is not None,
+        BLOCK_T=BLOCK_T,
+        BLOCK_C=BLOCK_C,
     )
     dw = dw_partial.sum(0).t().to(weight.dtype)  # [W, C] -> [C, W]
     db = db_partial.sum(0).to(bias.dtype) if bias is not None else None

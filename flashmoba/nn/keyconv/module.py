@@ -44,12 +44,17 @@ class KeyConv(nn.Module):
 
     def initial_state(self, num_seqs: int, *, device=None, dtype=None) -> torch.Tensor:
         """A zero decoding state ``[num_seqs, W - 1, C]`` (no keys seen yet)."""
-        return torch.zeros(num_seqs, self.kernel_size - 1, self.num_channels,
-                           device=device if device is not None else self.weight.device,
-                           dtype=dtype if dtype is not None else self.weight.dtype)
+        return torch.zeros(
+            num_seqs,
+            self.kernel_size - 1,
+            self.num_channels,
+            device=device if device is not None else self.weight.device,
+            dtype=dtype if dtype is not None else self.weight.dtype,
+        )
 
-    def forward(self, k: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                state: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, k: torch.Tensor, cu_seqlens: torch.Tensor | None = None, state: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``k [B, T, C]`` or packed ``[N, C]`` (+ ``cu_seqlens``) -> same shape; see :func:`~flashmoba.nn.key_conv`."""
         return key_conv(k, self.weight, self.bias, cu_seqlens=cu_seqlens, state=state, backend=self.backend)
 

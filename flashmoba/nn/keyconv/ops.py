@@ -79,8 +79,9 @@ def _check_key_conv_args(k, weight, bias, cu_seqlens, state):
         if tuple(state.shape) != expected:
             raise ValueError(f"state must be [S, W - 1, C] = {list(expected)}, got {tuple(state.shape)}")
         if state.dtype != k.dtype or state.device != k.device:
-            raise TypeError(f"state must match k's dtype and device ({k.dtype}, {k.device}), "
-                            f"got ({state.dtype}, {state.device})")
+            raise TypeError(
+                f"state must match k's dtype and device ({k.dtype}, {k.device}), got ({state.dtype}, {state.device})"
+            )
 
 
 def key_conv(
@@ -120,7 +121,11 @@ def key_conv(
     context = None if state is None else state.detach().clone()
     if backend == "triton":
         out = _KeyConvTriton.apply(
-            flat.contiguous(), weight.contiguous(), bias, cu_seqlens, seq_ids.to(torch.int32),
+            flat.contiguous(),
+            weight.contiguous(),
+            bias,
+            cu_seqlens,
+            seq_ids.to(torch.int32),
             context,
         )
     else:

@@ -42,9 +42,7 @@ def key_conv_reference(k, weight, bias, cu_seqlens, seq_ids, state):
         + torch.arange(context, device=k.device)
     ).reshape(-1)
     extended = k.new_zeros(num_tokens + num_seqs * context, num_channels)
-    extended = extended.index_copy(0, token_slot, k).index_copy(
-        0, context_slot, state.reshape(-1, num_channels)
-    )
+    extended = extended.index_copy(0, token_slot, k).index_copy(0, context_slot, state.reshape(-1, num_channels))
     # Row r of `pre` is the pre-activation of extended slot r + context.
     rows = extended.shape[0] - context
     weight = weight.to(k.dtype)
@@ -73,8 +71,9 @@ def key_conv_naive(k, weight, bias=None, cu_seqlens=None, state=None):
     for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         left = state[s] if state is not None else k.new_zeros(width - 1, num_channels)
         padded = torch.cat([left.to(k.dtype), k[start:end]])
-        pre = sum(weight[:, width - 1 - lag] * padded[width - 1 - lag : width - 1 - lag + end - start]
-                  for lag in range(width))
+        pre = sum(
+            weight[:, width - 1 - lag] * padded[width - 1 - lag : width - 1 - lag + end - start] for lag in range(width)
+        )
         if bias is not None:
             pre = pre + bias
         outputs.append(k[start:end] + F.silu(pre))
