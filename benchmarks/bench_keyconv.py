@@ -1,4 +1,6 @@
-"""Cost of the key convolution next to the MoBA attention it feeds (GPU; the issue's target: < 5%).
+"""Cost of the key convolution next to the MoBA attention it feeds (GPU).
+
+The question it answers: is the key convolution a small share (a few per cent) of the layer's time?
 
 The layer is the 340M preset's MoBA layer (hidden 1024, 16 heads x 64, MoBA block 128, top-k 8) with a
 key convolution of width ``--kconv`` (3), bf16, one sequence per length. Timed, forward + backward each:

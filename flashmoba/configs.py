@@ -33,6 +33,7 @@ __all__ = [
     "attn_fwd",
     "centroids",
     "dot_precision",
+    "key_conv",
     "override",
     "route_topk",
     "shipped",
@@ -133,11 +134,16 @@ def _centroids_table(block_size: int, head_dim: int, device: torch.device) -> tu
     return min(_next_pow2(block_size), max(16, 8192 // _next_pow2(head_dim))), 2
 
 
+def _key_conv_table(num_channels: int, device: torch.device) -> tuple[int, int]:
+    return 64, 64
+
+
 _TABLES = {
     "attn_fwd": _attn_fwd_table,
     "attn_bwd": _attn_bwd_table,
     "route_topk": _route_topk_table,
     "centroids": _centroids_table,
+    "key_conv": _key_conv_table,
 }
 
 
@@ -186,12 +192,21 @@ def centroids(block_size: int, head_dim: int, device: torch.device) -> tuple[int
     return _chosen("centroids", block_size, head_dim, device)
 
 
+def key_conv(num_channels: int, device: torch.device) -> tuple[int, int]:
+    """``(BLOCK_T, BLOCK_C)`` of the key convolution's kernels (:mod:`flashmoba.nn.keyconv.kernels`):
+    tiles of tokens x channels, each program reading its tile plus ``W - 1`` lagged rows. The kernels
+    stream the keys once (a memory-bound stencil), so any tile that keeps enough programs in flight
+    serves every architecture; the backward writes one weight-gradient row per token tile, which a
+    longer token tile makes fewer."""
+    return _chosen("key_conv", num_channels, device)
+
+
 @contextlib.contextmanager
 def override(**chosen: _Override) -> Iterator[None]:
     """Use other configurations inside the ``with`` block (benchmarks, tuning, tests).
 
     Keyword names are the functions of this module (``attn_fwd``, ``attn_bwd``, ``route_topk``,
-    ``centroids``); a value is the configuration to return, or a callable taking that function's
+    ``centroids``, ``key_conv``); a value is the configuration to return, or a callable taking that function's
     arguments. Not thread-safe: it changes a module-level table.
     """
     unknown = set(chosen) - set(_TABLES)

@@ -6,8 +6,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    # pytest-xdist runs one worker per core: intra-op threads would only contend (10-100x slower
-    # small ops measured on a loaded 2-core machine).
+    # pytest-xdist runs one worker per core: intra-op threads would only contend with the other
+    # workers for the same cores.
     torch.set_num_threads(1)
 
 import pytest  # noqa: E402

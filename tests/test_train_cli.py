@@ -113,3 +113,12 @@ def test_eval_writes_results_and_plots(trained):
     assert cells == {(t, 400): 2 for t in ("niah_single_1", "niah_single_2", "niah_single_3")}
     for png in ("retrieval.png", "perplexity_by_position.png", "loss.png"):
         assert (trained / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_refuses_a_needle_length_it_cannot_build_before_any_work(trained, capsys):
+    before = _snapshot(trained)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(trained), "--lengths", "400", "8", "--samples", "2", "--no-snr"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("flashmoba eval: error: --lengths 8:")
+    assert _snapshot(trained) == before

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from flashmoba._checks import UsageError, check_device, check_int, check_option
@@ -105,6 +106,18 @@ def _check_memory(model_config: dict, config: EvalConfig, device: torch.device) 
         )
 
 
+def _check_needles(needles: NeedleFactory, config: EvalConfig) -> None:
+    """A UsageError naming --lengths before any model work when a needle sample cannot be built at one of
+    them (too short for the needle and its query, or longer than the held-out text)."""
+    rng = np.random.default_rng(0)
+    for task in config.tasks:
+        for length in config.lengths:
+            try:
+                needles.eval_sample(task, length, 0.5, rng)
+            except ValueError as err:
+                raise UsageError(f"--lengths {length}: {err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     device = _check_arguments(args)
     stored = json.loads((args.run / "run.json").read_text())
@@ -129,9 +142,11 @@ def run(args: argparse.Namespace) -> int:
     if not (data_dir / "data.json").is_file():
         raise UsageError(f"--run {args.run}: its data folder {data_dir} holds no prepared data (no data.json)")
     data = load_data(data_dir)
+    needles = NeedleFactory(data.tokenizer, data.val)
+    _check_needles(needles, config)
     _, model_cls = model_classes()
     model = model_cls.from_pretrained(str(args.run / "model")).to(device)
-    results = evaluate(model, data.val, NeedleFactory(data.tokenizer, data.val), config, device)
+    results = evaluate(model, data.val, needles, config, device)
     (args.run / "eval.json").write_text(json.dumps(results, indent=2))
 
     name = args.run.name

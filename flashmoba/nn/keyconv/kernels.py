@@ -13,10 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["key_conv_bwd", "key_conv_fwd"]
+from flashmoba import configs
 
-BLOCK_T = 64
-BLOCK_C = 64
+__all__ = ["key_conv_bwd", "key_conv_fwd"]
 
 
 @triton.jit
@@ -233,6 +232,7 @@ def key_conv_fwd(k, weight, bias, cu_seqlens, seq_ids, state):
     (each token's sequence), ``state [S, W - 1, C]`` or None (the left context, read only).
     """
     num_tokens, num_channels = k.shape
+    BLOCK_T, BLOCK_C = configs.key_conv(num_channels, k.device)
     out = torch.empty_like(k)
     grid = (triton.cdiv(num_tokens, BLOCK_T), triton.cdiv(num_channels, BLOCK_C))
     _conv_silu_residual_kernel[grid](
@@ -262,6 +262,7 @@ def key_conv_bwd(dout, k, weight, bias, cu_seqlens, seq_ids, state):
     (contiguous); the other arguments as in :func:`key_conv_fwd`. No gradient flows into the state."""
     num_tokens, num_channels = k.shape
     width = weight.shape[1]
+    BLOCK_T, BLOCK_C = configs.key_conv(num_channels, k.device)
     tiles = triton.cdiv(num_tokens, BLOCK_T)
     dk = torch.empty_like(k)
     dw_partial = torch.empty(tiles, width, num_channels, dtype=torch.float32, device=k.device)
