@@ -61,7 +61,7 @@ def test_presets_and_layer_layout():
 
 
 def test_forward_backward_and_shifted_loss():
-    model = _model(torch.float32, kconv_size=3).train()
+    model = _model(torch.float32, kconv_size=3).eval()
     ids = _ids(2, 50)
     labels = ids.clone()
     labels[0, 10:20] = -100
@@ -72,6 +72,29 @@ def test_forward_backward_and_shifted_loss():
     out.loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"no gradient for {missing}"
+
+
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_training_loss_is_fused_and_equals_the_plain_one(chunk):
+    """Training mode computes the loss chunk by chunk without logits; loss and every gradient equal those
+    of the plain path (full logits) on the same weights, in float64."""
+    model = _model(torch.float64, kconv_size=3)
+    lens = [37, 1, 52, 20]
+    ids = _ids(1, sum(lens))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    labels = ids.clone()
+    labels[0, 5:9] = -100
+    results = {}
+    for name, chunk_size in (("fused", chunk), ("plain", 0)):
+        model.config.loss_chunk_size = chunk_size
+        model.zero_grad()
+        out = model.train()(ids, cu_seqlens=cu, labels=labels)
+        assert (out.logits is None) == (name == "fused")
+        out.loss.backward()
+        results[name] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(results["fused"][0], results["plain"][0], rtol=1e-12, atol=0)
+    for n, g in results["plain"][1].items():
+        torch.testing.assert_close(results["fused"][1][n], g, rtol=1e-10, atol=1e-14, msg=n)
 
 
 def test_packed_documents_equal_separate_runs():

@@ -1,4 +1,4 @@
-"""MoBAAttention and sliding_window_attention against independent float64 oracles.
+"""MoBAAttention and causal_attention against independent float64 oracles.
 
 The oracles are the shared per-token loops of ``factory`` (MoBA, and dense causal attention as MoBA
 with topk covering every block) and a per-token sliding-window loop here. Tolerances: twice the
@@ -15,7 +15,7 @@ from factory import AWKWARD_CASES, naive_attention, rounding_bound
 
 import flashmoba
 from flashmoba import MoBAKVCache
-from flashmoba.nn import MoBAAttention, sliding_window_attention
+from flashmoba.nn import MoBAAttention, causal_attention
 
 
 def naive_sliding_window(q, k, v, cu_seqlens, window):
@@ -82,8 +82,30 @@ def _cu(lens):
 @pytest.mark.parametrize("case", AWKWARD_CASES[:8])
 def test_sliding_window_matches_naive(case, window):
     q, k, v, cu = case.packed()
-    err = float((sliding_window_attention(q, k, v, cu, window) - naive_sliding_window(q, k, v, cu, window)).abs().max())
+    got = causal_attention(q, k, v, cu, window=window)
+    err = float((got - naive_sliding_window(q, k, v, cu, window)).abs().max())
     assert err <= 2 * rounding_bound(q, k, v, cu, torch.float64)[0]
+
+
+@pytest.mark.parametrize("case", AWKWARD_CASES[:8])
+def test_full_causal_attention_matches_naive(case):
+    q, k, v, cu = case.packed()
+    longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    err = float((causal_attention(q, k, v, cu) - naive_sliding_window(q, k, v, cu, max(longest, 1))).abs().max())
+    assert err <= 2 * rounding_bound(q, k, v, cu, torch.float64)[0]
+
+
+def test_causal_attention_refuses_what_it_cannot_run():
+    q, k, v = torch.randn(8, 2, 16), torch.randn(8, 1, 16), torch.randn(8, 1, 16)
+    cu = _cu((3, 5))
+    with pytest.raises(ValueError, match='backend="flash" cannot run: it needs CUDA'):
+        causal_attention(q, k, v, cu, backend="flash")
+    with pytest.raises(ValueError, match="backend"):
+        causal_attention(q, k, v, cu, backend="triton")
+    with pytest.raises(ValueError, match="window"):
+        causal_attention(q, k, v, cu, window=0)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        causal_attention(q, k, v, cu, max_seqlen=-1)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flashmoba._checks import (
     check_backend_support,
@@ -179,12 +180,18 @@ def dense_decode(
     allowed = (key_pos >= 0)[:, None, :] & (delta >= 0)
     if window is not None:
         allowed &= delta < window
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=allowed[:, None],
-        scale=softmax_scale,
-        enable_gqa=q.shape[2] != k.shape[2],
-    )
-    return out.transpose(1, 2)
+    # GQA without copying the cache: the G query heads of a KV head become G x Tq query rows of that head
+    # (row t * G + g), and the mask rows repeat to match.
+    HQ, HKV, D = q.shape[2], k.shape[2], q.shape[3]
+    G = HQ // HKV
+    rows_q = q.view(B, Tq, HKV, G, D).permute(0, 2, 1, 3, 4).reshape(B, HKV, Tq * G, D)
+    # Not cuDNN: it builds an execution plan per shape, and the key count grows with every step.
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        out = F.scaled_dot_product_attention(
+            rows_q,
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=allowed.repeat_interleave(G, dim=1)[:, None],
+            scale=softmax_scale,
+        )
+    return out.view(B, HKV, Tq, G, D).permute(0, 2, 1, 3, 4).reshape(B, Tq, HQ, D)

@@ -30,6 +30,7 @@ import dataclasses
 from transformers import PretrainedConfig
 
 from flashmoba._checks import BACKENDS, check_bool, check_choice, check_int
+from flashmoba.nn.causal import CAUSAL_BACKENDS
 
 __all__ = ["MoBAHybridConfig", "PRESETS", "GLOBAL_ATTN_TYPES"]
 
@@ -109,6 +110,11 @@ class MoBAHybridConfig(PretrainedConfig):
         tie_word_embeddings: share the LM head with the input embedding.
         attn_backend: "auto", "reference" or "triton" for MoBA and the key convolution ("reference" is the
             fast choice on CPU).
+        causal_backend: "auto", "flash" or "sdpa" for the sliding-window and dense layers
+            (:func:`flashmoba.nn.causal.causal_attention`; "auto": FlashAttention's varlen kernel on CUDA).
+        loss_chunk_size: tokens per chunk of the fused LM-head cross entropy used in training mode
+            (:func:`flashmoba.models.loss.linear_cross_entropy`; no ``[N, V]`` logits are kept); 0 = the
+            plain path (full logits) always.
     """
 
     model_type = "moba_hybrid"
@@ -137,6 +143,8 @@ class MoBAHybridConfig(PretrainedConfig):
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     attn_backend: str = "auto"
+    causal_backend: str = "auto"
+    loss_chunk_size: int = 4096
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -149,7 +157,7 @@ class MoBAHybridConfig(PretrainedConfig):
 
     def _check_fields(self):
         """ValueError / TypeError naming the field, for an architecture that cannot be built."""
-        minimum = {"kconv_size": 0}
+        minimum = {"kconv_size": 0, "loss_chunk_size": 0}
         for name in (
             "vocab_size",
             "hidden_size",
@@ -162,6 +170,7 @@ class MoBAHybridConfig(PretrainedConfig):
             "moba_block_size",
             "moba_topk",
             "kconv_size",
+            "loss_chunk_size",
         ):
             setattr(self, name, check_int(name, getattr(self, name), minimum.get(name, 1)))
         if self.num_heads % self.num_kv_heads:
@@ -170,6 +179,7 @@ class MoBAHybridConfig(PretrainedConfig):
             raise ValueError(f"head_dim must be even (RoPE on the sliding-window layers), got {self.head_dim}")
         check_choice("global_attn", self.global_attn, GLOBAL_ATTN_TYPES)
         check_choice("attn_backend", self.attn_backend, BACKENDS)
+        check_choice("causal_backend", self.causal_backend, CAUSAL_BACKENDS)
         check_bool("tie_word_embeddings", self.tie_word_embeddings)
 
     @property

@@ -35,9 +35,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
-from flashmoba._checks import check_cu_seqlens
+from flashmoba._checks import check_cu_seqlens, check_int
 from flashmoba.decode import MoBAKVCache
 from flashmoba.models.config import MoBAHybridConfig
+from flashmoba.models.loss import linear_cross_entropy
 from flashmoba.nn import KeyConv, MoBAAttention
 from flashmoba.nn.varlen import uniform_cu_seqlens
 
@@ -114,13 +115,16 @@ def _fill_from_packed(packed, mask):
     return torch.where((seen > 0).view(*seen.shape, *[1] * (packed.dim() - 1)), filled, 0)
 
 
-def _causal_lm_loss(logits, labels, cu_seqlens, num_items_in_batch=None):
-    """Next-token cross entropy of packed ``logits [N, V]`` against ``labels [N]``, never across sequences."""
+def _next_token_targets(labels, cu_seqlens):
+    """``[N]`` targets of packed ``labels [N]``: token t predicts token t + 1 of its sequence; the last
+    token of every sequence predicts nothing (-100)."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     ends_sequence = torch.zeros_like(labels, dtype=torch.bool)
     ends_sequence[(cu_seqlens[1:] - 1)[lengths > 0].long()] = True
-    targets = labels.roll(-1).masked_fill(ends_sequence, -100)
-    total = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+    return labels.roll(-1).masked_fill(ends_sequence, -100)
+
+
+def _mean_loss(total, targets, num_items_in_batch):
     count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum().clamp(min=1)
     return total / count
 
@@ -165,13 +169,15 @@ class MoBAHybridDecoderLayer(GradientCheckpointingLayer):
             rope_theta=config.rope_theta,
             layer_idx=layer_idx,
             backend=config.attn_backend,
+            causal_backend=config.causal_backend,
         )
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MoBAHybridMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, hidden_states, cu_seqlens=None, past_key_values: MoBAHybridCache | None = None):
+    def forward(self, hidden_states, cu_seqlens=None, past_key_values: MoBAHybridCache | None = None, max_seqlen=None):
         cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cu_seqlens, cache)
+        attn = self.self_attn(self.input_layernorm(hidden_states), cu_seqlens, cache, max_seqlen=max_seqlen)
+        hidden_states = hidden_states + attn
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -215,6 +221,7 @@ class MoBAHybridModel(MoBAHybridPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         past_key_values: MoBAHybridCache | None = None,
         use_cache: bool | None = None,
+        max_seqlen: int | None = None,
         position_ids: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -229,6 +236,8 @@ class MoBAHybridModel(MoBAHybridPreTrainedModel):
             past_key_values: a :class:`MoBAHybridCache` from an earlier call: the new tokens continue
                 its sequences.
             use_cache: return a cache (a new one if none was passed); default False.
+            max_seqlen: with ``cu_seqlens``, optional host-side upper bound of the documents' lengths
+                (the packer knows it; it sizes the dense and sliding-window kernels' grid; default ``N``).
             position_ids: not supported (positions come from ``cu_seqlens`` / ``attention_mask`` / the
                 cache); passing it raises.
             output_attentions: not supported; True raises.
@@ -256,16 +265,19 @@ class MoBAHybridModel(MoBAHybridPreTrainedModel):
             if batch != 1:
                 raise ValueError(f"with cu_seqlens, input_ids must be packed as [1, N], got {tuple(input_ids.shape)}")
             check_cu_seqlens(cu_seqlens, seq_len, input_ids.device)
+            if max_seqlen is not None:
+                max_seqlen = check_int("max_seqlen", max_seqlen, 0)
             hidden, layer_cu = self.embed_tokens(input_ids[0]), cu_seqlens
         elif mask is not None:
             hidden = self.embed_tokens(input_ids[mask])
             layer_cu = F.pad(mask.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+            max_seqlen = seq_len  # a row's real tokens
         else:
             hidden, layer_cu = self.embed_tokens(input_ids), None
         if use_cache and past_key_values is None:
             past_key_values = MoBAHybridCache(self.config.num_layers)
         for layer in self.layers:
-            hidden = layer(hidden, cu_seqlens=layer_cu, past_key_values=past_key_values)
+            hidden = layer(hidden, cu_seqlens=layer_cu, past_key_values=past_key_values, max_seqlen=max_seqlen)
         hidden = self.norm(hidden)
         if past_key_values is not None:
             past_key_values.num_columns += seq_len
@@ -319,6 +331,8 @@ class MoBAHybridForCausalLM(MoBAHybridPreTrainedModel, GenerationMixin):
 
         Returns:
             :class:`CausalLMOutputWithPast`: ``logits [B, T or logits_to_keep, V]``, ``loss``, ``past_key_values``.
+            In training mode with ``labels`` (and ``config.loss_chunk_size > 0``) the loss is the fused,
+            chunked cross entropy and ``logits`` is None.
         """
         out = self.model(
             input_ids,
@@ -337,12 +351,22 @@ class MoBAHybridForCausalLM(MoBAHybridPreTrainedModel, GenerationMixin):
                 )
             mask = _real_tokens(attention_mask, input_ids)
             packed_labels = labels[mask] if mask is not None else labels.reshape(-1)
-            packed_logits = self.lm_head(out.packed_hidden_state)
-            loss = _causal_lm_loss(packed_logits, packed_labels, out.cu_seqlens, num_items_in_batch)
-            if mask is not None:
-                logits = _fill_from_packed(packed_logits, mask)[:, keep]
+            targets = _next_token_targets(packed_labels, out.cu_seqlens)
+            if self.training and self.config.loss_chunk_size and self.lm_head.bias is None:
+                # Training: the fused, chunked loss; no logits are returned (none are ever materialised).
+                total = linear_cross_entropy(
+                    out.packed_hidden_state, self.lm_head.weight, targets, chunk_size=self.config.loss_chunk_size
+                )
+                logits = None
             else:
-                logits = packed_logits.view(*input_ids.shape, -1)[:, keep]
+                packed_logits = self.lm_head(out.packed_hidden_state)
+                wide = packed_logits.to(torch.promote_types(packed_logits.dtype, torch.float32))
+                total = F.cross_entropy(wide, targets, ignore_index=-100, reduction="sum")
+                if mask is not None:
+                    logits = _fill_from_packed(packed_logits, mask)[:, keep]
+                else:
+                    logits = packed_logits.view(*input_ids.shape, -1)[:, keep]
+            loss = _mean_loss(total, targets, num_items_in_batch)
         else:
             logits = self.lm_head(out.last_hidden_state[:, keep])
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

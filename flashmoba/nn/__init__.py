@@ -3,17 +3,20 @@
 * :class:`KeyConv` / :func:`key_conv`: ``k' = k + SiLU(causal depthwise conv(k))`` (fused Triton kernels
   on CUDA, PyTorch elsewhere), varlen-aware, with a rolling decode state;
 * :class:`MoBAAttention`: q/k/v/o projections, GQA, optional key conv and RoPE, attention "moba" /
-  "dense" / "swa", batched or packed inputs, generation over a :class:`flashmoba.MoBAKVCache`.
+  "dense" / "swa", batched or packed inputs, generation over a :class:`flashmoba.MoBAKVCache`;
+* :func:`causal_attention`: the "dense" and "swa" layers' attention of packed sequences (FlashAttention's
+  varlen kernel on CUDA, SDPA elsewhere).
 """
 
-from flashmoba.nn.attention import ATTN_TYPES, MoBAAttention, sliding_window_attention
+from flashmoba.nn.attention import ATTN_TYPES, MoBAAttention
+from flashmoba.nn.causal import causal_attention
 from flashmoba.nn.keyconv import KeyConv, key_conv, key_conv_naive
 
 __all__ = [
     "ATTN_TYPES",
     "KeyConv",
     "MoBAAttention",
+    "causal_attention",
     "key_conv",
     "key_conv_naive",
-    "sliding_window_attention",
 ]

@@ -4,11 +4,12 @@ One layer type serves the paper's three attentions:
 
 * ``"moba"``: MoBA over blocks of ``block_size`` keys, ``topk`` blocks per query (own block included),
   through :func:`flashmoba.moba_attn` / :func:`flashmoba.moba_attn_varlen`;
-* ``"dense"``: causal softmax attention (SDPA), one call per sequence of a packed batch;
+* ``"dense"``: causal softmax attention;
 * ``"swa"``: causal sliding-window attention, each query sees its ``window`` latest keys (itself
-  included: key ``s`` is visible from query ``t`` iff ``t - window < s <= t``). Computed chunk-wise:
-  queries in chunks of ``window`` tokens attend their own and the previous chunk under a band mask, so
-  cost and memory grow linearly with the length (no ``[T, T]`` mask), on any device.
+  included: key ``s`` is visible from query ``t`` iff ``t - window < s <= t``).
+
+"dense" and "swa" run :func:`flashmoba.nn.causal.causal_attention` (``causal_backend``: FlashAttention's
+varlen kernel on CUDA, SDPA elsewhere).
 
 Inputs are batched ``[B, T, hidden]`` or packed ``[N, hidden]`` with ``cu_seqlens``; packed sequences
 never see each other. Positions (RoPE) restart at every sequence start and continue from the cache.
@@ -22,85 +23,19 @@ cache's block sums), :func:`~flashmoba.decode.dense_decode` for "dense" and "swa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import flashmoba
 from flashmoba._checks import BACKENDS, check_choice, check_int
 from flashmoba.decode import MoBAKVCache, dense_decode, moba_decode
+from flashmoba.nn.causal import CAUSAL_BACKENDS, causal_attention
 from flashmoba.nn.keyconv import KeyConv
 from flashmoba.nn.rope import apply_rotary
 from flashmoba.nn.varlen import token_positions, token_sequence_ids, uniform_cu_seqlens
-from flashmoba.routing.result import block_layout
 
-__all__ = ["ATTN_TYPES", "MoBAAttention", "sliding_window_attention"]
+__all__ = ["ATTN_TYPES", "MoBAAttention"]
 
 ATTN_TYPES = ("moba", "dense", "swa")
-
-
-def _sdpa(q, k, v, *, attn_mask=None, is_causal=False):
-    """SDPA of ``q [B, HQ, L, D]`` over ``k, v [B, HKV, S, D]``, KV heads repeated for GQA (this keeps the
-    fused kernels available: not all of them take ``enable_gqa``)."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-
-
-def _dense_causal_attention(q, k, v, cu_seqlens):
-    """Causal attention of every packed sequence on its own: ``[N, H, D]`` in and out."""
-    bounds = cu_seqlens.tolist()
-    pieces = [
-        _sdpa(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None], is_causal=True)[
-            0
-        ].transpose(0, 1)
-        for a, b in zip(bounds[:-1], bounds[1:])
-        if b > a
-    ]
-    return torch.cat(pieces) if pieces else torch.zeros_like(q)
-
-
-def sliding_window_attention(q, k, v, cu_seqlens, window: int):
-    """Causal sliding-window attention of packed sequences, chunk by chunk.
-
-    Args:
-        q: ``[N, HQ, D]``; k, v: ``[N, HKV, D]``; cu_seqlens: ``[S + 1]``; window: keys per query.
-
-    Returns:
-        ``[N, HQ, D]``: query ``t`` attends keys ``t - window < s <= t`` of its own sequence.
-    """
-    num_tokens = q.shape[0]
-    if num_tokens == 0:
-        return torch.zeros_like(q)
-    # Chunks of `window` queries, numbered globally as routing blocks are (static shapes, no host sync).
-    cu_chunks, chunk_seq, num_chunks = block_layout(cu_seqlens, num_tokens, window)
-    num_seqs = cu_seqlens.numel() - 1
-    real = chunk_seq < num_seqs
-    seq = chunk_seq.long().clamp(max=num_seqs - 1)
-    start = cu_seqlens.long()[seq]
-    length = cu_seqlens.long()[seq + 1] - start
-    first_pos = (torch.arange(num_chunks, device=q.device) - cu_chunks.long()[seq]) * window  # [G]
-    slots = torch.arange(window, device=q.device)
-    q_pos = first_pos[:, None] + slots  # [G, window]
-    k_pos = first_pos[:, None] - window + torch.arange(2 * window, device=q.device)  # previous + own chunk
-    q_ok = real[:, None] & (q_pos < length[:, None])
-    k_ok = real[:, None] & (k_pos >= 0) & (k_pos < length[:, None])
-    delta = q_pos[:, :, None] - k_pos[:, None, :]
-    allowed = k_ok[:, None, :] & (delta >= 0) & (delta < window)
-    # A padding query keeps one key (its own slot) so that its softmax stays finite; it is dropped below.
-    allowed |= (~q_ok)[:, :, None] & (slots[:, None] + window == torch.arange(2 * window, device=q.device))
-    last = num_tokens - 1
-    q_tok = (start[:, None] + q_pos).clamp(0, last)
-    k_tok = (start[:, None] + k_pos).clamp(0, last)
-    out = _sdpa(
-        q[q_tok].permute(0, 2, 1, 3),
-        k[k_tok].permute(0, 2, 1, 3),
-        v[k_tok].permute(0, 2, 1, 3),
-        attn_mask=allowed[:, None],
-    )  # [G, HQ, window, D]
-    pos = token_positions(cu_seqlens, num_tokens)
-    chunk = cu_chunks.long()[token_sequence_ids(cu_seqlens, num_tokens)] + pos // window
-    return out[chunk, :, pos % window]
 
 
 def _append_packed(cache: MoBAKVCache, k, v, cu_seqlens, new_lengths: list[int]) -> None:
@@ -136,6 +71,8 @@ class MoBAAttention(nn.Module):
         layer_idx: the layer's index in its model (informational: shown in ``repr``, read by tools that
             report per layer).
         backend: "auto", "reference" or "triton", for MoBA and the key convolution.
+        causal_backend: "auto", "flash" or "sdpa", for "dense" and "swa"
+            (:func:`flashmoba.nn.causal.causal_attention`).
 
     Shapes: ``forward(hidden [B, T, hidden_size] or packed [N, hidden_size], cu_seqlens=None, cache=None)``
     returns the same shape.
@@ -157,6 +94,7 @@ class MoBAAttention(nn.Module):
         rope_theta: float = 10000.0,
         layer_idx: int | None = None,
         backend: str = "auto",
+        causal_backend: str = "auto",
     ):
         super().__init__()
         for name, value, minimum in (
@@ -174,6 +112,7 @@ class MoBAAttention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         check_choice("attn_type", attn_type, ATTN_TYPES)
         check_choice("backend", backend, BACKENDS)
+        check_choice("causal_backend", causal_backend, CAUSAL_BACKENDS)
         if rope and head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {head_dim}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -181,7 +120,7 @@ class MoBAAttention(nn.Module):
         self.block_size, self.topk, self.window = block_size, topk, window
         self.rope, self.rope_theta = rope, float(rope_theta)
         self.layer_idx = layer_idx
-        self.backend = backend
+        self.backend, self.causal_backend = backend, causal_backend
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
@@ -211,7 +150,7 @@ class MoBAAttention(nn.Module):
             k = apply_rotary(k, positions, self.rope_theta)
         return q, k
 
-    def _attend(self, q, k, v, cu_seqlens, batch_shape):
+    def _attend(self, q, k, v, cu_seqlens, batch_shape, max_seqlen):
         """Attention of a whole batch (no cache): packed ``[N, H, D]`` in and out."""
         if self.attn_type == "moba":
             if batch_shape is not None:
@@ -228,13 +167,15 @@ class MoBAAttention(nn.Module):
             return flashmoba.moba_attn_varlen(
                 q, k, v, cu_seqlens, block_size=self.block_size, topk=self.topk, backend=self.backend
             )
-        if self.attn_type == "swa":
-            return sliding_window_attention(q, k, v, cu_seqlens, self.window)
-        if batch_shape is not None:
-            shape = (*batch_shape, -1, self.head_dim)
-            out = _sdpa(*(t.view(shape).transpose(1, 2) for t in (q, k, v)), is_causal=True)
-            return out.transpose(1, 2).reshape_as(q)
-        return _dense_causal_attention(q, k, v, cu_seqlens)
+        return causal_attention(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            window=self.window if self.attn_type == "swa" else None,
+            max_seqlen=batch_shape[1] if batch_shape is not None else max_seqlen,
+            backend=self.causal_backend,
+        )
 
     def decode_attention(self, q: torch.Tensor, cache: MoBAKVCache, new_lengths: list[int]) -> torch.Tensor:
         """Attention of new queries over the cache, which already holds their own keys and values.
@@ -307,6 +248,7 @@ class MoBAAttention(nn.Module):
         hidden_states: torch.Tensor,
         cu_seqlens: torch.Tensor | None = None,
         cache: MoBAKVCache | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """Attention output, same shape as ``hidden_states``.
 
@@ -316,6 +258,8 @@ class MoBAAttention(nn.Module):
             cache: optional :class:`~flashmoba.MoBAKVCache` (``MoBAKVCache.growing()``); an empty one is
                 filled (prefill), a filled one is extended and attended over (decode: the new tokens
                 continue their sequences).
+            max_seqlen: optional upper bound of the packed sequences' lengths, known on the host (the
+                dense and sliding-window kernels size their grid by it; default: ``N``).
         """
         x, cu_seqlens, batch_shape = self._flatten(hidden_states, cu_seqlens)
         num_tokens = x.shape[0]
@@ -325,19 +269,24 @@ class MoBAAttention(nn.Module):
         num_seqs = cu_seqlens.numel() - 1
         if decoding and num_seqs != cache.batch_size:
             raise ValueError(f"the cache holds {cache.batch_size} sequences but the input has {num_seqs}")
-        positions = token_positions(cu_seqlens, num_tokens)
-        if decoding:
-            positions = positions + cache.seqlens.long()[token_sequence_ids(cu_seqlens, num_tokens)]
+        positions = None
+        if self.rope:
+            positions = token_positions(cu_seqlens, num_tokens)
+            if decoding:
+                positions = positions + cache.seqlens.long()[token_sequence_ids(cu_seqlens, num_tokens)]
         q, k = self._queries_keys(x, cu_seqlens, positions, cache)
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         if cache is not None:
-            bounds = cu_seqlens.tolist()
-            new_lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+            if batch_shape is not None:
+                new_lengths = [batch_shape[1]] * batch_shape[0]
+            else:
+                bounds = cu_seqlens.tolist()
+                new_lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
             _append_packed(cache, k, v, cu_seqlens, new_lengths)
         if decoding:
             out = self.decode_attention(q, cache, new_lengths)
         else:
-            out = self._attend(q, k, v, cu_seqlens, batch_shape)
+            out = self._attend(q, k, v, cu_seqlens, batch_shape, max_seqlen)
         out = self.o_proj(out.reshape(num_tokens, -1))
         return out.view(*hidden_states.shape[:-1], -1)
 

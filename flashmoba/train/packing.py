@@ -29,17 +29,19 @@ class PackedBatch:
     Attributes:
         input_ids: int64 ``[1, N]``.
         cu_seqlens: int32 ``[S + 1]``, ``cu_seqlens[0] = 0``, ``cu_seqlens[-1] = N``.
+        max_seqlen: the longest sequence, known on the host (the model's ``max_seqlen``: no device read).
     """
 
     input_ids: torch.Tensor
     cu_seqlens: torch.Tensor
+    max_seqlen: int | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.input_ids.shape[1]
 
     def to(self, device) -> PackedBatch:
-        return PackedBatch(self.input_ids.to(device), self.cu_seqlens.to(device))
+        return PackedBatch(self.input_ids.to(device), self.cu_seqlens.to(device), self.max_seqlen)
 
 
 def _batch(sequences: list[np.ndarray]) -> PackedBatch:
@@ -47,7 +49,7 @@ def _batch(sequences: list[np.ndarray]) -> PackedBatch:
     cu = np.zeros(len(sequences) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
     ids = np.concatenate(sequences).astype(np.int64)
-    return PackedBatch(torch.from_numpy(ids)[None, :], torch.from_numpy(cu))
+    return PackedBatch(torch.from_numpy(ids)[None, :], torch.from_numpy(cu), max(lengths, default=0))
 
 
 def sequence_chunks(corpus: TokenizedCorpus, max_seqlen: int, min_seqlen: int = 2) -> tuple[np.ndarray, np.ndarray]:
