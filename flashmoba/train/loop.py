@@ -131,11 +131,15 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (linear and embedding weights), none on norms and biases."""
+    """AdamW with weight decay on matrices (linear and embedding weights), none on norms and biases, nor on
+    the parameters of modules whose class sets ``no_weight_decay = True`` (the key convolution, whose
+    weights are a deviation from the identity that decay would erase)."""
+    exempt = {id(p) for m in model.modules() if getattr(m, "no_weight_decay", None) is True for p in m.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p.dim() >= 2 and id(p) not in exempt for p in params]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p, d in zip(params, decay) if d], "weight_decay": config.weight_decay},
+        {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 

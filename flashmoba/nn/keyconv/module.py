@@ -20,12 +20,18 @@ class KeyConv(nn.Module):
         bias: learn a bias inside the SiLU.
         backend: "auto", "reference" or "triton" (see :func:`~flashmoba.nn.key_conv`).
 
-    Parameters start at zero: a fresh KeyConv is exactly the identity (see :mod:`flashmoba.nn.keyconv`).
+    Parameters start at zero: a fresh KeyConv is exactly the identity (see :mod:`flashmoba.nn.keyconv`),
+    and the SiLU's slope of 1/2 at zero gives the weights a gradient from the first step. What they learn is
+    a deviation from that identity, which weight decay would pull back to zero, that is, to no convolution
+    at all: the class attribute ``no_weight_decay = True`` asks training loops to leave them undecayed
+    (the optimizer of :mod:`flashmoba.train.loop` does).
 
     Shapes: ``forward(k [B, T, C])`` or packed ``forward(k [N, C], cu_seqlens [S + 1])`` -> k's shape; with
     ``state`` from :meth:`initial_state` (``[S, W - 1, C]``, ``S = B`` for batched keys), calls on
     consecutive pieces of the sequences give the keys of one full pass.
     """
+
+    no_weight_decay = True
 
     def __init__(self, num_channels: int, kernel_size: int = 3, bias: bool = False, *, backend: str = "auto"):
         super().__init__()

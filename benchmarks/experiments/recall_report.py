@@ -1,0 +1,312 @@
+"""results.md and the plots of the associative-recall experiment, from its results.json (``recall.py``).
+
+Runs are compared within one setup (``setup_id``): the grid is the setup with the most runs; runs of
+other setups (the pilot) are listed with their recall curves. Spreads are the sample standard deviation
+over seeds; intervals are Wilson 95 % intervals of pooled counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from recall_metrics import wilson  # noqa: E402
+
+from flashmoba.theory import retrieval_probability  # noqa: E402
+
+__all__ = ["write_report"]
+
+ORDER = ("dense", "moba512_k2", "moba256_k4", "moba128_k8", "moba64_k16", "moba128_k8_kconv3", "dense_kconv3")
+
+
+def _mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return mean, sd
+
+
+def _fmt(mean, sd=None, digits=3, pct=False):
+    if mean is None:
+        return "-"
+    scale, unit = (100, "") if pct else (1, "")
+    text = f"{scale * mean:.{1 if pct else digits}f}{unit}"
+    return text if sd is None else f"{text} ± {scale * sd:.{1 if pct else digits}f}"
+
+
+def _by_variant(records):
+    groups = {}
+    for r in sorted(records, key=lambda r: (ORDER.index(r["variant"]), r["seed"])):
+        groups.setdefault(r["variant"], []).append(r)
+    return groups
+
+
+def _kind(r, kind):
+    c = r["recall_by_key"][kind]
+    return c["correct"] / c["total"] if c["total"] else None
+
+
+def _config(r):
+    block = "-" if r["block_size"] is None else f"{r['block_size']}/k{r['topk']}"
+    return f"{block}{' + kconv' + str(r['kconv']) if r['kconv'] else ''}"
+
+
+def _main_table(groups) -> list[str]:
+    lines = [
+        "| variant | block/topk | seeds | recall % | single-token keys % | multi-token keys % | router recall | "
+        "router chance | SNR (measured) | router recall predicted by the SNR | held-out ppl | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, runs in groups.items():
+
+        def cell(values, **kw):
+            return _fmt(*_mean_sd(values), **kw)
+
+        layers = [next(iter(r["router_layers"].values()), {}) for r in runs]
+        cells = [
+            variant,
+            _config(runs[0]),
+            str(len(runs)),
+            cell([r["recall"] for r in runs], pct=True),
+            cell([_kind(r, "single") for r in runs], pct=True),
+            cell([_kind(r, "multi") for r in runs], pct=True),
+            cell([r["router_recall"] for r in runs]),
+            _fmt(_mean_sd([r["router_chance"] for r in runs])[0]),
+            cell([r["snr_measured"] for r in runs], digits=2),
+            _fmt(_mean_sd([layer.get("predicted_router_recall") for layer in layers])[0]),
+            cell([r["perplexity"]["ppl"] for r in runs if r.get("perplexity")], digits=2),
+            _fmt(_mean_sd([r["train_seconds"] for r in runs])[0], digits=1),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _seed_table(groups) -> list[str]:
+    lines = [
+        "| variant | seed | recall % [95 % CI] (correct/total) | router recall (per head) | delta_mu_eff | "
+        "sigma^2 | SNR | tokens | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, runs in groups.items():
+        for r in runs:
+            low, high = wilson(r["correct"], r["total"])
+            layer = next(iter(r["router_layers"].values()), {})
+            heads = "/".join(f"{h:.2f}" for h in layer.get("router_recall_by_head", []))
+            lines.append(
+                f"| {variant} | {r['seed']} | {100 * r['recall']:.1f} [{100 * low:.1f}, {100 * high:.1f}] "
+                f"({r['correct']}/{r['total']}) | {_fmt(r['router_recall'])} ({heads or '-'}) | "
+                f"{_fmt(layer.get('delta_mu_eff'), digits=2)} | {_fmt(layer.get('noise_variance'), digits=2)} | "
+                f"{_fmt(r['snr_measured'], digits=2)} | {r['tokens'] / 1e6:.1f}M | {r['train_seconds']:.1f} |"
+            )
+    return lines
+
+
+def _distance_table(groups) -> list[str]:
+    edges = [(b["lo"], b["hi"]) for b in next(iter(groups.values()))[0]["recall_by_distance"]]
+    lines = [
+        "| variant | " + " | ".join(f"{lo}-{hi}" for lo, hi in edges) + " |",
+        "|---|" + "---|" * len(edges),
+    ]
+    for variant, runs in groups.items():
+        cells = []
+        for i in range(len(edges)):
+            correct = sum(r["recall_by_distance"][i]["correct"] for r in runs)
+            total = sum(r["recall_by_distance"][i]["total"] for r in runs)
+            ci = wilson(correct, total)
+            cells.append("-" if ci is None else f"{100 * correct / total:.1f} [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _switch_table(switch, runs) -> list[str]:
+    trained = {(r["variant"], r["seed"]): r for r in runs}
+    lines = [
+        "| trained as | run as | seeds | recall % (trained model) | recall % (switched) | retained | "
+        "router recall | router chance | SNR |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    pairs = {}
+    for s in switch:
+        if (s["source"], s["seed"]) in trained:
+            pairs.setdefault((s["source"], s["variant"]), []).append((trained[(s["source"], s["seed"])], s))
+    for (source, target), items in sorted(pairs.items(), key=lambda kv: (ORDER.index(kv[0][0]), ORDER.index(kv[0][1]))):
+        retained = [s["recall"] / t["recall"] if t["recall"] else None for t, s in items]
+        lines.append(
+            f"| {source} | {target} | {len(items)} | {_fmt(*_mean_sd([t['recall'] for t, _ in items]), pct=True)} | "
+            f"{_fmt(*_mean_sd([s['recall'] for _, s in items]), pct=True)} | {_fmt(*_mean_sd(retained), digits=2)} | "
+            f"{_fmt(*_mean_sd([s['router_recall'] for _, s in items]))} | "
+            f"{_fmt(_mean_sd([s['router_chance'] for _, s in items])[0])} | "
+            f"{_fmt(*_mean_sd([s['snr_measured'] for _, s in items]), digits=2)} |"
+        )
+    return lines
+
+
+def _kconv_table(groups) -> list[str]:
+    lines = ["| variant | seed | mean abs weight by lag (0 = current key, 1, 2) | mean weight by lag | norm |"]
+    lines.append("|---|---|---|---|---|")
+    for variant, runs in groups.items():
+        for r in runs:
+            for w in r.get("kconv_weights") or []:
+                lines.append(
+                    f"| {variant} | {r['seed']} | {' / '.join(f'{x:.4f}' for x in w['abs_mean_by_lag'])} | "
+                    f"{' / '.join(f'{x:+.4f}' for x in w['mean_by_lag'])} | {w['norm']:.3f} |"
+                )
+    return lines
+
+
+def _plot_recall_vs_block(groups, path):
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = {"dense": "k", "dense_kconv3": "gray", "moba128_k8_kconv3": "C3"}
+    for variant, runs in groups.items():
+        for i, r in enumerate(runs):
+            low, high = wilson(r["correct"], r["total"])
+            x = r["block_size"] if r["block_size"] else None
+            if x is None:
+                ax.axhspan(low, high, color=colors.get(variant, "k"), alpha=0.12)
+                ax.axhline(r["recall"], color=colors.get(variant, "k"), lw=0.8, label=variant if i == 0 else None)
+                continue
+            shift = 1.04 if r["kconv"] else 1.0
+            ax.errorbar(
+                x * shift * 1.015 ** (i - 1),
+                r["recall"],
+                yerr=[[r["recall"] - low], [high - r["recall"]]],
+                fmt="o" if not r["kconv"] else "s",
+                color=colors.get(variant, "C0"),
+                ms=4,
+                capsize=2,
+                label=variant if i == 0 and (r["kconv"] or variant == "moba128_k8") else None,
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("MoBA block size (topk x block = 1024 keys per query)")
+    ax.set_ylabel("recall (Wilson 95 % per run)")
+    ax.set_title("associative recall vs block size (one point per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_router_vs_snr(groups, switch, path):
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    points = [(r, "o") for runs in groups.values() for r in runs if r["snr_measured"] is not None]
+    points += [(s, "x") for s in switch if s["snr_measured"] is not None]
+    configs = sorted({(r["block_size"], r["topk"]) for r, _ in points})
+    for c, (bs, topk) in enumerate(configs):
+        color = f"C{c}"
+        mine = [(r, m) for r, m in points if (r["block_size"], r["topk"]) == (bs, topk)]
+        for r, marker in mine:
+            ax.plot(r["snr_measured"], r["router_recall"], marker, color=color, ms=5)
+        blocks = _typical_past_blocks(mine[0][0])
+        if blocks:
+            xs = [i / 20 for i in range(-10, 81)]
+            ax.plot(xs, [retrieval_probability(x, blocks, topk - 1) for x in xs], "-", color=color, lw=0.8)
+        ax.plot([], [], "-o", color=color, label=f"{bs}/k{topk} (theory: top {topk - 1} of {blocks} past blocks)")
+    ax.set_xlabel("measured router SNR at the answer queries")
+    ax.set_ylabel("router recall")
+    ax.set_title("router recall vs SNR (o trained, x training-free switch; lines: theory)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _typical_past_blocks(record) -> int | None:
+    """The fully past blocks of a query at the middle of the query region (the theory curve's n)."""
+    bs, seq_len = record["block_size"], record["recall_by_distance"][-1]["hi"]
+    if not bs:
+        return None
+    return max(1, (seq_len - seq_len // 16) // bs)
+
+
+def _plot_curves(pilot, path):
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, r in enumerate(pilot):
+        xs = [p["tokens"] / 1e6 for p in r["curve"]]
+        ax.plot(xs, [p["recall"] for p in r["curve"]], "-o", ms=3, color=f"C{i}", label=r["label"])
+        ax.plot(xs, [p.get("multi") for p in r["curve"]], ":", color=f"C{i}")
+    ax.axhline(0.9, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("recall (solid: all keys; dotted: multi-token keys)")
+    ax.set_title("pilot: recall during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: dict, out: Path) -> None:
+    """results.md, recall_vs_block.png, router_vs_snr.png and (with pilot curves) pilot.png into ``out``."""
+    out = Path(out)
+    runs = results["runs"]
+    if not runs:
+        raise ValueError("no runs to report")
+    grid_id = Counter(r["setup_id"] for r in runs).most_common(1)[0][0]
+    grid = [r for r in runs if r["setup_id"] == grid_id]
+    switch = [s for s in results["switch"] if s["setup_id"] == grid_id]
+    groups = _by_variant(grid)
+    setup = results["setups"].get(grid_id, {})
+    envs = sorted(
+        {json.dumps({k: e[k] for k in ("device", "torch", "triton", "date")}) for e in results["environments"]}
+    )
+    lines = [
+        "# Associative recall: results",
+        "",
+        f"Grid setup `{grid_id}`: `{json.dumps(setup, sort_keys=True)}`",
+        "",
+        *[f"Environment: `{e}`" for e in envs],
+        "",
+        "## Per variant (mean ± sample sd over seeds)",
+        "",
+        *_main_table(groups),
+        "",
+        "## Per run",
+        "",
+        *_seed_table(groups),
+        "",
+        "## Recall % by key-query distance (tokens), seeds pooled [Wilson 95 %]",
+        "",
+        *_distance_table(groups),
+        "",
+        "## Training-free switch: the trained dense weights run with MoBA global layers",
+        "",
+        *_switch_table(switch, grid),
+        "",
+        "## Learned key-convolution weights (initialised at zero, no weight decay)",
+        "",
+        *_kconv_table(groups),
+        "",
+    ]
+    pilot = []
+    for r in runs:
+        if r.get("curve"):
+            s = results["setups"].get(r["setup_id"], {})
+            label = f"{r['variant']} seed {r['seed']} lr {s.get('lr')} steps {s.get('steps')}"
+            pilot.append(dict(r, label=label))
+    if pilot:
+        lines += ["## Pilot: recall during training", "", "| run | setup | tokens (M) | recall | multi-token keys |"]
+        lines.append("|---|---|---|---|---|")
+        for r in pilot:
+            for p in r["curve"]:
+                lines.append(
+                    f"| {r['label']} | `{r['setup_id']}` | {p['tokens'] / 1e6:.1f} | {p['recall']:.3f} | "
+                    f"{_fmt(p.get('multi'))} |"
+                )
+        _plot_curves(pilot, out / "pilot.png")
+    if results.get("probes"):
+        lines += ["", "## Step times", "", "| variant | ms per step | first call s | setup |", "|---|---|---|---|"]
+        for p in results["probes"]:
+            lines.append(f"| {p['variant']} | {1000 * p['step_s']:.1f} | {p['first_run_s']:.1f} | `{p['setup_id']}` |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    _plot_recall_vs_block(groups, out / "recall_vs_block.png")
+    _plot_router_vs_snr(groups, switch, out / "router_vs_snr.png")
