@@ -94,7 +94,7 @@ GPU_SETUP = dict(
     router_batches=1,
     snr_seqs=4,
     ppl_seqs=32,
-    corpus_chars=16_000_000,
+    corpus_chars=4_000_000,
     log_every=25,
 )
 # The same pipeline in about a minute on 2 CPU cores: sequences and block sizes scaled down by 8.
