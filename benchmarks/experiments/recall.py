@@ -249,7 +249,14 @@ def train_run(variant, seed, setup, device, backend, texts, eval_batches, curve_
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if done % setup["log_every"] == 0 or done == setup["steps"]:
-            log.append({"step": done, "tokens": done * tokens_per_step, "loss": float(answer.detach()), "lm_loss": float(lm.detach())})
+            log.append(
+                {
+                    "step": done,
+                    "tokens": done * tokens_per_step,
+                    "loss": float(answer.detach()),
+                    "lm_loss": float(lm.detach()),
+                }
+            )
         if curve_every and (done % curve_every == 0 or done == setup["steps"]):
             _sync(device)
             train_seconds += time.perf_counter() - start
@@ -421,8 +428,8 @@ def run(args) -> int:
     texts = _corpus(setup)
     eval_batches = _eval_batches(setup, texts[1])
     autocast = _autocast(device)
-    if args.probe_steps:
-        results["probes"] += _probe(args.variants, setup, device, backend, texts, args.probe_steps)
+    for variant in args.variants if args.probe_steps else ():
+        results["probes"] += _probe([variant], setup, device, backend, texts, args.probe_steps)
         _write(results, args.out)
     done = {(r["variant"], r["seed"], r["setup_id"]) for r in results["runs"]}
     durations = []
@@ -455,7 +462,7 @@ def run(args) -> int:
                 f"call {time.perf_counter() - call_start:.0f} s",
                 flush=True,
             )
-    if args.cpu_smoke:
+    if args.cpu_smoke and results["runs"]:
         write_report(results, args.out)
     return 0
 
