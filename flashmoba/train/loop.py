@@ -247,7 +247,10 @@ def _validation_loss(wrapped, batches: list[PackedBatch], where: Distributed, au
         batch = batch.to(where.device)
         with autocast:
             total += wrapped(
-                input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, labels=batch.input_ids
+                input_ids=batch.input_ids,
+                cu_seqlens=batch.cu_seqlens,
+                labels=batch.input_ids,
+                max_seqlen=batch.max_seqlen,
             ).loss.double()
     wrapped.train()
     return _mean_over_ranks(total / max(1, len(batches)), where)
@@ -268,7 +271,8 @@ def train(
 
     Args:
         model: follows the project's model contract: ``model(input_ids=[1, N], cu_seqlens=int32 [S + 1],
-            labels=[1, N]).loss``; ``gradient_checkpointing_enable()`` if activation checkpointing is on;
+            labels=[1, N], max_seqlen=int or None).loss``; ``gradient_checkpointing_enable()`` if activation
+            checkpointing is on;
             ``save_pretrained(dir, state_dict=...)`` for the final save (skipped when absent).
         stream: the training micro-batches (``config.batch_tokens`` tokens each).
         config: :class:`TrainConfig`.
@@ -323,7 +327,12 @@ def train(
         for i, batch in enumerate(batches):
             batch = batch.to(where.device)
             with _gradient_sync(wrapped, enabled=i == len(batches) - 1), autocast:
-                loss = wrapped(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, labels=batch.input_ids).loss
+                loss = wrapped(
+                    input_ids=batch.input_ids,
+                    cu_seqlens=batch.cu_seqlens,
+                    labels=batch.input_ids,
+                    max_seqlen=batch.max_seqlen,
+                ).loss
                 (loss / config.grad_accum).backward()
             loss_sum += loss.detach().double()
         grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
