@@ -11,7 +11,7 @@ dense global layers), ``moba-128x8`` / ``moba-64x16`` (MoBA global layers, block
 ``moba-128x8-kconv3`` (plus the key convolution); suffixes switch one choice back to measure it:
 ``-sdpa`` (dense and sliding-window layers on SDPA instead of FlashAttention's varlen kernel),
 ``-logits`` (the loss on full ``[N, V]`` logits instead of the fused chunked one), ``-ckpt`` (activation
-checkpointing per decoder layer on).
+checkpointing per decoder layer on), ``-compile`` (``torch.compile`` of every decoder layer).
 
 FLOPs (stated, so that MFU is comparable across variants): ``6 * P * tokens`` for the matmul parameters
 ``P`` (every ``nn.Linear`` weight, the LM head included, the embedding lookup excluded) plus attention
@@ -54,13 +54,14 @@ SUFFIXES = {
     "-sdpa": dict(causal_backend="sdpa"),
     "-logits": dict(loss_chunk_size=0),
     "-ckpt": {},  # activation checkpointing, set on the model
+    "-compile": {},  # torch.compile of the decoder layers, set on the model
 }
 CATEGORIES = ("attn core: moba", "attn core: dense", "attn core: swa", "attn proj", "mlp", "norm", "optimizer")
 
 
-def parse_variant(name: str) -> tuple[str, dict, bool]:
-    """``(base, config overrides, activation checkpointing)`` of a variant name."""
-    base, overrides, ckpt = name, {}, False
+def parse_variant(name: str) -> tuple[str, dict, set[str]]:
+    """``(base, config overrides, model switches {"-ckpt", "-compile"})`` of a variant name."""
+    base, overrides, switches = name, {}, set()
     stripped = True
     while stripped:
         stripped = False
@@ -68,12 +69,13 @@ def parse_variant(name: str) -> tuple[str, dict, bool]:
             if base.endswith(suffix) and base != suffix:
                 base, stripped = base[: -len(suffix)], True
                 overrides.update(extra)
-                ckpt |= suffix == "-ckpt"
+                if suffix in ("-ckpt", "-compile"):
+                    switches.add(suffix)
     if base not in BASE_VARIANTS:
         raise SystemExit(f"unknown variant {name!r}: a base of {sorted(BASE_VARIANTS)} with suffixes {list(SUFFIXES)}")
     if base == "llama" and overrides:
-        raise SystemExit(f"{name}: llama takes only the -ckpt suffix")
-    return base, {**(BASE_VARIANTS[base] or {}), **overrides}, ckpt
+        raise SystemExit(f"{name}: llama takes only the -ckpt and -compile suffixes")
+    return base, {**(BASE_VARIANTS[base] or {}), **overrides}, switches
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ def parse_variant(name: str) -> tuple[str, dict, bool]:
 
 
 def build_model(name: str, preset: str, context: int, device, backend: str):
-    base, overrides, ckpt = parse_variant(name)
+    base, overrides, switches = parse_variant(name)
     config = MoBAHybridConfig.from_preset(preset, max_position_embeddings=context, attn_backend=backend, **overrides)
     if base == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -104,9 +106,13 @@ def build_model(name: str, preset: str, context: int, device, backend: str):
     else:
         model = MoBAHybridForCausalLM(config)
         layer_types = config.layer_attn_types
-    if ckpt:
+    if "-ckpt" in switches:
         model.gradient_checkpointing_enable()
-    return model.to(device).train(), config, layer_types
+    model = model.to(device).train()
+    if "-compile" in switches:
+        for layer in model.model.layers:
+            layer.compile()
+    return model, config, layer_types
 
 
 def keys_attended(attn: str, context: int, config) -> int:

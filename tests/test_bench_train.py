@@ -40,7 +40,7 @@ def test_variant_names(bench):
     assert bench.parse_variant("moba-64x16-sdpa-ckpt") == (
         "moba-64x16",
         {"global_attn": "moba", "moba_block_size": 64, "moba_topk": 16, "causal_backend": "sdpa"},
-        True,
+        {"-ckpt"},
     )
     with pytest.raises(SystemExit, match="unknown variant"):
         bench.parse_variant("moba-32x32")
