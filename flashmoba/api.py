@@ -10,6 +10,8 @@ of host synchronisation (pass ``max_seqlen`` there, or nothing at all: the kerne
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from flashmoba._checks import (
@@ -23,7 +25,7 @@ from flashmoba._checks import (
     check_tensor,
     resolve_backend,
 )
-from flashmoba.routing.result import MoBARouting, block_layout, max_num_blocks
+from flashmoba.routing.result import BlockIndex, MoBARouting, block_layout, max_num_blocks
 
 __all__ = ["moba_attn", "moba_attn_varlen", "moba_route_varlen", "BACKENDS"]
 
@@ -245,3 +247,110 @@ def moba_attn(
         out, lse = res
         return out.view(B, T, HQ, D), lse.view(B, T, HQ)
     return res.view(B, T, HQ, D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# internal: queries kept apart from their keys (context parallelism, flashmoba.distributed)
+
+
+class _QueryRouting(NamedTuple):
+    """The routing of :func:`_route_queries`, as :func:`_attend_queries` takes it."""
+
+    indices: torch.Tensor  # int32 [Nq, HQ, topk], local block ids, ascending, -1 padded
+    block_index: BlockIndex | None  # Triton: the block -> query view over the queries' rows
+    block_size: int
+    topk: int
+    causal: bool
+    backend: str
+
+
+def _query_key_rows(cu_seqlens, query_cu_seqlens, query_positions):
+    """int64 ``[Nq]``: each query's own key row, ``cu_seqlens[s] + position``."""
+    num_queries = query_positions.shape[0]
+    rows = torch.arange(num_queries, device=query_positions.device)
+    seq = torch.searchsorted(query_cu_seqlens[1:].long(), rows, right=True)
+    return cu_seqlens.long()[seq] + query_positions.long()
+
+
+def _route_queries(
+    q, k, cu_seqlens, query_cu_seqlens, query_positions, *, block_size, topk, causal, backend
+) -> _QueryRouting:
+    """The routing of queries that are not the keys' tokens: the rows ``query_cu_seqlens[s] :
+    query_cu_seqlens[s + 1]`` of ``q [Nq, HQ, D]`` are sequence ``s``'s queries at the increasing positions
+    ``query_positions [Nq]`` of the sequence, whose keys are ``k [N, HKV, D]`` with ``cu_seqlens``.
+
+    The rule, the block clamp and the backends are those of :func:`moba_route_varlen` on the whole
+    sequences: the result is that call's rows at these positions. Shapes are the caller's to check (the
+    context-parallel entry points do); the values of the positions are trusted.
+    """
+    block_size, topk = check_routing_args(block_size, topk, causal)
+    backend = resolve_backend(backend, q.device)
+    block_size, topk = _routing_shape(block_size, topk, k.shape[0], cu_seqlens.numel() - 1)
+    check_backend_support(backend, q, block_size, topk)
+    if backend == "reference":
+        from flashmoba import reference
+
+        indices = reference.route(q, k, cu_seqlens, block_size, topk, causal, query_cu_seqlens, query_positions)
+        return _QueryRouting(indices, None, block_size, topk, causal, backend)
+    from flashmoba.routing import route_triton
+
+    layout = block_layout(cu_seqlens, k.shape[0], block_size)
+    indices, block_index = route_triton(
+        q,
+        k,
+        cu_seqlens,
+        block_size,
+        topk,
+        causal,
+        layout,
+        query_cu_seqlens=query_cu_seqlens,
+        query_positions=query_positions.to(torch.int32),
+    )
+    return _QueryRouting(indices, block_index, block_size, topk, causal, backend)
+
+
+def _attend_queries(
+    q, k, v, cu_seqlens, query_cu_seqlens, query_positions, routing: _QueryRouting, *, softmax_scale, return_lse
+):
+    """MoBA attention of the queries of :func:`_route_queries` over all keys, from that routing.
+
+    Returns ``out [Nq, HQ, D]`` (or ``(out, lse [Nq, HQ])``), differentiable in q and in all of k and v:
+    the rows of :func:`moba_attn_varlen`'s result at these queries.
+    """
+    check_routing_args(routing.block_size, routing.topk, routing.causal, softmax_scale)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if routing.backend == "reference":
+        from flashmoba import reference
+
+        out, lse = reference.attention(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            routing.block_size,
+            routing.topk,
+            routing.causal,
+            scale,
+            indices=routing.indices,
+            query_cu_seqlens=query_cu_seqlens,
+            query_positions=query_positions,
+        )
+        lse = lse.float() if q.dtype != torch.float64 else lse
+    else:
+        from flashmoba.attention.queries import moba_attn_queries_triton
+
+        out, lse = moba_attn_queries_triton(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            _query_key_rows(cu_seqlens, query_cu_seqlens, query_positions),
+            routing.block_index,
+            routing.block_size,
+            routing.topk,
+            routing.causal,
+            scale,
+            False,
+            return_lse,
+        )
+    return (out, lse) if return_lse else out

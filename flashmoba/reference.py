@@ -17,6 +17,11 @@ Semantics (per sequence of length L, per query token t and query head h):
 * non-causal: plain top-k over all blocks;
 * ties: the lower block index wins (a stable descending sort);
 * output = softmax(softmax_scale * q.k) @ v over the union of the selected blocks' keys.
+
+Queries at positions. :func:`route` and :func:`attention` also take the queries of each sequence apart from
+its keys (``query_cu_seqlens``, ``query_positions``): any subset of a sequence's tokens, each at its position
+in the sequence, against all of the sequence's keys. The rule is the same; this is what a shard of a longer
+sequence computes under context parallelism (:mod:`flashmoba.distributed`).
 """
 
 from __future__ import annotations
@@ -100,18 +105,35 @@ def select_blocks(scores: torch.Tensor, own: torch.Tensor, topk: int, causal: bo
     return selected | (blocks == own) if causal else selected
 
 
-def _route_one(q, k, block_size, topk, causal):
-    """Selected blocks of one sequence as ``[L, HQ, topk]`` (ascending, -1 padded)."""
-    L, HQ = q.shape[0], q.shape[1]
+def _route_one(q, k, block_size, topk, causal, positions):
+    """Selected blocks of the queries ``q [Lq, HQ, D]`` at ``positions [Lq]`` of one sequence with keys
+    ``k [L, HKV, D]``, as ``[Lq, HQ, topk]`` (ascending, -1 padded)."""
+    Lq, HQ = q.shape[0], q.shape[1]
     scores = route_scores(q, k, block_size)
-    own = (torch.arange(L, device=q.device) // block_size)[:, None].expand(L, HQ)
+    own = (positions // block_size)[:, None].expand(Lq, HQ)
     selected = select_blocks(scores, own, topk, causal)
     # Ascending block ids, -1 padded at the end: sort the selected ids ahead of a sentinel n.
     n = scores.shape[-1]
     ids = torch.where(selected, torch.arange(n, device=q.device), n).sort(-1).values[..., :topk]
-    out = torch.full((L, HQ, topk), -1, dtype=torch.int32, device=q.device)
+    out = torch.full((Lq, HQ, topk), -1, dtype=torch.int32, device=q.device)
     out[..., : ids.shape[-1]] = torch.where(ids == n, -1, ids).to(torch.int32)
     return out
+
+
+def _query_spans(cu_seqlens, query_cu_seqlens, query_positions, num_queries, device):
+    """Per sequence: ``(key span, query span, query positions)``; by default the queries are the keys' tokens."""
+    keys = _sequences(cu_seqlens)
+    if query_cu_seqlens is None:
+        return [((a, b), (a, b), torch.arange(b - a, device=device)) for a, b in keys]
+    if query_positions is None or query_positions.shape != (num_queries,):
+        raise ValueError(f"query_positions must be given with query_cu_seqlens, one per query ({num_queries})")
+    spans = []
+    for (a, b), (qa, qb) in zip(keys, _sequences(query_cu_seqlens)):
+        pos = query_positions[qa:qb].long()
+        if qb > qa and (int(pos.min()) < 0 or int(pos.max()) >= b - a):
+            raise ValueError(f"query_positions must lie in [0, {b - a}) for a sequence of {b - a} keys")
+        spans.append(((a, b), (qa, qb), pos))
+    return spans
 
 
 def route(
@@ -121,39 +143,45 @@ def route(
     block_size: int,
     topk: int,
     causal: bool,
+    query_cu_seqlens: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selected key blocks of every query token and head.
 
     Args:
         q: ``[N, HQ, D]`` packed queries; k: ``[N, HKV, D]`` packed keys; cu_seqlens: ``[S + 1]``.
+        query_cu_seqlens: optional ``[S + 1]``: the queries of sequence ``s`` are then the rows
+            ``query_cu_seqlens[s]:query_cu_seqlens[s + 1]`` of ``q`` (``[Nq, HQ, D]``), each at its
+            position ``query_positions [Nq]`` in the sequence (module docstring).
 
     Returns:
-        ``[N, HQ, topk]`` int32 block ids local to each sequence, ascending, -1 padded at the end.
+        ``[Nq, HQ, topk]`` int32 block ids local to each sequence, ascending, -1 padded at the end.
     """
     N, HQ, _ = q.shape
     out = torch.full((N, HQ, topk), -1, dtype=torch.int32, device=q.device)
     with torch.no_grad():
-        for a, b in _sequences(cu_seqlens):
-            if b > a:
-                out[a:b] = _route_one(q[a:b], k[a:b], block_size, topk, causal)
+        for (a, b), (qa, qb), pos in _query_spans(cu_seqlens, query_cu_seqlens, query_positions, N, q.device):
+            if qb > qa:
+                out[qa:qb] = _route_one(q[qa:qb], k[a:b], block_size, topk, causal, pos)
     return out
 
 
-def _attend_one(q, k, v, sel, block_size, causal, scale, dt):
-    """Dense masked attention of one sequence. q [L,HQ,D], k/v [L,HKV,D], sel [L,HQ,topk]."""
-    L, HQ, _ = q.shape
+def _attend_one(q, k, v, sel, block_size, causal, scale, dt, positions):
+    """Dense masked attention of one sequence. q [Lq,HQ,D] at positions [Lq], k/v [L,HKV,D], sel [Lq,HQ,topk]."""
+    Lq, HQ, _ = q.shape
+    L = k.shape[0]
     group = HQ // k.shape[1]
     kx = k.to(dt).repeat_interleave(group, dim=1)
     vx = v.to(dt).repeat_interleave(group, dim=1)
     n = -(-L // block_size)
     # allowed[t, h, j]: block j selected by (t, h); -1 padding is dropped via an extra column.
-    chosen = torch.zeros(L, HQ, n + 1, dtype=torch.bool, device=q.device)
+    chosen = torch.zeros(Lq, HQ, n + 1, dtype=torch.bool, device=q.device)
     chosen.scatter_(-1, torch.where(sel < 0, n, sel).long(), True)
     key_block = torch.arange(L, device=q.device) // block_size
     allowed = chosen[..., :n][:, :, key_block].permute(1, 0, 2)  # [HQ, Lq, Lk]
     if causal:
-        pos = torch.arange(L, device=q.device)
-        allowed = allowed & (pos[None, :, None] >= pos[None, None, :])
+        key_pos = torch.arange(L, device=q.device)
+        allowed = allowed & (positions[None, :, None] >= key_pos[None, None, :])
     logits = torch.einsum("thd,shd->hts", q.to(dt), kx) * scale
     logits = logits.masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(logits, dim=-1)  # [HQ, L]
@@ -173,6 +201,8 @@ def attention(
     softmax_scale: float,
     indices: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
+    query_cu_seqlens: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
 ):
     """MoBA attention over packed sequences, differentiable in q, k, v (not through routing).
 
@@ -181,18 +211,20 @@ def attention(
         indices: optional precomputed routing ``[N, HQ, topk]`` (from :func:`route`).
         compute_dtype: dtype of the products and softmax; defaults to ``promote(q.dtype, float32)``.
             Tests pass the input dtype to measure the error of a low-precision computation.
+        query_cu_seqlens, query_positions: queries apart from the keys, as in :func:`route` (``q``,
+            ``indices`` and the results then have ``Nq`` rows).
 
     Returns:
         ``(out [N, HQ, D] in q's dtype, lse [N, HQ] float32-or-wider natural-log sum-exp)``.
     """
     if indices is None:
-        indices = route(q.detach(), k.detach(), cu_seqlens, block_size, topk, causal)
+        indices = route(q.detach(), k.detach(), cu_seqlens, block_size, topk, causal, query_cu_seqlens, query_positions)
     N, HQ, D = q.shape
     dt = compute_dtype or _compute_dtype(q.dtype)
     outs, lses = [], []
-    for a, b in _sequences(cu_seqlens):
-        if b > a:
-            o, l = _attend_one(q[a:b], k[a:b], v[a:b], indices[a:b], block_size, causal, softmax_scale, dt)
+    for (a, b), (qa, qb), pos in _query_spans(cu_seqlens, query_cu_seqlens, query_positions, N, q.device):
+        if qb > qa:
+            o, l = _attend_one(q[qa:qb], k[a:b], v[a:b], indices[qa:qb], block_size, causal, softmax_scale, dt, pos)
             outs.append(o)
             lses.append(l)
     if not outs:  # N == 0: empty outputs that stay connected to the graph

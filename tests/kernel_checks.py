@@ -114,20 +114,27 @@ def assert_attention_matches(q, k, v, cu_seqlens, dout, *, block_size, topk, cau
         )
         o.backward(dout.to(dtype))
         results[name] = (o, l, *[t.grad for t in ref_leaves])
-    exact, lowp = results["exact"], results["low"]
-    kernel = (out, lse, *[t.grad for t in leaves])
+    names = ("out", "lse", "dq", "dk", "dv")
+    kernel = dict(zip(names, (out, lse, *[t.grad for t in leaves])))
+    exact, lowp = (dict(zip(names, results[key])) for key in ("exact", "low"))
+    assert_within_fa_rule(kernel, exact, lowp, q, k, v, dout)
+    return routing
+
+
+def assert_within_fa_rule(kernel: dict, exact: dict, lowp: dict, q, k, v, dout):
+    """The rule of :func:`assert_attention_matches` on computed results: ``{name: tensor}`` for "out",
+    "lse", "dq", "dk", "dv" from the kernel, from float64 and from PyTorch in the inputs' dtype."""
     eps32 = torch.finfo(torch.float32).eps
     magnitudes = _magnitudes(q, k, v, dout)
-    for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
-        assert torch.isfinite(kernel[i]).all(), f"{name} has non-finite values"
+    for name, got in kernel.items():
+        assert torch.isfinite(got).all(), f"{name} has non-finite values"
         floor = eps32 * magnitudes[name]
-        for measure, slack in ((_max_error, floor), (_norm_error, floor * math.sqrt(kernel[i].numel()))):
-            err = measure(kernel[i], exact[i])
-            ref_err = measure(lowp[i], exact[i])
+        for measure, slack in ((_max_error, floor), (_norm_error, floor * math.sqrt(got.numel()))):
+            err = measure(got, exact[name])
+            ref_err = measure(lowp[name], exact[name])
             assert err <= 2.0 * ref_err + slack, (
-                f"{name}: {measure.__name__[1:]} {err:.3g} > 2 x {ref_err:.3g} (PyTorch in {low}) + {slack:.3g}"
+                f"{name}: {measure.__name__[1:]} {err:.3g} > 2 x {ref_err:.3g} (PyTorch in {q.dtype}) + {slack:.3g}"
             )
-    return routing
 
 
 def expected_layout(lens, block_size):

@@ -51,6 +51,7 @@ def _attn_bwd_tile(
     Delta,
     DQ,
     Entries,
+    QueryKeyRow,
     k,
     v,
     dk,
@@ -78,6 +79,7 @@ def _attn_bwd_tile(
     CAUSAL_MASK: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     KEYS_MAJOR: tl.constexpr,
+    QUERY_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -86,6 +88,10 @@ def _attn_bwd_tile(
     e = e_start + tl.arange(0, BLOCK_M)
     row_ok = e < e_end
     t, pair = gathered_queries(Entries, e, row_ok, h, HQ, TOPK)
+    if CAUSAL_MASK and QUERY_ROWS:  # the query's own key row (its position among the keys)
+        krow = tl.load(QueryKeyRow + t, mask=row_ok, other=0).to(tl.int64)
+    else:
+        krow = t
     d = tl.arange(0, BLOCK_D)
     io_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
     q = tl.load(Q + t[:, None] * stride_qn + h * stride_qh + d[None, :], mask=io_mask, other=0.0)
@@ -101,7 +107,7 @@ def _attn_bwd_tile(
         s_t = (tl.dot(k, tl.trans(q), input_precision=PRECISION) - ref[None, :]) * scale_log2 - lse2[None, :]
         allowed = key_ok[:, None] & row_ok[None, :]
         if CAUSAL_MASK:  # int32 offsets from the block start (an int64 tile costs 2x registers)
-            allowed = allowed & (key_offset[:, None] <= (t - block_start).to(tl.int32)[None, :])
+            allowed = allowed & (key_offset[:, None] <= (krow - block_start).to(tl.int32)[None, :])
         p_t = tl.where(allowed, tl.exp2(s_t), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -114,7 +120,7 @@ def _attn_bwd_tile(
         s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) - ref[:, None]) * scale_log2 - lse2[:, None]
         allowed = row_ok[:, None] & key_ok[None, :]
         if CAUSAL_MASK:
-            allowed = allowed & (key_offset[None, :] <= (t - block_start).to(tl.int32)[:, None])
+            allowed = allowed & (key_offset[None, :] <= (krow - block_start).to(tl.int32)[:, None])
         p = tl.where(allowed, tl.exp2(s), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -141,6 +147,7 @@ def _attn_bwd_kernel(
     DV,
     Entries,
     Offsets,
+    QueryKeyRow,
     cu_seqlens,
     cu_blocks,
     block_seq,
@@ -171,6 +178,7 @@ def _attn_bwd_kernel(
     KEY_SPLITS,
     CAUSAL: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
+    QUERY_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -196,7 +204,9 @@ def _attn_bwd_kernel(
     for hh in range(GROUP):
         h = kvh * GROUP + hh
         seg_start, seg_end = segment_bounds(Offsets, h, g, num_blocks_max)
-        for e0 in range(seg_start, seg_start + num_own, BLOCK_M):
+        # at most the segment: under context parallelism a block may have fewer own queries here
+        own_end = tl.minimum(seg_start + num_own, seg_end)
+        for e0 in range(seg_start, own_end, BLOCK_M):
             dk, dv = _attn_bwd_tile(
                 Q,
                 DO,
@@ -204,6 +214,7 @@ def _attn_bwd_kernel(
                 Delta,
                 DQ,
                 Entries,
+                QueryKeyRow,
                 k,
                 v,
                 dk,
@@ -212,7 +223,7 @@ def _attn_bwd_kernel(
                 key_ok,
                 block_start,
                 e0,
-                seg_start + num_own,
+                own_end,
                 h,
                 split,
                 num_rows,
@@ -231,11 +242,12 @@ def _attn_bwd_kernel(
                 True,
                 DETERMINISTIC,
                 BLOCK_N >= 64,
+                QUERY_ROWS,
                 BLOCK_M,
                 BLOCK_D,
                 PRECISION,
             )
-        for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
+        for e0 in range(own_end, seg_end, BLOCK_M):
             dk, dv = _attn_bwd_tile(
                 Q,
                 DO,
@@ -243,6 +255,7 @@ def _attn_bwd_kernel(
                 Delta,
                 DQ,
                 Entries,
+                QueryKeyRow,
                 k,
                 v,
                 dk,
@@ -270,6 +283,7 @@ def _attn_bwd_kernel(
                 False,
                 DETERMINISTIC,
                 BLOCK_N >= 64,
+                QUERY_ROWS,
                 BLOCK_M,
                 BLOCK_D,
                 PRECISION,
@@ -300,13 +314,14 @@ def attn_bwd(
     causal: bool,
     scale: float,
     deterministic: bool,
+    query_key_rows: torch.Tensor | None = None,
 ):
     """Gradients of MoBA attention (none through the routing).
 
     Args:
         dout, q, out: ``[N, HQ, D]``; k, v: ``[N, HKV, D]``; stats: float32 ``[2, N, HQ]``, the forward's
             softmax statistics (:func:`flashmoba.attention.forward.attn_fwd`).
-        Layout and index arguments as in :func:`flashmoba.attention.forward.attn_fwd`.
+        Layout and index arguments, and ``query_key_rows``, as in :func:`flashmoba.attention.forward.attn_fwd`.
 
     Returns:
         ``(dq [N, HQ, D], dk [N, HKV, D], dv [N, HKV, D])`` in the input dtype.
@@ -351,6 +366,7 @@ def attn_bwd(
             dv,
             entries,
             offsets,
+            query_key_rows if query_key_rows is not None else delta,
             cu_seqlens,
             cu_blocks,
             block_seq,
@@ -381,6 +397,7 @@ def attn_bwd(
             KEY_SPLITS=key_splits,
             CAUSAL=causal,
             DETERMINISTIC=deterministic,
+            QUERY_ROWS=query_key_rows is not None,
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
             BLOCK_D=BLOCK_D,

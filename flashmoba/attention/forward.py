@@ -72,6 +72,7 @@ def _attn_fwd_row_ref_kernel(
     Q,
     K,
     RowRef,
+    QueryKeyRow,
     num_tokens,
     stride_qn,
     stride_qh,
@@ -80,17 +81,22 @@ def _attn_fwd_row_ref_kernel(
     HQ: tl.constexpr,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    QUERY_ROWS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``RowRef[t, h] = q[t, h] . k[t, h // GROUP]`` in float32."""
+    """``RowRef[t, h] = q[t, h] . k[t, h // GROUP]`` in float32 (``k[QueryKeyRow[t]]`` with QUERY_ROWS)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     kvh = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     t_ok = t < num_tokens
     mask = t_ok[:, None] & (d < HEAD_DIM)[None, :]
     t64 = t.to(tl.int64)
-    k = tl.load(K + t64[:, None] * stride_kn + kvh * stride_kh + d[None, :], mask=mask, other=0.0)
+    if QUERY_ROWS:
+        krow = tl.load(QueryKeyRow + t64, mask=t_ok, other=0).to(tl.int64)
+    else:
+        krow = t64
+    k = tl.load(K + krow[:, None] * stride_kn + kvh * stride_kh + d[None, :], mask=mask, other=0.0)
     for hh in range(GROUP):
         h = kvh * GROUP + hh
         q = tl.load(Q + t64[:, None] * stride_qn + h * stride_qh + d[None, :], mask=mask, other=0.0)
@@ -101,6 +107,7 @@ def _attn_fwd_row_ref_kernel(
 def _attn_fwd_tile(
     Q,
     Entries,
+    QueryKeyRow,
     RowRef,
     Acc,
     RowSum,
@@ -126,6 +133,7 @@ def _attn_fwd_tile(
     P_MAX: tl.constexpr,
     RECORD_ALL: tl.constexpr,
     RESCUE: tl.constexpr,
+    QUERY_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -149,7 +157,11 @@ def _attn_fwd_tile(
         s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) - ref[:, None]) * scale_log2
         allowed = key_ok[None, :]
         if CAUSAL_MASK:  # in int32 offsets from the block start: an int64 [M, N] tile costs 2x registers
-            allowed = allowed & (key_offset[None, :] <= (t - block_start).to(tl.int32)[:, None])
+            if QUERY_ROWS:  # the query's own key row (its position among the keys)
+                krow = tl.load(QueryKeyRow + t, mask=row_ok, other=0).to(tl.int64)
+            else:
+                krow = t
+            allowed = allowed & (key_offset[None, :] <= (krow - block_start).to(tl.int32)[:, None])
         s = tl.where(allowed, s, -float("inf"))
         if not RESCUE:
             # Record the largest exponent where a weight would overflow (or everywhere, RECORD_ALL).
@@ -204,6 +216,7 @@ def _attn_fwd_kernel(
     V,
     Entries,
     Offsets,
+    QueryKeyRow,
     RowRef,
     Acc,
     RowSum,
@@ -231,6 +244,7 @@ def _attn_fwd_kernel(
     DETERMINISTIC: tl.constexpr,
     P_MAX: tl.constexpr,
     RESCUE: tl.constexpr,
+    QUERY_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -259,11 +273,14 @@ def _attn_fwd_kernel(
         for hh in range(GROUP):
             h = kvh * GROUP + hh
             seg_start, seg_end = segment_bounds(Offsets, h, g, num_blocks_max)
+            # at most the segment: under context parallelism a block may have fewer own queries here
+            own_end = tl.minimum(seg_start + num_own, seg_end)
             # the own block's queries: token-level causal mask
-            for e0 in range(seg_start, seg_start + num_own, BLOCK_M):
+            for e0 in range(seg_start, own_end, BLOCK_M):
                 _attn_fwd_tile(
                     Q,
                     Entries,
+                    QueryKeyRow,
                     RowRef,
                     Acc,
                     RowSum,
@@ -274,7 +291,7 @@ def _attn_fwd_kernel(
                     key_ok,
                     block_start,
                     e0,
-                    seg_start + num_own,
+                    own_end,
                     h,
                     split,
                     stride_qn,
@@ -289,15 +306,17 @@ def _attn_fwd_kernel(
                     P_MAX,
                     not CAUSAL,
                     RESCUE,
+                    QUERY_ROWS,
                     BLOCK_M,
                     BLOCK_D,
                     PRECISION,
                 )
             # routed queries lie after the block: no mask
-            for e0 in range(seg_start + num_own, seg_end, BLOCK_M):
+            for e0 in range(own_end, seg_end, BLOCK_M):
                 _attn_fwd_tile(
                     Q,
                     Entries,
+                    QueryKeyRow,
                     RowRef,
                     Acc,
                     RowSum,
@@ -323,6 +342,7 @@ def _attn_fwd_kernel(
                     P_MAX,
                     not CAUSAL,
                     RESCUE,
+                    QUERY_ROWS,
                     BLOCK_M,
                     BLOCK_D,
                     PRECISION,
@@ -419,6 +439,7 @@ def attn_fwd(
     causal: bool,
     scale: float,
     deterministic: bool,
+    query_key_rows: torch.Tensor | None = None,
 ):
     """MoBA forward from a routing.
 
@@ -429,6 +450,10 @@ def attn_fwd(
             (:mod:`flashmoba.routing.result`).
         topk: slots per (query, head); pair ids are ``(t * HQ + h) * topk + slot``.
         scale: the softmax scale, nonzero.
+        query_key_rows: optional int64 ``[N]``: the queries are not the keys' tokens but these rows of
+            ``k`` (``k, v`` then have their own length, which ``cu_seqlens`` describes; a query's causal
+            mask and its reference row ``q . k`` are taken at its key row). The block index's entries are
+            the queries' pairs.
 
     Returns:
         ``(out [N, HQ, D] in q's dtype, stats float32 [2, N, HQ])``: the softmax statistics ``(r, lse2)``
@@ -459,10 +484,13 @@ def attn_fwd(
     group = HQ // HKV
     p_max = max_weight_log2(q.dtype)
     BLOCK_T = max(16, 4096 // BLOCK_D)
+    query_rows = query_key_rows is not None
+    query_key_rows = query_key_rows if query_rows else stats
     _attn_fwd_row_ref_kernel[(triton.cdiv(N, BLOCK_T), HKV)](
         q,
         k,
         stats[0],
+        query_key_rows,
         N,
         q.stride(0),
         q.stride(1),
@@ -471,6 +499,7 @@ def attn_fwd(
         HQ=HQ,
         GROUP=group,
         HEAD_DIM=D,
+        QUERY_ROWS=query_rows,
         BLOCK_T=BLOCK_T,
         BLOCK_D=BLOCK_D,
     )
@@ -497,6 +526,7 @@ def attn_fwd(
             v,
             entries,
             offsets,
+            query_key_rows,
             stats[0],
             acc,
             row_sum,
@@ -524,6 +554,7 @@ def attn_fwd(
             DETERMINISTIC=deterministic,
             P_MAX=p_max,
             RESCUE=rescue,
+            QUERY_ROWS=query_rows,
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
             BLOCK_D=BLOCK_D,

@@ -150,6 +150,7 @@ def _route_topk_kernel(
     C,
     Indices,
     BlockKeys,
+    QPos,
     cu_seqlens,
     cu_blocks,
     cu_tiles,
@@ -171,6 +172,7 @@ def _route_topk_kernel(
     K_PAD: tl.constexpr,
     CAUSAL: tl.constexpr,
     WRITE_KEYS: tl.constexpr,
+    POSITIONS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -190,8 +192,15 @@ def _route_topk_kernel(
 
     pos = tile_start + tl.arange(0, BLOCK_M)  # positions local to the sequence
     row_ok = pos < seq_len
-    own = pos // BLOCK_SIZE
     rows = (seq_start + pos).to(tl.int64)
+    if POSITIONS:  # the sequence's queries are given rows, at increasing positions QPos of the sequence
+        pos = tl.load(QPos + rows, mask=row_ok, other=0).to(tl.int32)
+        first_pos = tl.min(tl.where(row_ok, pos, 2**31 - 1), axis=0)
+        last_pos = tl.max(tl.where(row_ok, pos, 0), axis=0)
+    else:
+        first_pos = tile_start
+        last_pos = tl.minimum(seq_len, tile_start + BLOCK_M) - 1
+    own = pos // BLOCK_SIZE
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     q = tl.load(
@@ -201,8 +210,8 @@ def _route_topk_kernel(
     # Causal: the own block is forced, so only TOPK - 1 places are contested, by blocks before it.
     PICKS: tl.constexpr = TOPK - 1 if CAUSAL else TOPK
     if CAUSAL:
-        unmasked_end = tl.minimum(num_blocks, tile_start // BLOCK_SIZE)  # before every row's own block
-        scan_end = tl.minimum(num_blocks, (tl.minimum(seq_len, tile_start + BLOCK_M) - 1) // BLOCK_SIZE)
+        unmasked_end = tl.minimum(num_blocks, first_pos // BLOCK_SIZE)  # before every row's own block
+        scan_end = tl.minimum(num_blocks, last_pos // BLOCK_SIZE)
     else:
         unmasked_end = num_blocks
         scan_end = num_blocks
@@ -265,14 +274,20 @@ def route_topk(
     causal: bool,
     layout=None,
     return_block_keys: bool = False,
+    query_cu_seqlens: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
 ):
     """Top-k blocks of every query token from precomputed centroids.
 
     Args:
         q: ``[N, HQ, D]``; centroids: ``[num_blocks_max, HKV, D]`` in q's dtype, from :func:`block_centroids`.
-        layout: ``block_layout(cu_seqlens, N, block_size)`` if the caller has it already.
+        layout: the keys' ``block_layout(cu_seqlens, num_keys, block_size)`` if the caller has it already
+            (required with ``query_cu_seqlens``).
         return_block_keys: also return the ``[HQ, N, topk]`` sort keys of the picks' global blocks for
             :func:`~flashmoba.routing.result.block_index_from_keys`.
+        query_cu_seqlens, query_positions: queries apart from the keys (:func:`flashmoba.reference.route`):
+            sequence ``s``'s queries are the rows ``query_cu_seqlens[s]:query_cu_seqlens[s + 1]`` of ``q``,
+            at the increasing positions ``query_positions`` (int32 ``[N]``) of the sequence.
 
     Returns:
         int32 ``[N, HQ, topk]``: local block ids, ascending, -1 padded (and the keys, if asked).
@@ -281,7 +296,11 @@ def route_topk(
     HKV = centroids.shape[1]
     if centroids.dtype != q.dtype:
         raise TypeError(f"centroids must have q's dtype {q.dtype}, got {centroids.dtype}")
+    positions = query_cu_seqlens is not None
+    if positions and layout is None:
+        raise ValueError("query_cu_seqlens needs the keys' layout")
     cu_blocks, _, num_blocks_max = layout or block_layout(cu_seqlens, N, block_size)
+    query_cu_seqlens = query_cu_seqlens if positions else cu_seqlens
     # Every row of every sequence is written (cu_seqlens covers [0, N]), padding slots included.
     indices = torch.empty((N, HQ, topk), dtype=torch.int32, device=q.device)
     keys = indices
@@ -292,7 +311,7 @@ def route_topk(
         K_PAD = triton.next_power_of_2(topk)
         cfg = configs.route_topk(q.dtype, K_PAD, q.device)
         BLOCK_M, BLOCK_N = cfg.block_m, cfg.block_n
-        cu_tiles, tile_seq, num_tiles_max = block_layout(cu_seqlens, N, BLOCK_M)
+        cu_tiles, tile_seq, num_tiles_max = block_layout(query_cu_seqlens, N, BLOCK_M)
         BLOCK_D = triton.next_power_of_2(D)
         # TMA tiles of BLOCK_N centroids of one KV head; reads past the tensor (or past D) give zeros.
         centroid_tiles = TensorDescriptor.from_tensor(centroids.contiguous(), [BLOCK_N, 1, BLOCK_D])
@@ -301,7 +320,8 @@ def route_topk(
             centroid_tiles,
             indices,
             keys,
-            cu_seqlens,
+            query_positions if positions else indices,
+            query_cu_seqlens,
             cu_blocks,
             cu_tiles,
             tile_seq,
@@ -321,6 +341,7 @@ def route_topk(
             K_PAD=K_PAD,
             CAUSAL=causal,
             WRITE_KEYS=return_block_keys,
+            POSITIONS=positions,
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
             BLOCK_D=BLOCK_D,
@@ -340,18 +361,33 @@ def route_triton(
     topk: int,
     causal: bool,
     layout=None,
+    query_cu_seqlens: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, BlockIndex]:
     """The three routing stages: centroids, fused top-k, block -> query index.
 
     Args:
         q: ``[N, HQ, D]``; k: ``[N, HKV, D]``; cu_seqlens: int32/int64 ``[S + 1]``.
-        layout: ``block_layout(cu_seqlens, N, block_size)`` if the caller has it already (computed
+        layout: the keys' ``block_layout(cu_seqlens, N, block_size)`` if the caller has it already (computed
             once here otherwise and shared by the three stages).
+        query_cu_seqlens, query_positions: queries apart from the keys, as in :func:`route_topk` (``q`` is
+            then ``[Nq, HQ, D]``, and the block index's entries are its rows' pairs).
 
     Returns:
         ``(indices int32 [N, HQ, topk], BlockIndex)``; no host synchronisation.
     """
-    layout = layout or block_layout(cu_seqlens, q.shape[0], block_size)
+    layout = layout or block_layout(cu_seqlens, k.shape[0], block_size)
     centroids = block_centroids(k, cu_seqlens, block_size, layout)
-    indices, keys = route_topk(q, centroids, cu_seqlens, block_size, topk, causal, layout, return_block_keys=True)
+    indices, keys = route_topk(
+        q,
+        centroids,
+        cu_seqlens,
+        block_size,
+        topk,
+        causal,
+        layout,
+        return_block_keys=True,
+        query_cu_seqlens=query_cu_seqlens,
+        query_positions=query_positions,
+    )
     return indices, block_index_from_keys(keys, topk, layout[2])

@@ -1,0 +1,272 @@
+"""Context parallelism on the CPU: gloo process groups of 2 and 4 ranks against one process, in float64.
+
+Every rank draws the same whole inputs from one seed, runs the context-parallel op on its shard, and
+compares its rows (output, lse, dq, and the dk / dv that the backward reduce-scattered onto it) with the
+single-process :func:`flashmoba.moba_attn` / :func:`flashmoba.moba_attn_varlen` of the whole inputs, to
+float64 rounding. The multi-process tests share one xdist group: each spawn takes the CPU's cores.
+"""
+
+from __future__ import annotations
+
+import socket
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from kernel_checks import assert_within_fa_rule
+
+import flashmoba
+from flashmoba import reference
+from flashmoba.distributed import (
+    context_parallel_moba_attn,
+    context_parallel_moba_attn_varlen,
+    shard_sequence,
+    unshard_sequence,
+)
+from flashmoba.distributed.layout import check_length, local_positions, rank_major_order
+
+SPAWN = pytest.mark.xdist_group("distributed")
+F64 = dict(rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# process groups
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, fn, args, results):
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        results[rank] = fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world_size: int, fn, *args) -> dict:
+    """``fn(rank, world_size, *args)`` on ``world_size`` forked gloo ranks -> ``{rank: result}``; a rank's
+    exception is raised here with its traceback."""
+    # fork: the ranks inherit the imported modules instead of importing torch again.
+    with torch.multiprocessing.get_context("fork").Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.start_processes(
+            _entry, args=(world_size, _free_port(), fn, args, results), nprocs=world_size, start_method="fork"
+        )
+        return dict(results)
+
+
+# ----------------------------------------------------------------------------------------------------
+# layouts (no processes)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_layout_partitions_the_sequence(layout, world_size):
+    chunks = 2 * world_size if layout == "zigzag" else world_size
+    length = chunks * 5
+    parts = [local_positions(length, world_size, r, layout) for r in range(world_size)]
+    assert all(len(p) == length // world_size for p in parts)
+    assert all(bool((p[1:] > p[:-1]).all()) for p in parts)  # increasing
+    assert sorted(torch.cat(parts).tolist()) == list(range(length))
+    assert torch.equal(rank_major_order(length, world_size, layout), torch.cat(parts))
+    if layout == "zigzag":  # rank r: chunks r and 2W - 1 - r, the same sum of positions on every rank
+        assert parts[0][:5].tolist() == list(range(5)) and parts[0][-1].item() == length - 1
+        assert len({int(p.sum()) for p in parts}) == 1
+
+
+@pytest.mark.parametrize("layout, length, message", [("zigzag", 6, "2 \\* world_size = 4"), ("contiguous", 7, "= 2")])
+def test_layout_refuses_an_uneven_length(layout, length, message):
+    with pytest.raises(ValueError, match=f"q has {length} tokens.*{message}"):
+        check_length("q", length, 2, layout)
+
+
+def test_the_ops_need_an_initialized_group():
+    q = torch.randn(1, 4, 2, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="group: torch.distributed is not initialized"):
+        context_parallel_moba_attn(q, q, q, block_size=2, topk=2)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        shard_sequence(q, 1, layout="ring")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the op against one process
+
+
+def _inputs(seed, shape_q, shape_kv, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(*s, generator=gen, dtype=dtype) for s in (shape_q, shape_kv, shape_kv))
+    return q, k, v, torch.randn(*shape_q, generator=gen, dtype=dtype)
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _compare(local: dict, full: dict, dim: int, layout: str) -> dict:
+    return {
+        name: (local[name].detach() - shard_sequence(full[name].detach(), dim, layout=layout)).abs().max().item()
+        for name in full
+    }
+
+
+def _run_batched(rank, world_size, case) -> dict:
+    batch, per_chunk, hq, hkv, d, block_size, topk, causal, layout = case
+    length = per_chunk * (2 * world_size if layout == "zigzag" else world_size)
+    q, k, v, dout = _inputs(zlib.crc32(repr(case).encode()), (batch, length, hq, d), (batch, length, hkv, d))
+    kw = dict(block_size=block_size, topk=topk, causal=causal, backend="reference")
+    full = _leaves(q, k, v)
+    out, lse = flashmoba.moba_attn(*full, return_lse=True, **kw)
+    out.backward(dout)
+    want = dict(out=out, lse=lse, dq=full[0].grad, dk=full[1].grad, dv=full[2].grad)
+
+    local = _leaves(*(shard_sequence(t, 1, layout=layout) for t in (q, k, v)))
+    out_l, lse_l = context_parallel_moba_attn(*local, return_lse=True, layout=layout, **kw)
+    out_l.backward(shard_sequence(dout, 1, layout=layout))
+    got = dict(out=out_l, lse=lse_l, dq=local[0].grad, dk=local[1].grad, dv=local[2].grad)
+    errors = _compare(got, want, 1, layout)
+    errors["unshard"] = (unshard_sequence(out_l, 1, layout=layout) - out).abs().max().item()
+    return errors
+
+
+#        batch  per_chunk  hq hkv  d  block topk causal  layout
+BATCHED = [
+    (2, 7, 4, 2, 8, 4, 3, True, "zigzag"),  # GQA, chunks of 7: blocks straddle ranks
+    (1, 5, 2, 2, 8, 3, 2, False, "zigzag"),
+    (2, 9, 4, 1, 8, 4, 3, False, "contiguous"),  # MQA, non-causal
+    (1, 6, 2, 1, 4, 4, 2, True, "contiguous"),
+    (1, 4, 2, 2, 8, 1, 3, True, "zigzag"),  # one-token blocks
+    (1, 3, 2, 1, 8, 64, 2, True, "zigzag"),  # one block longer than the sequence
+    (1, 4, 2, 2, 8, 2, 99, True, "zigzag"),  # topk beyond every block: dense causal attention
+]
+
+
+def _run_varlen(rank, world_size, case) -> dict:
+    lens, hq, hkv, d, block_size, topk, causal, layout = case
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
+    total = int(cu[-1])
+    q, k, v, dout = _inputs(zlib.crc32(repr(case).encode()), (total, hq, d), (total, hkv, d))
+    kw = dict(block_size=block_size, topk=topk, causal=causal, backend="reference")
+    full = _leaves(q, k, v)
+    out, lse = flashmoba.moba_attn_varlen(*full, cu, return_lse=True, **kw)
+    out.backward(dout)
+    want = dict(out=out, lse=lse, dq=full[0].grad, dk=full[1].grad, dv=full[2].grad)
+
+    local = _leaves(*(shard_sequence(t, 0, layout=layout) for t in (q, k, v)))
+    out_l, lse_l = context_parallel_moba_attn_varlen(*local, cu, return_lse=True, layout=layout, **kw)
+    # The loss through unshard_sequence, the same on every rank: its backward keeps the local slice.
+    (unshard_sequence(out_l, 0, layout=layout) * dout).sum().backward()
+    got = dict(out=out_l, lse=lse_l, dq=local[0].grad, dk=local[1].grad, dv=local[2].grad)
+    return _compare(got, want, 0, layout)
+
+
+def _varlen_cases(world_size):
+    """Packed documents whose boundaries fall anywhere: empty ones, one-token ones, some across ranks."""
+    total = 2 * world_size * 11
+    first = [0, 3, 1, 19]
+    rest = total - sum(first) - 5
+    return [
+        (tuple(first + [rest, 0, 5]), 4, 2, 8, 4, 3, True, "zigzag"),  # GQA
+        (tuple(first + [rest, 0, 5]), 2, 1, 8, 4, 2, False, "zigzag"),
+        ((total - 2 * world_size - 7, 7, 2 * world_size), 2, 2, 8, 5, 3, True, "contiguous"),
+        ((total,), 2, 1, 4, 3, 4, True, "contiguous"),
+    ]
+
+
+def _run_all(rank, world_size) -> dict:
+    results = {}
+    for case in BATCHED:
+        results[("batched", case)] = _run_batched(rank, world_size, case)
+    for case in _varlen_cases(world_size):
+        results[("varlen", case)] = _run_varlen(rank, world_size, case)
+    return results
+
+
+@SPAWN
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_context_parallel_equals_one_process(world_size):
+    """Forward (out, lse) and gradients (dq; dk, dv reduce-scattered to their owners) of every rank's rows
+    equal the single-process result: GQA/MQA, causal and not, both layouts, blocks across ranks, packed
+    documents of uneven lengths (empty, one token, straddling rank boundaries)."""
+    results = spawn(world_size, _run_all)
+    for rank, cases in results.items():
+        for (kind, case), errors in cases.items():
+            for name, error in errors.items():
+                assert error <= 1e-12, f"rank {rank} {kind} {case}: {name} differs by {error:.3g}"
+
+
+def _run_errors(rank, world_size) -> list[str]:
+    q = torch.randn(1, 3, 2, 8, dtype=torch.float64)  # T = 2 * 3 = 6 tokens: not divisible by 2W = 4
+    messages = []
+    for call in (
+        lambda: context_parallel_moba_attn(q, q, q, block_size=2, topk=2),
+        lambda: context_parallel_moba_attn_varlen(q[0], q[0], q[0], torch.tensor([0, 6], dtype=torch.int32)),
+        lambda: shard_sequence(torch.zeros(2, 6), 1),
+        lambda: context_parallel_moba_attn_varlen(
+            q[0], q[0], q[0], torch.tensor([0, 5], dtype=torch.int32), layout="contiguous"
+        ),
+    ):
+        with pytest.raises(ValueError) as info:
+            call()
+        messages.append(str(info.value))
+    return messages
+
+
+@SPAWN
+def test_uneven_lengths_are_refused_naming_the_argument():
+    messages = spawn(2, _run_errors)[0]
+    assert "q (T = world_size * q.shape[1]) has 6 tokens" in messages[0] and "2 * world_size = 4" in messages[0]
+    assert "q (N = world_size * q.shape[0]) has 6 tokens" in messages[1]
+    assert "x.shape[1] has 6 tokens" in messages[2]
+    assert "cu_seqlens must end at the number of tokens N=6" in messages[3]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the Triton kernels (interpreter, float32)
+
+
+def _run_triton(rank, world_size) -> dict:
+    lens, hq, hkv, d, block_size, topk = (9, 0, 47, 24), 4, 2, 16, 16, 3
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
+    q, k, v, dout = _inputs(7, (80, hq, d), (80, hkv, d), torch.float32)
+    results = {}
+    for causal in (True, False):
+        kw = dict(block_size=block_size, topk=topk, causal=causal)
+        local = _leaves(*(shard_sequence(t, 0) for t in (q, k, v)))
+        out_l, lse_l = context_parallel_moba_attn_varlen(*local, cu, return_lse=True, backend="triton", **kw)
+        out_l.backward(shard_sequence(dout, 0))
+        grads = [unshard_sequence(t.grad, 0) for t in local]
+        results[causal] = [unshard_sequence(t.detach(), 0) for t in (out_l, lse_l)] + grads
+    return results
+
+
+@SPAWN
+def test_triton_kernels_under_context_parallelism():
+    """The engine's kernels with queries at key rows (2 ranks, Triton interpreter): out, lse and the
+    gradients pass the FlashAttention rule (at most 2x the error of PyTorch in float32) against float64 on
+    the single-process Triton routing, which a different routing would fail."""
+    results = spawn(2, _run_triton)
+    lens, hq, hkv, d, block_size, topk = (9, 0, 47, 24), 4, 2, 16, 16, 3
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
+    q, k, v, dout = _inputs(7, (80, hq, d), (80, hkv, d), torch.float32)
+    for causal in (True, False):
+        kernel = results[0][causal]
+        assert all(torch.equal(a, b) for a, b in zip(kernel, results[1][causal], strict=True))  # all-gathered
+        routing = flashmoba.moba_route_varlen(
+            q, k, cu, block_size=block_size, topk=topk, causal=causal, backend="triton"
+        )
+        exact, low = {}, {}
+        for store, dtype in ((exact, torch.float64), (low, torch.float32)):
+            leaves = _leaves(*(t.to(dtype) for t in (q, k, v)))
+            o, lse = reference.attention(
+                *leaves, cu, block_size, topk, causal, d**-0.5, indices=routing.indices, compute_dtype=dtype
+            )
+            o.backward(dout.to(dtype))
+            store.update(out=o, lse=lse, dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad)
+        assert_within_fa_rule(dict(zip(exact, kernel, strict=True)), exact, low, q, k, v, dout)
