@@ -3,6 +3,12 @@
 Task (``recall_task.py``): multi-query associative recall in 4096-token sequences of natural-text filler,
 with single-token and multi-token keys; the loss is on the answer tokens (plus, with weight
 ``lm_weight``, next-byte prediction on the filler, so that held-out perplexity means something).
+Training runs a length curriculum (``curriculum``): the first steps see short sequences (an eighth, a
+quarter, a half of the length, with as many more of them per step and pairs in proportion), the last
+40 % full-length ones; evaluation is at full length only. At full length a fresh model's attention is
+spread over thousands of keys, so the gradient that would teach it to find the pair is diluted as much;
+short sequences let the retrieval circuit form first (without them the pilot plateaued at the
+uniform-answer loss for 52M tokens).
 Model: the hybrid decoder of :mod:`flashmoba.models` with one sliding-window layer (RoPE, window 256)
 and one global layer (no positional encoding), so the global layer is the only way to reach a pair more
 than a window back: with MoBA, its router decides whether the answer can be found.
@@ -82,9 +88,10 @@ GPU_SETUP = dict(
     swa_window=256,
     block_scale=1,
     batch_seqs=16,
-    steps=600,
-    lr=1e-3,
-    warmup=60,
+    steps=1300,
+    curriculum=[[0.2, 8], [0.2, 4], [0.2, 2], [0.4, 1]],
+    lr=2e-3,
+    warmup=65,
     min_lr_ratio=0.1,
     weight_decay=0.1,
     lm_weight=0.1,
@@ -138,8 +145,22 @@ def setup_id(setup: dict) -> str:
     return f"{zlib.crc32(json.dumps(setup, sort_keys=True).encode()):08x}"
 
 
-def task_spec(setup: dict) -> TaskSpec:
-    return TaskSpec(**{k: tuple(setup[k]) if k == "key_lengths" else setup[k] for k in TASK_FIELDS})
+def task_spec(setup: dict, divisor: int = 1) -> TaskSpec:
+    """The task at ``seq_len / divisor`` tokens with ``num_pairs / divisor`` pairs (the same density)."""
+    fields = {k: tuple(setup[k]) if k == "key_lengths" else setup[k] for k in TASK_FIELDS}
+    fields.update(seq_len=setup["seq_len"] // divisor, num_pairs=max(1, setup["num_pairs"] // divisor))
+    return TaskSpec(**fields)
+
+
+def curriculum(setup: dict) -> list[int]:
+    """The length divisor of every training step: ``setup["curriculum"]`` lists ``[share of the steps,
+    divisor]`` phases in order (sequences ``seq_len / divisor`` long, ``divisor`` times as many per step,
+    so every step has the same tokens); the last phase takes the steps left over."""
+    steps, phases = setup["steps"], []
+    for share, divisor in setup["curriculum"]:
+        phases += [divisor] * round(share * steps)
+    last = setup["curriculum"][-1][1] if setup["curriculum"] else 1
+    return (phases + [last] * steps)[:steps]
 
 
 def model_config(variant: str, setup: dict, backend: str) -> MoBAHybridConfig:
@@ -228,7 +249,9 @@ def train_run(variant, seed, setup, device, backend, texts, eval_batches, curve_
         weight_decay=setup["weight_decay"],
     )
     optimizer = _optimizer(model, config)
-    spec, g, autocast = task_spec(setup), torch.Generator().manual_seed(seed), _autocast(device)
+    g, autocast = torch.Generator().manual_seed(seed), _autocast(device)
+    phases = curriculum(setup)
+    specs = {d: task_spec(setup, d) for d in set(phases)}
     stride, tokens_per_step = setup["lm_stride"], setup["batch_seqs"] * setup["seq_len"]
     log, curve, train_seconds = [], [], 0.0
     model.train()
@@ -237,11 +260,12 @@ def train_run(variant, seed, setup, device, backend, texts, eval_batches, curve_
     for step in range(setup["steps"]):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        batch = make_batch(spec, setup["batch_seqs"], texts[0], g)
+        divisor = phases[step]
+        batch = make_batch(specs[divisor], setup["batch_seqs"] * divisor, texts[0], g)
         offset = int(torch.randint(0, stride, (), generator=g))
         if device.type == "cuda":
             batch = batch.pin().to(device)
-        lm_positions = torch.arange(offset, setup["seq_len"] - 1, stride, device=device)
+        lm_positions = torch.arange(offset, specs[divisor].seq_len - 1, stride, device=device)
         answer, lm = _loss(model, batch, setup, lm_positions, autocast)
         (answer + setup["lm_weight"] * lm).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -378,8 +402,9 @@ def _parse_set(items, setup) -> dict:
         except json.JSONDecodeError:
             raise UsageError(f"--set {item}: the value must be JSON (a number, a list, ...)") from None
     try:
-        task_spec(setup)
-    except ValueError as e:
+        for _, divisor in setup["curriculum"] or [[1, 1]]:
+            task_spec(setup, divisor)
+    except (TypeError, ValueError) as e:
         raise UsageError(f"--set: {e}") from None
     return setup
 
