@@ -2,11 +2,11 @@
 
 Public entry points:
 
-* :func:`moba_attn` / :func:`moba_attn_varlen`: MoBA attention (batched ``[B, T, H, D]`` / packed
+* ``moba_attn`` / ``moba_attn_varlen``: MoBA attention (batched ``[B, T, H, D]`` / packed
   ``[N, H, D]`` + ``cu_seqlens``), forward and backward;
-* :func:`moba_route_varlen`: the router alone (selected blocks and the block -> query index);
-* :func:`moba_decode` / :class:`MoBAKVCache`: sparse decoding of the newest tokens over a KV cache;
-* :mod:`flashmoba.reference`: the naive definition, the oracle of every test.
+* ``moba_route_varlen``: the router alone (selected blocks and the block -> query index);
+* ``moba_decode`` / ``MoBAKVCache``: sparse decoding of the newest tokens over a KV cache;
+* ``flashmoba.reference``: the naive definition, the oracle of every test.
 """
 
 from flashmoba.api import moba_attn, moba_attn_varlen, moba_route_varlen

@@ -1,8 +1,8 @@
 """Argument validation shared by every public entry point: one place, one wording, one exception rule.
 
-The rule: a value of the wrong *type* raises :class:`TypeError`, a value of the right type that is out of
-range or inconsistent raises :class:`ValueError`; both messages name the argument. Checks that would read a
-device value on the host are skipped while torch.compile traces or a CUDA graph captures (:func:`tracing`).
+The rule: a value of the wrong *type* raises ``TypeError``, a value of the right type that is out of
+range or inconsistent raises ``ValueError``; both messages name the argument. Checks that would read a
+device value on the host are skipped while torch.compile traces or a CUDA graph captures (``tracing``).
 """
 
 from __future__ import annotations

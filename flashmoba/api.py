@@ -103,7 +103,7 @@ def moba_route_varlen(
         backend: "auto", "reference" or "triton".
 
     Returns:
-        :class:`MoBARouting`; ``.indices`` is int32 ``[N, HQ, topk]`` (local block ids, ascending,
+        ``MoBARouting``; ``.indices`` is int32 ``[N, HQ, topk]`` (local block ids, ascending,
         -1 padded) and ``.block_index`` the block -> query CSR view. A ``block_size`` longer than ``N`` is
         kept as ``max(N, 16)`` (one block per sequence either way).
     """
@@ -166,7 +166,7 @@ def moba_attn_varlen(
         max_seqlen: optional longest sequence length (checked, not needed by the kernels).
         block_size: tokens per key block (blocks start at each sequence's first token).
         topk: selected blocks per query and head (causal: the own block counts).
-        causal: see :mod:`flashmoba.reference` for the exact rule.
+        causal: see ``flashmoba.reference`` for the exact rule.
         softmax_scale: defaults to ``D ** -0.5``.
         return_lse: also return the natural-log sum-exp ``[N, HQ]`` (float32; float64 for float64 inputs).
         backend: "auto" (Triton for CUDA tensors, reference otherwise), "reference" or "triton".
@@ -221,7 +221,7 @@ def moba_attn(
         q: ``[B, T, HQ, D]``.
         k: ``[B, T, HKV, D]`` with ``HQ % HKV == 0``.
         v: ``[B, T, HKV, D]``.
-        block_size: as in :func:`moba_attn_varlen`, like every other argument.
+        block_size: as in ``moba_attn_varlen``, like every other argument.
 
     Returns:
         ``out [B, T, HQ, D]``, or ``(out, lse [B, T, HQ])`` when ``return_lse``.
@@ -254,7 +254,7 @@ def moba_attn(
 
 
 class _QueryRouting(NamedTuple):
-    """The routing of :func:`_route_queries`, as :func:`_attend_queries` takes it."""
+    """The routing of ``_route_queries``, as ``_attend_queries`` takes it."""
 
     indices: torch.Tensor  # int32 [Nq, HQ, topk], local block ids, ascending, -1 padded
     block_index: BlockIndex | None  # Triton: the block -> query view over the queries' rows
@@ -279,7 +279,7 @@ def _route_queries(
     query_cu_seqlens[s + 1]`` of ``q [Nq, HQ, D]`` are sequence ``s``'s queries at the increasing positions
     ``query_positions [Nq]`` of the sequence, whose keys are ``k [N, HKV, D]`` with ``cu_seqlens``.
 
-    The rule, the block clamp and the backends are those of :func:`moba_route_varlen` on the whole
+    The rule, the block clamp and the backends are those of ``moba_route_varlen`` on the whole
     sequences: the result is that call's rows at these positions. Shapes are the caller's to check (the
     context-parallel entry points do); the values of the positions are trusted.
     """
@@ -312,10 +312,10 @@ def _route_queries(
 def _attend_queries(
     q, k, v, cu_seqlens, query_cu_seqlens, query_positions, routing: _QueryRouting, *, softmax_scale, return_lse
 ):
-    """MoBA attention of the queries of :func:`_route_queries` over all keys, from that routing.
+    """MoBA attention of the queries of ``_route_queries`` over all keys, from that routing.
 
     Returns ``out [Nq, HQ, D]`` (or ``(out, lse [Nq, HQ])``), differentiable in q and in all of k and v:
-    the rows of :func:`moba_attn_varlen`'s result at these queries.
+    the rows of ``moba_attn_varlen``'s result at these queries.
     """
     check_routing_args(routing.block_size, routing.topk, routing.causal, softmax_scale)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)

@@ -5,7 +5,7 @@ Each subcommand lives next to the code it drives and exposes ``add_arguments(par
 
 A bad command line is reported as one line, ``flashmoba <command>: error: <message>``, with exit code 2:
 for what argparse parses (it raises ``SystemExit(2)``) and for what a subcommand checks itself (before any
-expensive work) and raises as :class:`UsageError` (``main`` returns 2). Any other exception is a bug and
+expensive work) and raises as ``UsageError`` (``main`` returns 2). Any other exception is a bug and
 keeps its traceback.
 """
 

@@ -10,7 +10,7 @@ time, never from a card name:
   memory, the smallest opt-in limit of the architectures Triton supports, so they run everywhere;
 * ``"interpreter"``: CPU tensors under ``TRITON_INTERPRET=1`` (the tests): the default tiles.
 
-Benchmarks and tuning scripts try other configurations with :func:`override`, never by patching private
+Benchmarks and tuning scripts try other configurations with ``override``, never by patching private
 functions::
 
     with configs.override(attn_fwd=configs.TileConfig(64, 128, 4, 2)):
@@ -148,7 +148,7 @@ _TABLES = {
 
 
 def shipped(family: str, *args):
-    """The configuration of ``family`` from the tables, ignoring any :func:`override` (for tuning scripts
+    """The configuration of ``family`` from the tables, ignoring any ``override`` (for tuning scripts
     that vary one field of it)."""
     return _TABLES[family](*args)
 
@@ -161,12 +161,12 @@ def _chosen(family: str, *args):
 
 
 def attn_fwd(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
-    """The MoBA forward's tiles (:mod:`flashmoba.attention.forward`): gathered queries x one key tile."""
+    """The MoBA forward's tiles (``flashmoba.attention.forward``): gathered queries x one key tile."""
     return _chosen("attn_fwd", block_size, head_dim, dtype, device)
 
 
 def attn_bwd(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
-    """The MoBA backward's tiles (:mod:`flashmoba.attention.backward`): ``block_m`` gathered queries
+    """The MoBA backward's tiles (``flashmoba.attention.backward``): ``block_m`` gathered queries
     against a key tile of ``block_n`` keys that keeps K, V, dK and dV on chip. On Hopper a 128-key tile
     halves the gathers and dQ merges of a 64-key one, which outweighs the register spills of holding
     twice the keys."""
@@ -174,7 +174,7 @@ def attn_bwd(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.d
 
 
 def route_topk(dtype: torch.dtype, k_pad: int, device: torch.device) -> TopkConfig:
-    """The routing top-k's tiles (:mod:`flashmoba.routing.topk`). A list slot lives in the low
+    """The routing top-k's tiles (``flashmoba.routing.topk``). A list slot lives in the low
     ``log2(block_n)`` bits of a score, so ``block_n >= k_pad`` (at most 64).
 
     16-bit inputs: 64 x 64 tiles and one warpgroup. The merge rounds are chains of shuffles and barriers
@@ -185,7 +185,7 @@ def route_topk(dtype: torch.dtype, k_pad: int, device: torch.device) -> TopkConf
 
 
 def centroids(block_size: int, head_dim: int, device: torch.device) -> tuple[int, int]:
-    """``(BLOCK_T, num_warps)`` of the centroid kernel (:mod:`flashmoba.routing.centroids`): many small
+    """``(BLOCK_T, num_warps)`` of the centroid kernel (``flashmoba.routing.centroids``): many small
     programs, each summing one block's keys in tiles of ``BLOCK_T`` tokens. The kernel reads every key
     once, so reading the keys is its whole cost: the launch is the smallest that streams them at copy
     bandwidth, 2 warps a program."""
@@ -193,7 +193,7 @@ def centroids(block_size: int, head_dim: int, device: torch.device) -> tuple[int
 
 
 def key_conv(num_channels: int, device: torch.device) -> tuple[int, int]:
-    """``(BLOCK_T, BLOCK_C)`` of the key convolution's kernels (:mod:`flashmoba.nn.keyconv.kernels`):
+    """``(BLOCK_T, BLOCK_C)`` of the key convolution's kernels (``flashmoba.nn.keyconv.kernels``):
     tiles of tokens x channels, each program reading its tile plus ``W - 1`` lagged rows. The kernels
     stream the keys once (a memory-bound stencil), so any tile that keeps enough programs in flight
     serves every architecture; the backward writes one weight-gradient row per token tile, which a

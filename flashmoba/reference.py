@@ -18,10 +18,10 @@ Semantics (per sequence of length L, per query token t and query head h):
 * ties: the lower block index wins (a stable descending sort);
 * output = softmax(softmax_scale * q.k) @ v over the union of the selected blocks' keys.
 
-Queries at positions. :func:`route` and :func:`attention` also take the queries of each sequence apart from
+Queries at positions. ``route`` and ``attention`` also take the queries of each sequence apart from
 its keys (``query_cu_seqlens``, ``query_positions``): any subset of a sequence's tokens, each at its position
 in the sequence, against all of the sequence's keys. The rule is the same; this is what a shard of a longer
-sequence computes under context parallelism (:mod:`flashmoba.distributed`).
+sequence computes under context parallelism (``flashmoba.distributed``).
 """
 
 from __future__ import annotations
@@ -208,10 +208,10 @@ def attention(
 
     Args:
         q: ``[N, HQ, D]``; k, v: ``[N, HKV, D]``; cu_seqlens: ``[S + 1]``.
-        indices: optional precomputed routing ``[N, HQ, topk]`` (from :func:`route`).
+        indices: optional precomputed routing ``[N, HQ, topk]`` (from ``route``).
         compute_dtype: dtype of the products and softmax; defaults to ``promote(q.dtype, float32)``.
             Tests pass the input dtype to measure the error of a low-precision computation.
-        query_cu_seqlens, query_positions: queries apart from the keys, as in :func:`route` (``q``,
+        query_cu_seqlens, query_positions: queries apart from the keys, as in ``route`` (``q``,
             ``indices`` and the results then have ``Nq`` rows).
 
     Returns:

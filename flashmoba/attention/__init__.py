@@ -1,9 +1,9 @@
 """FlashMoBA attention in Triton: key-block-centric forward and backward over the routed blocks.
 
-* :mod:`~flashmoba.attention.tiles`: what a key-tile program sees (its keys, its gathered queries);
-* :mod:`~flashmoba.attention.forward`: one-pass forward against a per-row softmax reference;
-* :mod:`~flashmoba.attention.backward`: key-block-parallel backward with recomputation;
-* :mod:`~flashmoba.attention.ops`: torch.library custom ops (autograd, torch.compile).
+* ``tiles``: what a key-tile program sees (its keys, its gathered queries);
+* ``forward``: one-pass forward against a per-row softmax reference;
+* ``backward``: key-block-parallel backward with recomputation;
+* ``ops``: torch.library custom ops (autograd, torch.compile).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def moba_attn_triton(
     deterministic: bool,
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Triton backend of :func:`flashmoba.moba_attn_varlen` (arguments already validated).
+    """Triton backend of ``flashmoba.moba_attn_varlen`` (arguments already validated).
 
     Returns:
         ``(out [N, HQ, D], lse float32 [N, HQ] natural log, or None unless return_lse)``; out is

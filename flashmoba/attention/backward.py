@@ -3,7 +3,7 @@
 One program per (key block, KV head, key tile of ``BLOCK_N`` keys). It holds its keys, values and their
 gradients on chip, walks the block -> query index of every query head that reads this KV head (so dK/dV are
 summed over the GQA group without copies or atomics), and for each gathered tile of queries recomputes
-``P`` from the forward's softmax statistics ``(r, lse2)`` (:mod:`flashmoba.attention.forward`):
+``P`` from the forward's softmax statistics ``(r, lse2)`` (``flashmoba.attention.forward``):
 
     dV += P^T dO        dP = dO V^T        dS = P * (dP - delta)        dK += dS^T Q        dQ += dS K
 
@@ -320,8 +320,8 @@ def attn_bwd(
 
     Args:
         dout, q, out: ``[N, HQ, D]``; k, v: ``[N, HKV, D]``; stats: float32 ``[2, N, HQ]``, the forward's
-            softmax statistics (:func:`flashmoba.attention.forward.attn_fwd`).
-        Layout and index arguments, and ``query_key_rows``, as in :func:`flashmoba.attention.forward.attn_fwd`.
+            softmax statistics (``flashmoba.attention.forward.attn_fwd``).
+        Layout and index arguments, and ``query_key_rows``, as in ``flashmoba.attention.forward.attn_fwd``.
 
     Returns:
         ``(dq [N, HQ, D], dk [N, HKV, D], dv [N, HKV, D])`` in the input dtype.

@@ -1,7 +1,7 @@
 """MoBA forward: key-block-centric "gather and densify" in one pass, against a per-row softmax reference.
 
 Schedule. One program per (key block, KV head, key tile). It walks the block -> query index (see
-:mod:`flashmoba.routing.result`) of the query heads that read this KV head, gathers ``BLOCK_M`` of those
+``flashmoba.routing.result``) of the query heads that read this KV head, gathers ``BLOCK_M`` of those
 queries into a dense tile, and runs them against the tile's keys on tensor cores. Every block has about
 ``topk * block_size`` queries whatever the sequence length, so tiles stay full even at 512K tokens, where a
 query-block-centric schedule (the FlashMoBA paper's) gathers only a few rows per (query block, key block).
@@ -447,7 +447,7 @@ def attn_fwd(
         q: ``[N, HQ, D]``; k, v: ``[N, HKV, D]`` (last dim contiguous).
         cu_seqlens ``[S + 1]``, cu_blocks ``[S + 1]``, block_seq ``[G]``: sequence / block layout.
         offsets ``[HQ * (G + 1) + 1]``, entries ``[HQ * N * topk]``: the block -> query index
-            (:mod:`flashmoba.routing.result`).
+            (``flashmoba.routing.result``).
         topk: slots per (query, head); pair ids are ``(t * HQ + h) * topk + slot``.
         scale: the softmax scale, nonzero.
         query_key_rows: optional int64 ``[N]``: the queries are not the keys' tokens but these rows of

@@ -1,12 +1,12 @@
 """MoBA attention of queries kept apart from their keys, from a routing computed outside.
 
 The engine's usual call routes and attends one packed batch whose queries are its keys' tokens. Under
-context parallelism (:mod:`flashmoba.distributed`) a rank holds a part of each sequence's queries and
+context parallelism (``flashmoba.distributed``) a rank holds a part of each sequence's queries and
 attends them over all of the sequence's keys: the queries are ``q [Nq, HQ, D]``, the keys ``k, v [N, HKV,
 D]`` with their own ``cu_seqlens``, and ``query_key_rows [Nq]`` says which key row is each query's own token
-(its position). The kernels are the engine's (:func:`~flashmoba.attention.forward.attn_fwd`,
-:func:`~flashmoba.attention.backward.attn_bwd`) with that one indirection, used for the causal mask and the
-row reference; the routing comes from :func:`flashmoba.routing.topk.route_triton` with the same query
+(its position). The kernels are the engine's (``attn_fwd``,
+``attn_bwd``) with that one indirection, used for the causal mask and the
+row reference; the routing comes from ``flashmoba.routing.topk.route_triton`` with the same query
 layout, so nothing here restates the routing rule.
 """
 

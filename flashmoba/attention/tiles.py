@@ -1,7 +1,7 @@
 """What a key-tile program of the attention engine sees: its keys, and the queries that selected them.
 
 Forward and backward share one schedule: a program owns one key tile (``BLOCK_N`` keys of one global
-block, one KV head) and walks the block -> query index (:mod:`flashmoba.routing.result`) of the query
+block, one KV head) and walks the block -> query index (``flashmoba.routing.result``) of the query
 heads that read this KV head, gathering ``BLOCK_M`` of those queries at a time into a dense tile. These
 helpers decode that index; they hold no policy of either pass.
 """

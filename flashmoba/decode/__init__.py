@@ -1,10 +1,10 @@
 """Decoding over a KV cache: sparse MoBA with incremental block centroids, and dense attention.
 
-* :class:`MoBAKVCache`: the one KV cache type (block key sums kept as tokens arrive);
-* :func:`moba_decode`: the newest tokens of every sequence against its cache, routed (decode, cached
-  prefill); :func:`dense_decode`: the same for dense and sliding-window layers;
-* :func:`accumulate_block_sums`: the incremental update, for caches managed elsewhere;
-* :mod:`flashmoba.decode.reference`: the naive definition; :mod:`flashmoba.decode.kernels`: Triton.
+* ``MoBAKVCache``: the one KV cache type (block key sums kept as tokens arrive);
+* ``moba_decode``: the newest tokens of every sequence against its cache, routed (decode, cached
+  prefill); ``dense_decode``: the same for dense and sliding-window layers;
+* ``accumulate_block_sums``: the incremental update, for caches managed elsewhere;
+* ``flashmoba.decode.reference``: the naive definition; ``flashmoba.decode.kernels``: Triton.
 """
 
 from flashmoba.decode.api import dense_decode, moba_decode

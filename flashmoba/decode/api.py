@@ -1,10 +1,10 @@
-"""Public decode API over a :class:`~flashmoba.decode.MoBAKVCache`: validation and backend dispatch.
+"""Public decode API over a ``MoBAKVCache``: validation and backend dispatch.
 
-* :func:`moba_decode`: sparse MoBA attention of the newest tokens (routing over the cached block sums);
-* :func:`dense_decode`: causal (optionally sliding-window) softmax attention of the newest tokens, for the
+* ``moba_decode``: sparse MoBA attention of the newest tokens (routing over the cached block sums);
+* ``dense_decode``: causal (optionally sliding-window) softmax attention of the newest tokens, for the
   dense and sliding-window layers of a model that decodes through the same cache.
 
-Validation follows :mod:`flashmoba.api`: shapes, dtypes and devices are always checked; the per-sequence
+Validation follows ``flashmoba.api``: shapes, dtypes and devices are always checked; the per-sequence
 lengths are read on the host (one synchronisation) only when the tensors are eager, never while
 torch.compile traces or a CUDA graph captures.
 """
@@ -79,13 +79,13 @@ def moba_decode(
 
     Decoding (``Tq = 1``) and cached prefill / speculative verification (``Tq > 1``): query ``i`` sits at
     local position ``t = cache.seqlens[b] - Tq + i`` and gets exactly the output of the full causal MoBA
-    pass (:func:`flashmoba.moba_attn_varlen`) at position ``t``: its own block attended causally, plus the
+    pass (``flashmoba.moba_attn_varlen``) at position ``t``: its own block attended causally, plus the
     ``topk - 1`` best earlier blocks, routed over the cached block sums (no cached key is read to route).
 
     Args:
         q: ``[B, Tq, HQ, D]`` queries of the ``Tq`` newest tokens of each sequence, ``HQ`` a multiple of
             the cache's KV heads.
-        cache: the :class:`~flashmoba.decode.MoBAKVCache` holding every token, the new ones included.
+        cache: the ``MoBAKVCache`` holding every token, the new ones included.
         topk: blocks attended per query and head, the own block included.
         block_size: optional; when given it must equal ``cache.block_size`` (the block sums describe
             blocks of that size).
@@ -149,7 +149,7 @@ def dense_decode(
 
     Args:
         q: ``[B, Tq, HQ, D]``, ``HQ`` a multiple of the cache's KV heads; cache: the
-            :class:`~flashmoba.decode.MoBAKVCache` holding every token, the new ones included.
+            ``MoBAKVCache`` holding every token, the new ones included.
         window: keys per query of a sliding-window layer, or ``None`` (all earlier keys).
         softmax_scale: defaults to ``D ** -0.5``.
 

@@ -7,15 +7,15 @@ kept as tokens arrive, folded in from the new keys only. A complete block's cent
 attended), it only accumulates until it fills.
 
 Sums are kept in ``promote(dtype, float32)`` (float32 for half-precision caches, float64 for float64), the
-precision in which :func:`flashmoba.reference.block_centroids` averages keys; the centroid is then rounded
+precision in which ``flashmoba.reference.block_centroids`` averages keys; the centroid is then rounded
 to the keys' dtype, as in the prefill.
 
 Layout: sequence ``b`` of a cache buffer ``k [B, S, HKV, D]`` occupies the rows
 ``starts[b] : starts[b] + seqlens[b]`` (``starts`` is 0 for a left-aligned cache, the number of left
 padding tokens for a Hugging Face cache); its local token ``p`` lies in block ``p // block_size``.
 
-:class:`MoBAKVCache` is the one cache type of the project: :func:`flashmoba.moba_decode` and
-:func:`flashmoba.decode.dense_decode` read it, :class:`flashmoba.nn.MoBAAttention` (and through it the
+``MoBAKVCache`` is the one cache type of the project: ``flashmoba.moba_decode`` and
+``flashmoba.decode.dense_decode`` read it, ``flashmoba.nn.MoBAAttention`` (and through it the
 hybrid model) keeps one per layer, and the transformers integration's cache layers wrap one each.
 """
 
@@ -48,7 +48,7 @@ def accumulate_block_sums(
     block boundaries, summed per block, and each sum is added once to its block.
 
     Args:
-        block_sums: contiguous ``[B, NB, HKV, D]`` running sums (see :func:`block_sums_dtype`), NB covering
+        block_sums: contiguous ``[B, NB, HKV, D]`` running sums (see ``block_sums_dtype``), NB covering
             every block that receives a token.
         k: ``[B, S, HKV, D]`` cache buffer holding the tokens (any strides).
         starts: int ``[B]``, the buffer row of each sequence's first token.
@@ -87,11 +87,11 @@ class MoBAKVCache:
 
     * ``MoBAKVCache(batch_size, max_seqlen, num_kv_heads, head_dim, block_size=..., dtype=..., device=...)``
       preallocates ``max_seqlen`` rows per sequence (appending past them raises). Nothing in
-      :meth:`append` or :func:`flashmoba.moba_decode` then synchronises, so a whole decode step can be
+      ``append`` or ``flashmoba.moba_decode`` then synchronises, so a whole decode step can be
       captured in a CUDA graph and replayed.
-    * :meth:`growing` makes an empty cache that allocates at its first :meth:`append` (shapes, dtype and
+    * ``growing`` makes an empty cache that allocates at its first ``append`` (shapes, dtype and
       device from the keys) and doubles its rows when they run out: what a model's ``generate`` uses.
-    * :meth:`from_tensors` wraps buffers managed elsewhere (no copy).
+    * ``from_tensors`` wraps buffers managed elsewhere (no copy).
 
     Decode with::
 
@@ -103,9 +103,9 @@ class MoBAKVCache:
         seqlens: int32 ``[B]``, tokens held per sequence.
         starts: int32 ``[B]``, the buffer row of each sequence's first token (0 unless left padded).
         block_size: tokens per MoBA block, or ``None`` for a layer that never routes (dense or sliding
-            window); :meth:`bind_block_size` sets it once.
+            window); ``bind_block_size`` sets it once.
         conv_state: the rolling state of a key convolution that produced the cached keys, or ``None``
-            (kept here so that :meth:`reorder` keeps it aligned with the sequences).
+            (kept here so that ``reorder`` keeps it aligned with the sequences).
     """
 
     def __init__(
@@ -134,7 +134,7 @@ class MoBAKVCache:
 
     @classmethod
     def growing(cls, *, block_size: int | None = 128) -> MoBAKVCache:
-        """An empty cache that takes its shapes from the first :meth:`append` and grows as needed."""
+        """An empty cache that takes its shapes from the first ``append`` and grows as needed."""
         cache = cls.__new__(cls)
         cache._reset(block_size, growable=True)
         return cache
@@ -158,9 +158,9 @@ class MoBAKVCache:
             v: values, like ``k``.
             seqlens: int ``[B]`` tokens held by each sequence.
             starts: int ``[B]`` the row of each sequence's first token (default 0).
-            block_size: tokens per MoBA block (``None``: a cache for :func:`~flashmoba.decode.dense_decode`).
+            block_size: tokens per MoBA block (``None``: a cache for ``dense_decode``).
             block_sums: ``[B, NB >= ceil(S / block_size), HKV, D]`` running key sums of exactly those
-                tokens (:func:`accumulate_block_sums`), or ``None`` to sum the held keys (reads all of them).
+                tokens (``accumulate_block_sums``), or ``None`` to sum the held keys (reads all of them).
         """
         for name, t in (("k", k), ("v", v)):
             check_tensor(name, t, dim=4)
@@ -228,7 +228,7 @@ class MoBAKVCache:
 
     @property
     def is_empty(self) -> bool:
-        """True until something was appended to a :meth:`growing` cache."""
+        """True until something was appended to a ``growing`` cache."""
         return self.k is None
 
     @property
@@ -301,7 +301,7 @@ class MoBAKVCache:
                 right-padded batch of prompts); default: all ``T`` rows. Passing it synchronises with the host.
 
         Without ``lengths`` and inside a CUDA graph capture nothing synchronises, so a whole decode step
-        (append + :func:`flashmoba.moba_decode`) of a preallocated cache can be captured and replayed.
+        (append + ``flashmoba.moba_decode``) of a preallocated cache can be captured and replayed.
         """
         for name, t in (("k", k), ("v", v)):
             check_tensor(name, t, dim=4)

@@ -12,8 +12,8 @@ For query ``i`` of the ``Tq`` newest tokens of sequence ``b`` (local position ``
   head's centroid, or, with ``shared_kv_routing``, by the sum of the scores of the KV group's query
   heads (one selection per token and KV head); ties: the lower block index wins.
 
-Per query head this is exactly the causal rule of :mod:`flashmoba.reference` at position ``t``
-(:func:`flashmoba.reference.select_blocks`, applied to the scores above).
+Per query head this is exactly the causal rule of ``flashmoba.reference`` at position ``t``
+(``flashmoba.reference.select_blocks``, applied to the scores above).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Context parallelism for MoBA over torch.distributed: one sequence's tokens split over several GPUs.
 
-* :func:`shard_sequence` / :func:`unshard_sequence`: a rank's part of a sequence in the layout the ops
+* ``shard_sequence`` / ``unshard_sequence``: a rank's part of a sequence in the layout the ops
   expect ("zigzag": causal load balance; "contiguous"), and back;
-* :func:`context_parallel_moba_attn` (``[B, T / W, H, D]``) and :func:`context_parallel_moba_attn_varlen`
+* ``context_parallel_moba_attn`` (``[B, T / W, H, D]``) and ``context_parallel_moba_attn_varlen``
   (packed ``[N / W, H, D]`` with the whole batch's ``cu_seqlens``): exact MoBA of the whole sequences at
   this rank's tokens, forward and backward;
-* :class:`ContextParallel`: the same for every attention layer of a model
-  (:class:`flashmoba.nn.MoBAAttention`: MoBA, dense and sliding-window layers, key convolution, RoPE), as
+* ``ContextParallel``: the same for every attention layer of a model
+  (``flashmoba.nn.MoBAAttention``: MoBA, dense and sliding-window layers, key convolution, RoPE), as
   ``flashmoba train --context-parallel N`` uses it.
 
 How and why (the communication model with its numbers): ``docs/distributed.md``.

@@ -1,13 +1,13 @@
 """Context-parallel MoBA attention: one sequence's queries split over the ranks of a group, exact.
 
-Each rank holds its part of the sequence (:mod:`flashmoba.distributed.layout`) of q, k and v. The op
+Each rank holds its part of the sequence (``flashmoba.distributed.layout``) of q, k and v. The op
 
-1. all-gathers k and v (two asynchronous all-gathers: :func:`~flashmoba.distributed.comm.gather_keys_values`);
+1. all-gathers k and v (two asynchronous all-gathers: ``gather_keys_values``);
 2. as soon as the keys are in, routes the local queries against the block centroids of the whole sequence
-   with the library's routing (:func:`flashmoba.reference.select_blocks` semantics, or the Triton router),
+   with the library's routing (``flashmoba.reference.select_blocks`` semantics, or the Triton router),
    each query at its position in the sequence, while the values are still in flight;
 3. attends the local queries over the gathered keys and values (the engine's kernels with a query -> key
-   row indirection on CUDA, :func:`flashmoba.reference.attention` elsewhere);
+   row indirection on CUDA, ``flashmoba.reference.attention`` elsewhere);
 4. in the backward, the gradients of the gathered keys and values (every rank's contributions to every
    block it read) are reduce-scattered back to their owners; dq stays local.
 
@@ -16,7 +16,7 @@ heads, nearly every block of the sequence (``docs/distributed.md`` has the model
 selective fetch would move almost as many bytes and add an index exchange. Routing needs only the block
 centroids, but they are computed from the gathered keys at no extra transfer.
 
-The result equals :func:`flashmoba.moba_attn` / :func:`flashmoba.moba_attn_varlen` on the whole sequence at
+The result equals ``flashmoba.moba_attn`` / ``flashmoba.moba_attn_varlen`` on the whole sequence at
 this rank's rows, forward and backward: the same centroids, the same routing rule and ties, the same
 attention; only the order of floating-point sums differs.
 """
@@ -105,18 +105,18 @@ def context_parallel_moba_attn_varlen(
     """MoBA attention of packed variable-length sequences whose tokens are split over the ranks of ``group``.
 
     The packed batch of ``N`` tokens (documents of any lengths, which may straddle rank boundaries) is
-    sharded along its token dim by :func:`~flashmoba.distributed.shard_sequence` (``dim=0``, the same
+    sharded along its token dim by ``shard_sequence`` (``dim=0``, the same
     ``layout``); every rank passes its part and the boundaries of the whole batch.
 
     Args:
         q: ``[N / W, HQ, D]`` this rank's queries; k, v: ``[N / W, HKV, D]`` its keys and values (GQA:
             ``HQ % HKV == 0``); ``W`` is the group's size.
         cu_seqlens: int32/int64 ``[S + 1]`` boundaries of the whole packed batch (the same on every rank;
-            blocks count from each sequence's start, as in :func:`flashmoba.moba_attn_varlen`).
-        block_size, topk, causal, softmax_scale, return_lse, backend: as in :func:`flashmoba.moba_attn_varlen`
+            blocks count from each sequence's start, as in ``flashmoba.moba_attn_varlen``).
+        block_size, topk, causal, softmax_scale, return_lse, backend: as in ``flashmoba.moba_attn_varlen``
             ("triton" runs the kernels, on CUDA tensors).
         layout: "zigzag" (``N`` divisible by ``2W``) or "contiguous" (``N`` divisible by ``W``); see
-            :mod:`flashmoba.distributed.layout`.
+            ``flashmoba.distributed.layout``.
         group: the process group of the ranks that share the batch (None: the default group).
 
     Returns:
@@ -149,12 +149,12 @@ def context_parallel_moba_attn(
 ):
     """MoBA attention of a batch of equal-length sequences whose time dim is split over the ranks of ``group``.
 
-    Every sequence of ``T`` tokens is sharded by :func:`~flashmoba.distributed.shard_sequence` (``dim=1``,
+    Every sequence of ``T`` tokens is sharded by ``shard_sequence`` (``dim=1``,
     the same ``layout``); every rank passes its part.
 
     Args:
         q: ``[B, T / W, HQ, D]`` this rank's queries; k, v: ``[B, T / W, HKV, D]``; ``W`` is the group's size.
-        block_size, topk, causal, softmax_scale, return_lse, backend: as in :func:`flashmoba.moba_attn`.
+        block_size, topk, causal, softmax_scale, return_lse, backend: as in ``flashmoba.moba_attn``.
         layout: "zigzag" (``T`` divisible by ``2W``: ``T / W`` even) or "contiguous" (any ``T / W``).
         group: the process group of the ranks that share the sequences (None: the default group).
 

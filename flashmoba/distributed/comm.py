@@ -59,7 +59,7 @@ def _reduce_scatter(x: torch.Tensor, world_size: int, rank: int, group):
 
 
 class _Gather:
-    """An all-gather along ``dim`` in flight; :meth:`wait` returns the whole sequence in natural order."""
+    """An all-gather along ``dim`` in flight; ``wait`` returns the whole sequence in natural order."""
 
     def __init__(self, x: torch.Tensor, dim: int, layout: str, group):
         self.world_size, _ = group_rank(group)
@@ -128,7 +128,7 @@ def gather_sequence(x: torch.Tensor, dim: int, layout: str, group) -> torch.Tens
 
 
 def gather_keys_values(k: torch.Tensor, v: torch.Tensor, dim: int, layout: str, group, on_keys=None):
-    """:func:`gather_sequence` of ``k`` and ``v`` together, calling ``on_keys(k_full)`` (detached) between the
+    """``gather_sequence`` of ``k`` and ``v`` together, calling ``on_keys(k_full)`` (detached) between the
     keys' arrival and the values'; the backward reduce-scatters both gradients, issued together."""
     return _GatherKeysValues.apply(k, v, dim, layout, group, on_keys)
 

@@ -11,7 +11,7 @@ in increasing order of position:
   work does not depend on the position (non-causal attention). ``L`` must be divisible by ``W``.
 
 Chunks need not fall on MoBA block boundaries: every rank attends over the gathered keys of the whole
-sequence (:mod:`flashmoba.distributed.attention`), so a block whose tokens lie on two ranks is one block,
+sequence (``flashmoba.distributed.attention``), so a block whose tokens lie on two ranks is one block,
 as it is for packed documents, whose blocks count from each document's start wherever it lies.
 """
 
@@ -48,7 +48,7 @@ def local_positions(length: int, world_size: int, rank: int, layout: str, device
     """int64 ``[length // world_size]``: the positions of the tokens rank ``rank`` holds, increasing.
 
     Args:
-        length: tokens of the whole sequence (checked by :func:`check_length`).
+        length: tokens of the whole sequence (checked by ``check_length``).
         world_size: ranks of the group. rank: this rank's index in the group.
         layout: "zigzag" or "contiguous" (module docstring).
     """

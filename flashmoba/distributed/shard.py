@@ -35,11 +35,11 @@ def shard_sequence(x: torch.Tensor, dim: int = 1, *, layout: str = "zigzag", gro
 
     Args:
         x: the whole tensor, the same on every rank of ``group``: ``[B, T, ...]`` for
-            :func:`~flashmoba.distributed.context_parallel_moba_attn` (``dim=1``), packed ``[N, ...]`` for
+            ``context_parallel_moba_attn`` (``dim=1``), packed ``[N, ...]`` for
             the varlen op (``dim=0``).
         dim: the sequence dim.
         layout: "zigzag" (the length divisible by ``2 * world_size``) or "contiguous" (by ``world_size``);
-            see :mod:`flashmoba.distributed.layout`.
+            see ``flashmoba.distributed.layout``.
         group: the process group (None: the default group).
 
     Returns:
@@ -52,11 +52,11 @@ def shard_sequence(x: torch.Tensor, dim: int = 1, *, layout: str = "zigzag", gro
 
 
 def unshard_sequence(x: torch.Tensor, dim: int = 1, *, layout: str = "zigzag", group=None) -> torch.Tensor:
-    """The inverse of :func:`shard_sequence`: every rank's part -> the whole tensor, on every rank.
+    """The inverse of ``shard_sequence``: every rank's part -> the whole tensor, on every rank.
 
     Args:
         x: this rank's part (``[B, T / W, ...]`` with ``dim=1``); the same shape on every rank.
-        dim, layout, group: as given to :func:`shard_sequence`.
+        dim, layout, group: as given to ``shard_sequence``.
 
     Returns:
         ``[B, T, ...]`` in natural order (one all-gather). Differentiable for a loss that every rank

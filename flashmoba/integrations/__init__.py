@@ -1,4 +1,4 @@
 """Integrations with other libraries; each is imported explicitly, so flashmoba never needs them.
 
-* :mod:`flashmoba.integrations.transformers`: ``attn_implementation="moba"`` for Hugging Face models.
+* ``flashmoba.integrations.transformers``: ``attn_implementation="moba"`` for Hugging Face models.
 """

@@ -8,24 +8,24 @@ Usage (Llama, Qwen2/3, Mistral families and any model that calls ``ALL_ATTENTION
     out = model.generate(**inputs, past_key_values=MoBACache())
 
 Settings in the model config (``moba_block_size``, ``moba_topk``, ``moba_dense_layers``,
-``moba_shared_kv_routing``) override those given to :func:`register`. Dense layers (negative indices count
+``moba_shared_kv_routing``) override those given to ``register``. Dense layers (negative indices count
 from the last layer; MoBA keeps the last layers dense) run PyTorch's scaled-dot-product attention.
 
 How a forward pass is served:
 
 * the "moba" mask function builds no ``[T x T]`` mask: it turns the 2-D padding mask into a
-  :class:`MoBAPadding` (token indices and sequence bounds), once per forward for all layers;
+  ``MoBAPadding`` (token indices and sequence bounds), once per forward for all layers;
 * prefill (no cached tokens): padded batches are unpadded, packed batches are split by the
-  ``cu_seq_lens_q/k`` kwargs or by restarting ``position_ids``, and :func:`flashmoba.moba_attn_varlen`
+  ``cu_seq_lens_q/k`` kwargs or by restarting ``position_ids``, and ``flashmoba.moba_attn_varlen``
   runs MoBA on the packed tokens, GQA without repeating K/V;
 * with cached tokens (generation, chunked prefill, speculative verification):
-  :func:`flashmoba.moba_decode` routes over the cached block centroids; left padding is supported, as
+  ``flashmoba.moba_decode`` routes over the cached block centroids; left padding is supported, as
   generation needs.
 
-Where the centroids live: each layer of :class:`MoBACache` (a ``DynamicCache``) is a :class:`MoBACacheLayer`
-that stores its keys and values in a :class:`flashmoba.MoBAKVCache`, the project's one cache type, whose
+Where the centroids live: each layer of ``MoBACache`` (a ``DynamicCache``) is a ``MoBACacheLayer``
+that stores its keys and values in a ``flashmoba.MoBAKVCache``, the project's one cache type, whose
 block key sums fold in only the new tokens' keys at each step; beam reordering, batch selection and cropping
-go through it. Attention functions are not handed the cache, only its keys; each :class:`MoBACacheLayer`
+go through it. Attention functions are not handed the cache, only its keys; each ``MoBACacheLayer``
 therefore registers the keys tensor it returns from ``update`` and the attention function looks its layer
 up by that very tensor. With any other cache (e.g. the plain ``DynamicCache`` that ``generate`` makes when
 none is passed) the sums are rebuilt from all cached keys at every step: the same results, at the cost of
@@ -183,14 +183,14 @@ _layer_of_keys: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # i
 
 
 class MoBACacheLayer(DynamicLayer):
-    """A cache layer whose keys and values live in a :class:`flashmoba.MoBAKVCache`.
+    """A cache layer whose keys and values live in a ``flashmoba.MoBAKVCache``.
 
     ``keys`` / ``values`` are ``[B, HKV, T, D]`` views of the cache's buffers (every row, padding included,
     as transformers expects). The attention function tells the cache the rows' left padding at prefill and
     binds its block size at the first MoBA step; a dense layer never builds block sums.
 
     Attributes:
-        cache: the :class:`flashmoba.MoBAKVCache` (``None`` until the first update).
+        cache: the ``flashmoba.MoBAKVCache`` (``None`` until the first update).
         padding: the rows' left padding the cache was told (host tuple), or ``None``.
     """
 
@@ -263,7 +263,7 @@ class MoBACacheLayer(DynamicLayer):
 
 
 class MoBACache(DynamicCache):
-    """A ``DynamicCache`` of :class:`MoBACacheLayer`: pass it as ``past_key_values`` to ``generate``.
+    """A ``DynamicCache`` of ``MoBACacheLayer``: pass it as ``past_key_values`` to ``generate``.
 
     Every layer keeps all tokens (MoBA replaces sliding windows), created lazily at its first update.
     """
@@ -385,7 +385,7 @@ def moba_attention_forward(
     Args:
         module: the attention module (its ``config`` and ``layer_idx`` pick the settings).
         query: ``[B, HQ, Tq, D]``; key, value: ``[B, HKV, Tk, D]``, every cached token included.
-        attention_mask: what :func:`moba_mask` returned.
+        attention_mask: what ``moba_mask`` returned.
         scaling: softmax scale (default ``D ** -0.5``).
 
     Returns:
@@ -455,8 +455,8 @@ def register(
         topk: blocks attended per query and head, the own block included.
         dense_layers: indices of layers kept dense (negative ones count from the last layer).
         shared_kv_routing: cached decoding selects one set of blocks per KV group (see
-            :func:`flashmoba.moba_decode`); prefill always routes per query head.
-        backend: "auto", "reference" or "triton", as in :func:`flashmoba.moba_attn_varlen`.
+            ``flashmoba.moba_decode``); prefill always routes per query head.
+        backend: "auto", "reference" or "triton", as in ``flashmoba.moba_attn_varlen``.
 
     Each may be overridden per model by ``config.moba_block_size``, ``moba_topk``, ``moba_dense_layers``,
     ``moba_shared_kv_routing``.

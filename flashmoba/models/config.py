@@ -3,7 +3,7 @@
 Layer layout (FlashMoBA section 5): counting layers from 1, the odd layers (1, 3, 5, ...; indices 0, 2,
 4, ... in ``model.layers``) use sliding-window attention with RoPE, the even layers (indices 1, 3, 5,
 ...) use ``global_attn`` ("moba" or "dense") with no positional encoding and, if ``kconv_size > 0``, the
-key convolution. :attr:`MoBAHybridConfig.layer_attn_types` spells the layout out.
+key convolution. ``MoBAHybridConfig.layer_attn_types`` spells the layout out.
 
 Not in the paper (FlashMoBA digest, NOT FOUND): the number of KV heads (the presets use plain multi-head
 attention), the FFN and norm types (SwiGLU and RMSNorm here; the 340M FFN width 2816 is the SwiGLU
@@ -87,7 +87,7 @@ PRESETS: dict[str, dict] = {
 
 
 class MoBAHybridConfig(PretrainedConfig):
-    r"""Configuration of :class:`~flashmoba.models.MoBAHybridForCausalLM`.
+    r"""Configuration of ``MoBAHybridForCausalLM``.
 
     Attributes:
         vocab_size: token vocabulary.
@@ -111,9 +111,9 @@ class MoBAHybridConfig(PretrainedConfig):
         attn_backend: "auto", "reference" or "triton" for MoBA and the key convolution ("reference" is the
             fast choice on CPU).
         causal_backend: "auto", "flash" or "sdpa" for the sliding-window and dense layers
-            (:func:`flashmoba.nn.causal.causal_attention`; "auto": FlashAttention's varlen kernel on CUDA).
+            (``flashmoba.nn.causal.causal_attention``; "auto": FlashAttention's varlen kernel on CUDA).
         loss_chunk_size: tokens per chunk of the fused LM-head cross entropy used in training mode
-            (:func:`flashmoba.models.loss.linear_cross_entropy`; no ``[N, V]`` logits are kept); 0 = the
+            (``flashmoba.models.loss.linear_cross_entropy``; no ``[N, V]`` logits are kept); 0 = the
             plain path (full logits) always.
     """
 
@@ -190,7 +190,7 @@ class MoBAHybridConfig(PretrainedConfig):
     @classmethod
     def field_names(cls) -> tuple[list[str], list[str]]:
         """``(this model's fields and their aliases, the generic PretrainedConfig fields)``: the keywords
-        :meth:`from_preset` takes, as two lists of names in declaration order."""
+        ``from_preset`` takes, as two lists of names in declaration order."""
         own = [name for name in MoBAHybridConfig.__annotations__ if not name.startswith("_")]
         fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
         generic = [f.name for f in fields if f.name not in own]

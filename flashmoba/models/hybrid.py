@@ -2,7 +2,7 @@
 
 Pre-norm decoder layers (RMSNorm, attention, RMSNorm, SwiGLU MLP, residuals); sliding-window attention
 with RoPE at even indices, MoBA or dense attention without positional encoding (optionally with the key
-convolution) at odd indices; see :mod:`flashmoba.models.config` for the layout and the presets.
+convolution) at odd indices; see ``flashmoba.models.config`` for the layout and the presets.
 
 Inputs, three forms (the layers always see sequences that never attend to each other):
 
@@ -17,8 +17,8 @@ Labels are shifted inside the model: token t is trained to predict token t + 1 o
 next real token with an attention mask); the last token of every sequence predicts nothing, so no loss
 crosses a document boundary; -100 is ignored.
 
-Generation keeps a :class:`MoBAHybridCache` (one :class:`~flashmoba.MoBAKVCache` per layer, key-conv
-states included; MoBA layers decode sparsely through :func:`flashmoba.moba_decode`); ``use_cache`` defaults to
+Generation keeps a ``MoBAHybridCache`` (one ``MoBAKVCache`` per layer, key-conv
+states included; MoBA layers decode sparsely through ``flashmoba.moba_decode``); ``use_cache`` defaults to
 False in ``forward`` and generate() turns it on.
 """
 
@@ -52,10 +52,10 @@ __all__ = [
 
 
 class MoBAHybridCache:
-    """Generation cache of the hybrid model: one growing :class:`~flashmoba.MoBAKVCache` per layer.
+    """Generation cache of the hybrid model: one growing ``MoBAKVCache`` per layer.
 
     ``num_columns`` counts the input columns consumed so far, padding included; transformers reads it as
-    :meth:`get_seq_length` (the per-sequence token counts are in each layer's ``seqlens``).
+    ``get_seq_length`` (the per-sequence token counts are in each layer's ``seqlens``).
     """
 
     is_compileable = False
@@ -76,7 +76,7 @@ class MoBAHybridCache:
 
 @dataclass
 class MoBAHybridModelOutput(BaseModelOutputWithPast):
-    """:class:`BaseModelOutputWithPast` plus the packed view the layers computed on.
+    """``BaseModelOutputWithPast`` plus the packed view the layers computed on.
 
     Attributes:
         last_hidden_state: ``[B, T, hidden]`` in the input's layout (``[1, N, hidden]`` for packed input).
@@ -233,7 +233,7 @@ class MoBAHybridModel(MoBAHybridPreTrainedModel):
             input_ids: ``[B, T]``, or ``[1, N]`` with ``cu_seqlens``.
             cu_seqlens: int32/int64 ``[S + 1]`` document boundaries of packed input.
             attention_mask: ``[B, past + T]``, 1 = real token, 0 = padding (module docstring).
-            past_key_values: a :class:`MoBAHybridCache` from an earlier call: the new tokens continue
+            past_key_values: a ``MoBAHybridCache`` from an earlier call: the new tokens continue
                 its sequences.
             use_cache: return a cache (a new one if none was passed); default False.
             max_seqlen: with ``cu_seqlens``, optional host-side upper bound of the documents' lengths
@@ -244,7 +244,7 @@ class MoBAHybridModel(MoBAHybridPreTrainedModel):
             output_hidden_states: not supported; True raises.
 
         Returns:
-            :class:`MoBAHybridModelOutput`.
+            ``MoBAHybridModelOutput``.
         """
         if position_ids is not None:
             raise ValueError(
@@ -322,7 +322,7 @@ class MoBAHybridForCausalLM(MoBAHybridPreTrainedModel, GenerationMixin):
         """Logits, and the loss when ``labels`` are given.
 
         Args:
-            input_ids: as in :meth:`MoBAHybridModel.forward`, like ``cu_seqlens``, ``attention_mask``,
+            input_ids: as in ``MoBAHybridModel.forward``, like ``cu_seqlens``, ``attention_mask``,
                 ``past_key_values`` and ``use_cache``.
             labels: like ``input_ids`` (-100 = ignore); shifted inside (module docstring).
             logits_to_keep: return logits of the last ``logits_to_keep`` positions only (0 = all).
@@ -330,7 +330,7 @@ class MoBAHybridForCausalLM(MoBAHybridPreTrainedModel, GenerationMixin):
                 (gradient accumulation, as transformers' Trainer passes it).
 
         Returns:
-            :class:`CausalLMOutputWithPast`: ``logits [B, T or logits_to_keep, V]``, ``loss``, ``past_key_values``.
+            ``CausalLMOutputWithPast``: ``logits [B, T or logits_to_keep, V]``, ``loss``, ``past_key_values``.
             In training mode with ``labels`` (and ``config.loss_chunk_size > 0``) the loss is the fused,
             chunked cross entropy and ``logits`` is None.
         """

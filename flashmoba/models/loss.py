@@ -3,7 +3,7 @@ chunked over tokens.
 
 The plain path, ``F.cross_entropy(lm_head(h).float(), targets)``, keeps the logits in the compute dtype, a
 float32 copy and the float32 gradient alive at once: at 32K tokens and a 32K vocabulary that is about
-10 GB, more than the decoder's activations. :func:`linear_cross_entropy` walks the tokens in chunks: for
+10 GB, more than the decoder's activations. ``linear_cross_entropy`` walks the tokens in chunks: for
 each chunk it computes the logits, the summed loss and, right away, the logits' gradient, which it turns
 into the chunk's hidden-state gradient and adds into the weight gradient. Only one chunk's logits exist
 at any time, and the backward is a scaling of the stored gradients (the loss is linear in its incoming

@@ -1,10 +1,10 @@
 """Torch modules built on MoBA: the key convolution and the attention layer.
 
-* :class:`KeyConv` / :func:`key_conv`: ``k' = k + SiLU(causal depthwise conv(k))`` (fused Triton kernels
+* ``KeyConv`` / ``key_conv``: ``k' = k + SiLU(causal depthwise conv(k))`` (fused Triton kernels
   on CUDA, PyTorch elsewhere), varlen-aware, with a rolling decode state;
-* :class:`MoBAAttention`: q/k/v/o projections, GQA, optional key conv and RoPE, attention "moba" /
-  "dense" / "swa", batched or packed inputs, generation over a :class:`flashmoba.MoBAKVCache`;
-* :func:`causal_attention`: the "dense" and "swa" layers' attention of packed sequences (FlashAttention's
+* ``MoBAAttention``: q/k/v/o projections, GQA, optional key conv and RoPE, attention "moba" /
+  "dense" / "swa", batched or packed inputs, generation over a ``flashmoba.MoBAKVCache``;
+* ``causal_attention``: the "dense" and "swa" layers' attention of packed sequences (FlashAttention's
   varlen kernel on CUDA, SDPA elsewhere).
 """
 

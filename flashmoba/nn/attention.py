@@ -3,21 +3,21 @@
 One layer type serves the paper's three attentions:
 
 * ``"moba"``: MoBA over blocks of ``block_size`` keys, ``topk`` blocks per query (own block included),
-  through :func:`flashmoba.moba_attn` / :func:`flashmoba.moba_attn_varlen`;
+  through ``flashmoba.moba_attn`` / ``flashmoba.moba_attn_varlen``;
 * ``"dense"``: causal softmax attention;
 * ``"swa"``: causal sliding-window attention, each query sees its ``window`` latest keys (itself
   included: key ``s`` is visible from query ``t`` iff ``t - window < s <= t``).
 
-"dense" and "swa" run :func:`flashmoba.nn.causal.causal_attention` (``causal_backend``: FlashAttention's
+"dense" and "swa" run ``flashmoba.nn.causal.causal_attention`` (``causal_backend``: FlashAttention's
 varlen kernel on CUDA, SDPA elsewhere).
 
 Inputs are batched ``[B, T, hidden]`` or packed ``[N, hidden]`` with ``cu_seqlens``; packed sequences
 never see each other. Positions (RoPE) restart at every sequence start and continue from the cache.
 
-Generation: pass a :class:`~flashmoba.MoBAKVCache` (``MoBAKVCache.growing()``). The first call (empty
+Generation: pass a ``MoBAKVCache`` (``MoBAKVCache.growing()``). The first call (empty
 cache) runs the normal path and fills the cache; later calls append their new tokens and attend over the
-cache through :mod:`flashmoba.decode`: :func:`~flashmoba.moba_decode` for "moba" (sparse, routed over the
-cache's block sums), :func:`~flashmoba.decode.dense_decode` for "dense" and "swa" (the window's rows only).
+cache through ``flashmoba.decode``: ``moba_decode`` for "moba" (sparse, routed over the
+cache's block sums), ``dense_decode`` for "dense" and "swa" (the window's rows only).
 """
 
 from __future__ import annotations
@@ -65,14 +65,14 @@ class MoBAAttention(nn.Module):
         block_size: MoBA block size (used by "moba"; kept as an attribute on every layer).
         topk: MoBA blocks per query, the own block included.
         window: keys per query of "swa".
-        kconv_size: width W of the key convolution (:class:`KeyConv`), 0 = none.
+        kconv_size: width W of the key convolution (``KeyConv``), 0 = none.
         rope: rotary embedding on queries and keys (after the key convolution).
         rope_theta: its base.
         layer_idx: the layer's index in its model (informational: shown in ``repr``, read by tools that
             report per layer).
         backend: "auto", "reference" or "triton", for MoBA and the key convolution.
         causal_backend: "auto", "flash" or "sdpa", for "dense" and "swa"
-            (:func:`flashmoba.nn.causal.causal_attention`).
+            (``flashmoba.nn.causal.causal_attention``).
 
     Shapes: ``forward(hidden [B, T, hidden_size] or packed [N, hidden_size], cu_seqlens=None, cache=None)``
     returns the same shape.
@@ -255,7 +255,7 @@ class MoBAAttention(nn.Module):
         Args:
             hidden_states: ``[B, T, hidden]`` or packed ``[N, hidden]``.
             cu_seqlens: int32/int64 ``[S + 1]`` for packed input (default: one sequence).
-            cache: optional :class:`~flashmoba.MoBAKVCache` (``MoBAKVCache.growing()``); an empty one is
+            cache: optional ``MoBAKVCache`` (``MoBAKVCache.growing()``); an empty one is
                 filled (prefill), a filled one is extended and attended over (decode: the new tokens
                 continue their sequences).
             max_seqlen: optional upper bound of the packed sequences' lengths, known on the host (the

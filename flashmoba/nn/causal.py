@@ -4,7 +4,7 @@ layers.
 One semantics, two implementations. Query ``t`` of a sequence attends the keys ``s`` of the same sequence
 with ``s <= t`` (``window=None``) or ``t - window < s <= t`` (a window of ``window`` keys, itself included):
 
-* ``"flash"``: FlashAttention-2's varlen kernel through :func:`torch.nn.attention.varlen.varlen_attn`
+* ``"flash"``: FlashAttention-2's varlen kernel through ``torch.nn.attention.varlen.varlen_attn``
   (CUDA, fp16/bf16). Every sequence of the pack in one launch, GQA native, the window as the kernel's
   left window; nothing reads a device value on the host.
 * ``"sdpa"``: PyTorch SDPA on any device and dtype (the CPU path, and the oracle the flash path is

@@ -1,6 +1,6 @@
 """FlashMoBA routing in Triton: block centroids -> fused tiled top-k -> block -> query index.
 
-``route_triton`` is imported lazily by :mod:`flashmoba.api` so that importing the package (and the
+``route_triton`` is imported lazily by ``flashmoba.api`` so that importing the package (and the
 reference backend) never needs Triton.
 """
 

@@ -66,7 +66,7 @@ def block_centroids(k: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, 
 
     Returns:
         ``[num_blocks_max, HKV, D]`` in k's dtype, indexed by global block id (see
-        :mod:`flashmoba.routing.result`); rows past the real blocks are left at zero.
+        ``flashmoba.routing.result``); rows past the real blocks are left at zero.
     """
     N, HKV, D = k.shape
     cu_blocks, block_seq, num_blocks_max = layout or block_layout(cu_seqlens, N, block_size)

@@ -15,7 +15,7 @@ Query view (``indices``)
 Block view (``BlockIndex``, a CSR over *segments*)
     A segment is one (query head ``h``, global block ``g``) pair, numbered ``h * (num_blocks_max + 1) + g``:
     head-major, so that the segments come from stable sorts of 16-bit keys, a few heads per sort row (half
-    the radix passes of a flat sort by (block, head) at long lengths; :func:`block_sort_rows`).
+    the radix passes of a flat sort by (block, head) at long lengths; ``block_sort_rows``).
     Segment ``g = num_blocks_max`` of each head collects its empty (-1) slots. The entries of head ``h``
     are its pair positions ``i = t * topk + slot`` (``indices[t, h, slot] == j``; the pair id is
     ``(t * HQ + h) * topk + slot``), in ascending order of the query token ``t = i // topk``. Segment
@@ -63,7 +63,7 @@ class BlockLayout(NamedTuple):
     Attributes:
         cu_blocks: int32 ``[S + 1]``: sequence ``s`` owns global blocks ``cu_blocks[s] .. cu_blocks[s + 1] - 1``.
         block_seq: int32 ``[num_blocks_max]``: the sequence of each global block (``S`` past the real ones).
-        num_blocks_max: :func:`max_num_blocks` of the batch, a bound from the shapes alone.
+        num_blocks_max: ``max_num_blocks`` of the batch, a bound from the shapes alone.
     """
 
     cu_blocks: torch.Tensor
@@ -72,7 +72,7 @@ class BlockLayout(NamedTuple):
 
 
 def block_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int) -> BlockLayout:
-    """The :class:`BlockLayout` of ``num_tokens`` packed tokens in blocks of ``block_size`` (no host sync)."""
+    """The ``BlockLayout`` of ``num_tokens`` packed tokens in blocks of ``block_size`` (no host sync)."""
     num_seqs = cu_seqlens.numel() - 1
     num_blocks_max = max_num_blocks(num_tokens, block_size, num_seqs)
     device = cu_seqlens.device
@@ -124,7 +124,7 @@ def block_sort_rows(num_heads: int, num_blocks_max: int) -> tuple[int, int]:
     """How the block index sorts: ``(heads_per_row, key_base)``.
 
     The pairs are sorted in rows of ``heads_per_row`` heads, under the sort key
-    ``(h % heads_per_row) * (num_blocks_max + 1) + g + key_base`` (of :func:`block_key_dtype`) for head
+    ``(h % heads_per_row) * (num_blocks_max + 1) + g + key_base`` (of ``block_key_dtype``) for head
     ``h``'s pair in global block ``g``. With 16-bit keys a row takes as many heads (a divisor of
     ``num_heads``) as the signed 16-bit range holds, ``key_base = -2**15`` shifting them into it: a few long
     rows sort faster than many short ones (fewer launches of the segmented radix sort, each over more
@@ -141,7 +141,7 @@ def block_index_from_keys(keys: torch.Tensor, topk: int, num_blocks_max: int) ->
     """The block view from the sort key of every pair, head-major.
 
     Args:
-        keys: ``[HQ, N, topk]`` sort keys (:func:`block_sort_rows`) of the global block ``g`` of head ``h``'s
+        keys: ``[HQ, N, topk]`` sort keys (``block_sort_rows``) of the global block ``g`` of head ``h``'s
             pair ``(t, slot)``, with ``g = num_blocks_max`` where ``indices`` is -1.
 
     A stable sort keeps each segment in ascending pair-position order, which is ascending token order; the
@@ -179,8 +179,8 @@ def build_block_index(
 ) -> BlockIndex:
     """Invert ``indices [N, HQ, topk]`` into the block view (no host sync).
 
-    ``layout``: the batch's :class:`BlockLayout` if the caller has it already. The Triton router writes the block
-    keys itself and calls :func:`block_index_from_keys` directly.
+    ``layout``: the batch's ``BlockLayout`` if the caller has it already. The Triton router writes the block
+    keys itself and calls ``block_index_from_keys`` directly.
     """
     N, HQ, topk = indices.shape
     device = indices.device
@@ -195,14 +195,14 @@ def build_block_index(
 
 @dataclass
 class MoBARouting:
-    """What :func:`flashmoba.moba_route_varlen` returns.
+    """What ``flashmoba.moba_route_varlen`` returns.
 
     Attributes:
         indices: int32 ``[N, HQ, topk]``, selected local block ids, ascending, -1 padded.
         cu_seqlens: the ``[S + 1]`` sequence boundaries the routing was computed for.
         block_size, topk, causal: the routing parameters (``block_size`` at most ``max(N, 16)``: a longer
             block is one block per sequence either way).
-        layout: the :class:`BlockLayout` (global block numbering, see the module docstring); its fields
+        layout: the ``BlockLayout`` (global block numbering, see the module docstring); its fields
             are also attributes: ``cu_blocks``, ``block_seq``, ``num_blocks_max``.
     """
 

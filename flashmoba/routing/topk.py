@@ -5,7 +5,7 @@ centroid tiles of that sequence, computes the scores on tensor cores, and keeps 
 registers; only the final ``[N, HQ, topk]`` block ids (and, for the block index, their global block ids) are
 written, so memory is O(N * HQ * topk).
 
-Scores are compared as int32 *keys* (:func:`_score_keys`): the float bits mapped so that the integer
+Scores are compared as int32 *keys* (``_score_keys``): the float bits mapped so that the integer
 order is the score order, with the low ``log2(BLOCK_N)`` bits replaced by the inverted column, so that
 one integer max gives both a query's best score in the tile and its column. The selection is therefore
 exact on scores rounded down to ``23 - log2(BLOCK_N)`` mantissa bits (a relative step of 2**-17 for 64
@@ -33,7 +33,7 @@ What bounds the kernel: the rounds and the per-tile bookkeeping, integer work on
 score of a tile, rather than the tensor cores or memory traffic. So the centroid loads are left as they are
 (the software pipeliner skips the tile loop because it contains the round loop, and pipelining them would
 only hide time that is not the bottleneck), and a round is a chain of shuffles and CTA barriers whose
-latency only other resident programs can hide: the launch (:func:`flashmoba.configs.route_topk`) uses small
+latency only other resident programs can hide: the launch (``flashmoba.configs.route_topk``) uses small
 programs (one warpgroup, 64 queries) under a register cap that lets more of them share an SM.
 
 Causal tiles are staged as in flash attention: the blocks every query of the tile may see are scanned
@@ -280,12 +280,12 @@ def route_topk(
     """Top-k blocks of every query token from precomputed centroids.
 
     Args:
-        q: ``[N, HQ, D]``; centroids: ``[num_blocks_max, HKV, D]`` in q's dtype, from :func:`block_centroids`.
+        q: ``[N, HQ, D]``; centroids: ``[num_blocks_max, HKV, D]`` in q's dtype, from ``block_centroids``.
         layout: the keys' ``block_layout(cu_seqlens, num_keys, block_size)`` if the caller has it already
             (required with ``query_cu_seqlens``).
         return_block_keys: also return the ``[HQ, N, topk]`` sort keys of the picks' global blocks for
-            :func:`~flashmoba.routing.result.block_index_from_keys`.
-        query_cu_seqlens, query_positions: queries apart from the keys (:func:`flashmoba.reference.route`):
+            ``block_index_from_keys``.
+        query_cu_seqlens, query_positions: queries apart from the keys (``flashmoba.reference.route``):
             sequence ``s``'s queries are the rows ``query_cu_seqlens[s]:query_cu_seqlens[s + 1]`` of ``q``,
             at the increasing positions ``query_positions`` (int32 ``[N]``) of the sequence.
 
@@ -370,7 +370,7 @@ def route_triton(
         q: ``[N, HQ, D]``; k: ``[N, HKV, D]``; cu_seqlens: int32/int64 ``[S + 1]``.
         layout: the keys' ``block_layout(cu_seqlens, N, block_size)`` if the caller has it already (computed
             once here otherwise and shared by the three stages).
-        query_cu_seqlens, query_positions: queries apart from the keys, as in :func:`route_topk` (``q`` is
+        query_cu_seqlens, query_positions: queries apart from the keys, as in ``route_topk`` (``q`` is
             then ``[Nq, HQ, D]``, and the block index's entries are its rows' pairs).
 
     Returns:

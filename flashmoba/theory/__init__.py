@@ -1,6 +1,6 @@
 """The statistical model of MoBA routing (FlashMoBA section 3, appendix B): closed forms, a Monte-Carlo
 check with the real router, and a measurement hook for trained models. ``flashmoba snr`` and
-:func:`flashmoba.theory.cli.demo_summary` present them."""
+``flashmoba.theory.cli.demo_summary`` present them."""
 
 from flashmoba.theory.measure import RouterSNR, measure_router_snr
 from flashmoba.theory.simulate import RetrievalEstimate, RoutingScenario, simulate_retrieval

@@ -1,6 +1,6 @@
 """``flashmoba snr``: the router SNR theory against the Monte-Carlo simulator, as tables and a plot.
 
-Three key distributions are swept (see :mod:`flashmoba.theory.simulate`):
+Three key distributions are swept (see ``flashmoba.theory.simulate``):
 
 * ``ideal``: Gaussian, independent dot products: every assumption of the paper holds, over the whole
   grid of block sizes and head dims;
@@ -312,7 +312,7 @@ def demo_summary(trials: int = 1000, *, device=None, backend: str = "auto") -> s
     """A compact (8-line) theory-vs-router table for ``make demo``: d = 64, clustered keys.
 
     Args:
-        trials: trials per block size. device, backend: as in :func:`simulate_retrieval`.
+        trials: trials per block size. device, backend: as in ``simulate_retrieval``.
     """
     base = RoutingScenario(head_dim=64, num_blocks=16, topk=2, cluster_size=4, mu_cluster=0.5)
     lines = [

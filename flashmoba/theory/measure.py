@@ -3,7 +3,7 @@
 A MoBA layer is any module with integer ``block_size`` and ``topk`` attributes and a method
 ``qk(hidden_states, cu_seqlens=None) -> (q [N, HQ, D], k [N, HKV, D])`` returning the exact (convolved,
 rotated) queries and keys it routes with, and, if it has an ``attn_type``, ``attn_type == "moba"``
-(:class:`flashmoba.nn.MoBAAttention` is one). Forward pre-hooks capture each layer's input during one
+(``flashmoba.nn.MoBAAttention`` is one). Forward pre-hooks capture each layer's input during one
 forward pass; the layer's ``qk`` then recomputes its queries and keys. Routing is causal.
 """
 
@@ -192,7 +192,7 @@ def measure_router_snr(
       and their (unbiased) variance;
     * selected: whether the layer's causal router (own block plus ``topk - 1`` past blocks) picks ``j*``.
 
-    Each quantity is averaged over all measured (t, h) pairs of all sequences; see :class:`RouterSNR`
+    Each quantity is averaged over all measured (t, h) pairs of all sequences; see ``RouterSNR``
     for the SNRs built from the averages.
 
     Args:

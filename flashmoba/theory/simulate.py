@@ -2,7 +2,7 @@
 
 One trial is one query looking for its signal key among ``n`` blocks of ``B`` keys (no causal mask:
 plain top-k over all blocks). By default the dot products follow the paper's model exactly, so any gap
-between the measured hit rate and :func:`flashmoba.theory.snr.retrieval_probability` comes either from
+between the measured hit rate and ``flashmoba.theory.snr.retrieval_probability`` comes either from
 sampling noise or from an assumption the scenario breaks on purpose (heavy tails, correlated keys).
 
 How the vectors are built (every query head has its own KV head, ``HQ = HKV``):
@@ -113,13 +113,13 @@ class RetrievalEstimate:
 
     @property
     def std(self) -> float:
-        """Binomial standard error of :attr:`rate`."""
+        """Binomial standard error of ``rate``."""
         return math.sqrt(self.rate * (1.0 - self.rate) / self.trials)
 
     def interval(self, z: float = 1.96) -> tuple[float, float]:
         """Wilson score interval ``(low, high)`` for the hit probability at ``z`` > 0 standard deviations.
 
-        It always contains :attr:`rate`, is ``[0, ...]`` with no hit and ``[..., 1]`` with no miss.
+        It always contains ``rate``, is ``[0, ...]`` with no hit and ``[..., 1]`` with no miss.
         """
         z = check_float("z", z, positive=True)
         n, hits, misses = self.trials, self.hits, self.trials - self.hits
@@ -198,17 +198,17 @@ def simulate_retrieval(
     """Measure how often the real router puts the signal block into the top-k.
 
     Args:
-        scenario: the distributions and shapes (:class:`RoutingScenario`).
+        scenario: the distributions and shapes (``RoutingScenario``).
         trials: minimum number of independent trials; whole routing calls are run, so slightly more
-            may be counted (:attr:`RetrievalEstimate.trials` says how many).
+            may be counted (``RetrievalEstimate.trials`` says how many).
         seed: the random draws are reproducible per seed (the global RNG is left untouched).
         device: where to draw and route; default CUDA when available, else CPU.
-        backend: router backend for :func:`flashmoba.moba_route_varlen` ("auto": Triton on CUDA,
+        backend: router backend for ``flashmoba.moba_route_varlen`` ("auto": Triton on CUDA,
             the PyTorch reference on CPU).
         progress: show a tqdm bar over trials.
 
     Returns:
-        :class:`RetrievalEstimate` with the hit count and its Wilson interval.
+        ``RetrievalEstimate`` with the hit count and its Wilson interval.
     """
     if not isinstance(scenario, RoutingScenario):
         raise TypeError(f"scenario must be a RoutingScenario, got {type(scenario).__name__}")

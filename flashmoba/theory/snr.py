@@ -114,7 +114,7 @@ def router_snr(
     """Pairwise SNR of the signal block against one noise block, ``E[D] / sqrt(Var D)``.
 
     ``D = s* - s_j`` has mean ``delta_mu_eff / B`` and variance ``2 v`` (see
-    :func:`block_score_variance`, which takes the same keyword arguments). With the paper's
+    ``block_score_variance``, which takes the same keyword arguments). With the paper's
     assumptions (``sigma^2 = 1/d``, ``rho = 0``) this is ``delta_mu_eff * sqrt(d / (2 B))``.
     """
     check_float("delta_mu_eff", delta_mu_eff)
@@ -181,7 +181,7 @@ def retrieval_probability(snr: float, num_blocks: int, topk: int) -> float:
 
 
 def snr_for_retrieval(target: float, num_blocks: int, topk: int) -> float:
-    """The SNR at which :func:`retrieval_probability` reaches ``target`` (bisection; it is increasing).
+    """The SNR at which ``retrieval_probability`` reaches ``target`` (bisection; it is increasing).
 
     With the paper's variance model the largest block size that reaches it is
     ``B = d * delta_mu_eff^2 / (2 * SNR^2)``. ``target`` must lie strictly between the no-signal rate

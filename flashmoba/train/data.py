@@ -10,7 +10,7 @@ User data: a folder of text files, a ``.txt`` file, a ``.jsonl``/``.json`` or ``
 ``datasets`` library's own builders), or a ``datasets`` name or local dataset folder (``datasets.load_dataset``).
 Without a validation split, documents are split by a hash of their text.
 
-Tokenized corpora are kept as one flat token array plus document offsets (:class:`TokenizedCorpus`).
+Tokenized corpora are kept as one flat token array plus document offsets (``TokenizedCorpus``).
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def python_source_corpus(
         roots: folders to read (default: the stdlib, purelib and platlib folders of this interpreter).
 
     Returns:
-        :class:`CorpusSplits`, identical on every call for the same installation and arguments.
+        ``CorpusSplits``, identical on every call for the same installation and arguments.
     """
     _check_fraction(val_fraction)
     max_chars = check_int("max_chars", max_chars, 1)
@@ -174,7 +174,7 @@ def python_source_corpus(
 
 
 def _text_source(path: Path) -> str | None:
-    """What ``path`` is to :func:`user_corpus`: a "folder" of text files, a "file" holding one text document,
+    """What ``path`` is to ``user_corpus``: a "folder" of text files, a "file" holding one text document,
     or None (read by the ``datasets`` library)."""
     if path.is_dir() and not any(p.suffix.lower() in _DATASET_SUFFIXES for p in path.rglob("*")):
         return "folder"
@@ -184,7 +184,7 @@ def _text_source(path: Path) -> str | None:
 
 
 def reads_with_datasets(source: str) -> bool:
-    """Whether :func:`load_corpus` reads ``source`` with the ``datasets`` library (an optional dependency)."""
+    """Whether ``load_corpus`` reads ``source`` with the ``datasets`` library (an optional dependency)."""
     return source != "python" and _text_source(Path(source)) is None
 
 
@@ -213,7 +213,7 @@ def user_corpus(source: str, *, text_field: str = _TEXT_FIELD, val_fraction: flo
             form the validation split.
 
     Returns:
-        :class:`CorpusSplits`.
+        ``CorpusSplits``.
     """
     _check_fraction(val_fraction)
     if not isinstance(source, str) or not source:
@@ -248,8 +248,8 @@ def user_corpus(source: str, *, text_field: str = _TEXT_FIELD, val_fraction: flo
 def load_corpus(
     source: str = "python", *, max_chars: int = 64_000_000, val_fraction: float = 0.05, text_field: str = _TEXT_FIELD
 ) -> CorpusSplits:
-    """``"python"`` for :func:`python_source_corpus` (capped at ``max_chars``), anything else for
-    :func:`user_corpus`."""
+    """``"python"`` for ``python_source_corpus`` (capped at ``max_chars``), anything else for
+    ``user_corpus``."""
     if source == "python":
         return python_source_corpus(val_fraction=val_fraction, max_chars=max_chars)
     return user_corpus(source, text_field=text_field, val_fraction=val_fraction)

@@ -3,7 +3,7 @@
 * Perplexity: the validation documents cut into sequences of the evaluation context, packed, scored with
   teacher forcing; also per bucket of the predicted token's position inside its sequence (does the model
   use long context?).
-* Retrieval: the S-NIAH analogues of :mod:`flashmoba.train.needles` at each length (also past the
+* Retrieval: the S-NIAH analogues of ``flashmoba.train.needles`` at each length (also past the
   training context); a sample counts as correct when greedy decoding reproduces the whole answer; every
   cell reports its counts and a Wilson 95% interval.
 * Router SNR per MoBA layer, from ``flashmoba.theory.measure_router_snr`` on needle sequences (skipped,
@@ -87,7 +87,7 @@ def estimate_memory(model_config: dict, longest: int, row_tokens: int, device: t
         device: where the model runs.
 
     Returns:
-        ``HQ * L^2`` score bytes when the reference attention runs (:func:`uses_reference_attention`),
+        ``HQ * L^2`` score bytes when the reference attention runs (``uses_reference_attention``),
         plus ``N * V`` logit bytes.
     """
     heads = model_config.get("num_heads", model_config.get("num_attention_heads"))

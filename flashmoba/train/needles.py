@@ -4,15 +4,15 @@ A *needle* is a sentence ``One of the special magic numbers for <key> is: <value
 haystack of filler; the sequence ends with a *query* for the key followed by the value as the *answer*.
 Every piece is tokenized on its own and the token ids are concatenated, so the value's tokens are the same
 in the needle and in the answer: retrieval is an exact copy, and a model answers correctly iff its
-greedy prediction reproduces every answer token (:func:`answer_correct`, one forward pass, no sampling).
+greedy prediction reproduces every answer token (``answer_correct``, one forward pass, no sampling).
 
-Evaluation tasks (analogues of RULER's S-NIAH, :data:`TASKS`):
+Evaluation tasks (analogues of RULER's S-NIAH, ``TASKS``):
 
 * ``niah_single_1``: a 7-digit number needle in a repeated filler paragraph;
 * ``niah_single_2``: a 7-digit number needle in real text (validation corpus);
 * ``niah_single_3``: a UUID needle in real text.
 
-Training sequences (:meth:`NeedleFactory.training_sample`) plant 1-4 needles with distinct keys in real
+Training sequences (``NeedleFactory.training_sample``) plant 1-4 needles with distinct keys in real
 (75%) or repeated filler, with number or UUID values, and query all of them at the end, in random order.
 """
 

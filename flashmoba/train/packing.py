@@ -3,10 +3,10 @@
 Documents are cut into sequences of at most ``max_seqlen`` tokens and never share a sequence, so
 attention (which the model restricts to each ``cu_seqlens`` segment) never crosses a document boundary.
 
-:class:`PackedStream` is the training stream: every epoch visits all sequences of the corpus once in a
+``PackedStream`` is the training stream: every epoch visits all sequences of the corpus once in a
 seeded random order and fills micro-batches of exactly ``batch_tokens`` tokens. A sequence that does not
 fit the rest of a micro-batch is cut and continues at the start of the next one. Its whole state is three
-integers (:meth:`PackedStream.state_dict`), which makes resuming exact.
+integers (``PackedStream.state_dict``), which makes resuming exact.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class RunData:
 
 
 def load_data(directory: Path) -> RunData:
-    """The data prepared by :func:`prepare_data` in ``directory``."""
+    """The data prepared by ``prepare_data`` in ``directory``."""
     directory = Path(directory)
     if not (directory / "data.json").exists():
         raise ValueError(f"{directory} holds no prepared data (no data.json)")
@@ -63,7 +63,7 @@ def check_prepared_data(
     val_fraction: float = 0.05,
     text_field: str = "text",
 ) -> bool:
-    """Whether ``directory`` holds data made by :func:`prepare_data` with these arguments (False: none yet).
+    """Whether ``directory`` holds data made by ``prepare_data`` with these arguments (False: none yet).
 
     Raises:
         ValueError: ``directory`` holds data made with other arguments.
@@ -125,7 +125,7 @@ def prepare_data(
 
 
 def model_classes():
-    """``(MoBAHybridConfig, MoBAHybridForCausalLM)`` from :mod:`flashmoba.models`."""
+    """``(MoBAHybridConfig, MoBAHybridForCausalLM)`` from ``flashmoba.models``."""
     try:
         from flashmoba.models import MoBAHybridConfig, MoBAHybridForCausalLM
     except ImportError as e:

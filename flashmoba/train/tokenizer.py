@@ -91,7 +91,7 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
-    """The ``tokenizers.Tokenizer`` saved by :func:`save_tokenizer`."""
+    """The ``tokenizers.Tokenizer`` saved by ``save_tokenizer``."""
     path = Path(directory) / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"no tokenizer.json in {directory}: was the run trained with this version?")

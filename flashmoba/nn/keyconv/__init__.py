@@ -20,18 +20,18 @@ Conventions
       weight gradient ``SiLU'(0) sum_t g_t k_{t-l} = 0.5 sum_t g_t k_{t-l}`` is non-zero, so it learns
       from the first step.
 
-Backends (the names of :mod:`flashmoba.api`): "triton" runs one fused kernel for the forward and one for
+Backends (the names of ``flashmoba.api``): "triton" runs one fused kernel for the forward and one for
 the backward (the weight gradient is reduced per tile and summed once, deterministically); "reference"
 is the same arithmetic in PyTorch (any device and dtype); "auto" picks Triton for CUDA tensors. The naive
-per-lag loop :func:`key_conv_naive` is the oracle of the tests.
+per-lag loop ``key_conv_naive`` is the oracle of the tests.
 
 Modules
-    * :mod:`~flashmoba.nn.keyconv.reference`: :func:`key_conv_naive` (the definition) and the PyTorch
+    * ``reference``: ``key_conv_naive`` (the definition) and the PyTorch
       backend;
-    * :mod:`~flashmoba.nn.keyconv.kernels`: the Triton kernels and their launchers, imported only when the
+    * ``kernels``: the Triton kernels and their launchers, imported only when the
       Triton backend runs (this package imports without triton);
-    * :mod:`~flashmoba.nn.keyconv.ops`: :func:`key_conv`, checks, backend dispatch, autograd, the state;
-    * :mod:`~flashmoba.nn.keyconv.module`: the :class:`KeyConv` layer.
+    * ``ops``: ``key_conv``, checks, backend dispatch, autograd, the state;
+    * ``module``: the ``KeyConv`` layer.
 """
 
 from flashmoba.nn.keyconv.module import KeyConv

@@ -259,7 +259,7 @@ def key_conv_fwd(k, weight, bias, cu_seqlens, seq_ids, state):
 
 def key_conv_bwd(dout, k, weight, bias, cu_seqlens, seq_ids, state):
     """Gradients ``(dk [N, C], dweight [C, W], dbias [C] or None)`` for the upstream ``dout [N, C]``
-    (contiguous); the other arguments as in :func:`key_conv_fwd`. No gradient flows into the state."""
+    (contiguous); the other arguments as in ``key_conv_fwd``. No gradient flows into the state."""
     num_tokens, num_channels = k.shape
     width = weight.shape[1]
     BLOCK_T, BLOCK_C = configs.key_conv(num_channels, k.device)

@@ -1,4 +1,4 @@
-"""The key convolution as a layer: :class:`KeyConv`, its parameters and its decoding state."""
+"""The key convolution as a layer: ``KeyConv``, its parameters and its decoding state."""
 
 from __future__ import annotations
 
@@ -18,16 +18,16 @@ class KeyConv(nn.Module):
         num_channels: key channels C (all KV heads: ``num_kv_heads * head_dim``).
         kernel_size: W >= 1 (the paper uses 3 and 5).
         bias: learn a bias inside the SiLU.
-        backend: "auto", "reference" or "triton" (see :func:`~flashmoba.nn.key_conv`).
+        backend: "auto", "reference" or "triton" (see ``key_conv``).
 
-    Parameters start at zero: a fresh KeyConv is exactly the identity (see :mod:`flashmoba.nn.keyconv`),
+    Parameters start at zero: a fresh KeyConv is exactly the identity (see ``flashmoba.nn.keyconv``),
     and the SiLU's slope of 1/2 at zero gives the weights a gradient from the first step. What they learn is
     a deviation from that identity, which weight decay would pull back to zero, that is, to no convolution
     at all: the class attribute ``no_weight_decay = True`` asks training loops to leave them undecayed
-    (the optimizer of :mod:`flashmoba.train.loop` does).
+    (the optimizer of ``flashmoba.train.loop`` does).
 
     Shapes: ``forward(k [B, T, C])`` or packed ``forward(k [N, C], cu_seqlens [S + 1])`` -> k's shape; with
-    ``state`` from :meth:`initial_state` (``[S, W - 1, C]``, ``S = B`` for batched keys), calls on
+    ``state`` from ``initial_state`` (``[S, W - 1, C]``, ``S = B`` for batched keys), calls on
     consecutive pieces of the sequences give the keys of one full pass.
     """
 
@@ -43,7 +43,7 @@ class KeyConv(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Zero weight and bias: the identity map (see :mod:`flashmoba.nn.keyconv` for why)."""
+        """Zero weight and bias: the identity map (see ``flashmoba.nn.keyconv`` for why)."""
         nn.init.zeros_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
@@ -61,7 +61,7 @@ class KeyConv(nn.Module):
     def forward(
         self, k: torch.Tensor, cu_seqlens: torch.Tensor | None = None, state: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``k [B, T, C]`` or packed ``[N, C]`` (+ ``cu_seqlens``) -> same shape; see :func:`~flashmoba.nn.key_conv`."""
+        """``k [B, T, C]`` or packed ``[N, C]`` (+ ``cu_seqlens``) -> same shape; see ``key_conv``."""
         return key_conv(k, self.weight, self.bias, cu_seqlens=cu_seqlens, state=state, backend=self.backend)
 
     def extra_repr(self) -> str:

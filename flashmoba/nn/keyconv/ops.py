@@ -1,8 +1,8 @@
 """The key convolution's entry point: argument checks, the backend dispatch, autograd and the decode state.
 
-``backend="triton"`` runs :mod:`flashmoba.nn.keyconv.kernels` (imported on first use, so this package
-imports without triton) under :class:`_KeyConvTriton`; ``"reference"`` runs
-:func:`~flashmoba.nn.keyconv.reference.key_conv_reference` under plain autograd. Either way the rolling
+``backend="triton"`` runs ``flashmoba.nn.keyconv.kernels`` (imported on first use, so this package
+imports without triton) under ``_KeyConvTriton``; ``"reference"`` runs
+``key_conv_reference`` under plain autograd. Either way the rolling
 state is read as the left context and then overwritten here, outside autograd.
 """
 
@@ -19,7 +19,7 @@ __all__ = ["key_conv"]
 
 def _kernels():
     """The Triton kernels module, imported on first use: ``import flashmoba.nn`` must work without triton
-    (the reference path), and :func:`key_conv` has checked that triton is there before it gets here."""
+    (the reference path), and ``key_conv`` has checked that triton is there before it gets here."""
     from flashmoba.nn.keyconv import kernels
 
     return kernels
@@ -93,7 +93,7 @@ def key_conv(
     state: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Causal depthwise key convolution with SiLU and residual (see :mod:`flashmoba.nn.keyconv`).
+    """Causal depthwise key convolution with SiLU and residual (see ``flashmoba.nn.keyconv``).
 
     Args:
         k: ``[B, T, C]`` batched keys, or ``[N, C]`` packed keys (with ``cu_seqlens``; without it, one sequence).

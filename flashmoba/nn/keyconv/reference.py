@@ -3,7 +3,7 @@
 Both take packed keys ``k [N, C]``, ``weight [C, W]`` (torch's cross-correlation order: column ``W - 1``
 weighs the current token), an optional ``bias [C]``, sequence boundaries ``cu_seqlens [S + 1]`` and an
 optional left context ``state [S, W - 1, C]``, and return ``k_t + SiLU(sum_l weight[:, W - 1 - l] * k_{t-l}
-+ bias)`` in k's dtype. Neither touches the state; :func:`flashmoba.nn.keyconv.key_conv` rolls it.
++ bias)`` in k's dtype. Neither touches the state; ``flashmoba.nn.keyconv.key_conv`` rolls it.
 """
 
 from __future__ import annotations
