@@ -8,6 +8,8 @@ float64 rounding. The multi-process tests share one xdist group: each spawn take
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import zlib
 
@@ -47,7 +49,8 @@ def _entry(rank, world_size, port, fn, args, results):
     try:
         results[rank] = fn(rank, world_size, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # (flashmoba train ends its group itself)
+            dist.destroy_process_group()
 
 
 def spawn(world_size: int, fn, *args) -> dict:
@@ -270,3 +273,178 @@ def test_triton_kernels_under_context_parallelism():
             o.backward(dout.to(dtype))
             store.update(out=o, lse=lse, dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad)
         assert_within_fa_rule(dict(zip(exact, kernel, strict=True)), exact, low, q, k, v, dout)
+
+
+# ----------------------------------------------------------------------------------------------------
+# training: every attention layer of the model under context parallelism
+
+VOCAB = 64
+
+
+def _micro_run(steps, global_attn, **config):
+    """The hybrid model (a sliding-window layer with RoPE, a global layer with a key convolution), its
+    data and training config, small enough for CPU processes; float64."""
+    from flashmoba.models import MoBAHybridConfig, MoBAHybridForCausalLM
+    from flashmoba.train.data import TokenizedCorpus
+    from flashmoba.train.loop import TrainConfig
+    from flashmoba.train.packing import PackedStream
+
+    torch.manual_seed(0)
+    model_config = MoBAHybridConfig.from_preset(
+        "tiny",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        swa_window=12,
+        moba_block_size=8,
+        moba_topk=2,
+        kconv_size=3,
+        global_attn=global_attn,
+        attn_backend="reference",
+    )
+    model = MoBAHybridForCausalLM(model_config).to(torch.float64)
+    for module in model.modules():  # a key convolution that is not the identity from the first step
+        if module.__class__.__name__ == "KeyConv":
+            torch.nn.init.normal_(module.weight, std=0.5)
+    rng = np.random.default_rng(0)
+    docs = [(rng.integers(VOCAB) + np.arange(rng.integers(5, 90))) % VOCAB for _ in range(60)]
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+    corpus = TokenizedCorpus(np.concatenate(docs).astype(np.uint16), offsets)
+    cfg = TrainConfig(steps=steps, batch_tokens=120, max_seqlen=48, warmup_steps=1, lr=2e-2, checkpoint_every=1000)
+    cfg = TrainConfig(**{**cfg.__dict__, **config})
+    return model, PackedStream(corpus, cfg.batch_tokens, cfg.max_seqlen, seed=0), cfg
+
+
+TRAIN_STEPS = 3
+
+
+def _train_ranks(rank, world_size, run_dir, runs) -> dict:
+    from flashmoba.train.loop import Distributed, train
+
+    where = Distributed(rank=rank, world_size=world_size, device=torch.device("cpu"))
+    losses = {}
+    for name, global_attn, config in runs:
+        model, stream, cfg = _micro_run(TRAIN_STEPS, global_attn, **config)
+        records = train(model, stream, cfg, os.path.join(run_dir, name), where=where)
+        losses[name] = [r["loss"] for r in records]
+    return losses
+
+
+def _single(tmp_path, name, global_attn, **config):
+    from flashmoba.train.loop import Distributed, train
+
+    model, stream, cfg = _micro_run(TRAIN_STEPS, global_attn, **config)
+    where = Distributed(rank=0, world_size=1, device=torch.device("cpu"))
+    return [r["loss"] for r in train(model, stream, cfg, tmp_path / name, where=where)]
+
+
+@SPAWN
+def test_training_loop_with_context_parallelism_equals_one_process(tmp_path):
+    """2 ranks splitting every micro-batch (DDP and FSDP2), and a 2 x 2 mesh (2 data-parallel groups of 2),
+    follow the single-process loss curve in float64: MoBA and dense global layers, a key convolution
+    across rank boundaries, RoPE at global positions, the next-token targets across ranks."""
+    runs2 = [
+        ("moba", "moba", dict(context_parallel=2)),
+        ("dense-fsdp", "dense", dict(context_parallel=2, fsdp=True)),
+    ]
+    runs4 = [("mesh", "moba", dict(context_parallel=2))]
+    cp2 = spawn(2, _train_ranks, str(tmp_path / "cp2"), runs2)
+    cp4 = spawn(4, _train_ranks, str(tmp_path / "cp4"), runs4)
+    expected = {
+        "moba": _single(tmp_path, "moba", "moba"),
+        "dense-fsdp": _single(tmp_path, "dense", "dense"),
+        "mesh": _single(tmp_path, "mesh", "moba", grad_accum=2),  # 2 data-parallel groups = 2 micro-batches
+    }
+    # The model's cross entropy is float32 (logits.float()), summed here over a rank's half of the tokens:
+    # a few float32 roundings of the loss (eps32 = 1.2e-7) are the only difference, and they carry into
+    # the next steps' updates at the same relative size. A wrong target or a lost gradient contribution
+    # at a rank boundary moves the loss by ~1e-2.
+    for results in (cp2, cp4):
+        for rank, losses in results.items():
+            for name, curve in losses.items():
+                np.testing.assert_allclose(curve, expected[name], rtol=1e-6, err_msg=f"{name} rank {rank}")
+
+
+CLI = [
+    "--preset",
+    "tiny",
+    "--set",
+    "hidden_size=32",
+    "num_layers=2",
+    "num_heads=2",
+    "num_kv_heads=1",
+    "head_dim=16",
+    "intermediate_size=64",
+    "swa_window=16",
+    "--block-size",
+    "16",
+    "--topk",
+    "2",
+    "--kconv",
+    "3",
+    "--backend",
+    "reference",
+    "--tokenizer",
+    "bytes",
+    "--max-corpus-mb",
+    "0.1",
+    "--context",
+    "128",
+    "--batch-tokens",
+    "256",
+    "--steps",
+    "3",
+    "--warmup",
+    "1",
+    "--log-every",
+    "1",
+    "--needle-fraction",
+    "0.25",
+    "--device",
+    "cpu",
+]
+
+
+def _cli_rank(rank, world_size, args) -> int:
+    from flashmoba.cli import main
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))  # what init_distributed reads
+    return main(args)
+
+
+def _logged(run, key="loss"):
+    return [json.loads(line)[key] for line in (run / "log.jsonl").read_text().splitlines() if key in line]
+
+
+@SPAWN
+def test_flashmoba_train_context_parallel_follows_the_single_process_run(tmp_path):
+    """``flashmoba train --context-parallel 2`` on 2 gloo processes: the loss and validation loss curves of
+    the single-process run (float32 on the CPU: to a few float32 roundings), needles mixed in."""
+    data = ["--data-dir", str(tmp_path / "data")]
+    from flashmoba.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "single"), *data, *CLI]) == 0
+    args = ["train", "--out", str(tmp_path / "cp"), *data, *CLI, "--context-parallel", "2"]
+    assert spawn(2, _cli_rank, args) == {0: 0, 1: 0}
+    for key in ("loss", "val_loss"):
+        single, split = _logged(tmp_path / "single", key), _logged(tmp_path / "cp", key)
+        assert len(single) == (3 if key == "loss" else 1) and len(split) == len(single)
+        np.testing.assert_allclose(split, single, rtol=1e-6, err_msg=key)
+    assert json.loads((tmp_path / "cp" / "run.json").read_text())["context_parallel"] == 2
+
+
+def test_flashmoba_train_refuses_a_context_parallel_degree_it_cannot_use(tmp_path, capsys):
+    from flashmoba.cli import main
+
+    out = ["train", "--out", str(tmp_path / "run"), *CLI]
+    assert main([*out, "--context-parallel", "3"]) == 2  # 256 tokens are not 6 equal chunks
+    assert "--batch-tokens (256) must be divisible by 2 x --context-parallel (6)" in capsys.readouterr().err
+    assert main([*out, "--context-parallel", "2"]) == 2  # one process
+    assert "--context-parallel 2 must divide the number of processes (1)" in capsys.readouterr().err
+    assert main([*out, "--context-parallel", "0"]) == 2
+    assert "--context-parallel must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -9,7 +9,8 @@ Layers, from the ground up (a module may import its own layer's modules and any 
     4  api, decode             the public functions (prefill; decode over the cache)
     5  flashmoba (__init__)    the public names
     6  nn, theory              layers built on the public functions; the SNR model
-    7  models, integrations    the hybrid model; transformers integration
+    7  models, integrations,   the hybrid model; transformers integration;
+       distributed             context parallelism (the ops, and a model's attention layers)
     8  train                   data, training loop, evaluation
     9  demo, cli               the command line
 
@@ -35,6 +36,7 @@ LAYERS = {
     "theory": 6,
     "models": 7,
     "integrations": 7,
+    "distributed": 7,
     "train": 8,
     "demo": 9,
     "cli": 9,

@@ -3,6 +3,7 @@
 CPU, minutes:     flashmoba train --preset tiny --out runs/tiny
 GPU:              flashmoba train --preset small --out runs/small --steps 600
 several GPUs:     torchrun --nproc_per_node 2 -m flashmoba.cli train --preset small --out runs/small2
+long contexts:    torchrun --nproc_per_node 8 -m flashmoba.cli train ... --context-parallel 4   (2 x 4 mesh)
 resume:           flashmoba train --out runs/tiny --resume      (the run's own arguments are reused)
 
 Defaults that depend on the preset (context, batch, steps, vocabulary, corpus size, learning rate) come
@@ -15,6 +16,7 @@ import argparse
 import functools
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 
@@ -55,6 +57,7 @@ _INT_OPTIONS = {
     "--eval-every": 0,
     "--checkpoint-every": 1,
     "--stop-at": 1,
+    "--context-parallel": 1,
 }
 # The shortest needle sequence of the training mix (an eighth of the context when that is longer).
 _MIN_NEEDLE_LENGTH = 64
@@ -107,6 +110,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--activation-checkpointing", action="store_true")
     opt.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (several processes)")
+    opt.add_argument(
+        "--context-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split every micro-batch over N processes (a divisor of the number of processes; "
+        "--batch-tokens divisible by 2 N)",
+    )
     opt.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     log = parser.add_argument_group("bookkeeping")
     log.add_argument("--log-every", type=int, default=10)
@@ -173,13 +184,14 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         checkpoint_every=args.checkpoint_every,
         activation_checkpointing=args.activation_checkpointing,
         fsdp=args.fsdp,
+        context_parallel=args.context_parallel,
     )
 
 
 def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
     stored = json.loads((args.out / "run.json").read_text())
     kept = {"out": args.out, "resume": True, "stop_at": args.stop_at, "device": args.device}
-    restored = argparse.Namespace(**{**stored, **kept})
+    restored = argparse.Namespace(**{"context_parallel": 1, **stored, **kept})
     if restored.data_dir is not None:
         restored.data_dir = Path(restored.data_dir)
     return restored
@@ -219,6 +231,16 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
     if not 0 <= check_option(check_float, "--needle-fraction", args.needle_fraction) < 1:
         raise UsageError(f"--needle-fraction must be in [0, 1), got {args.needle_fraction}")
+    if args.batch_tokens % (2 * args.context_parallel):
+        raise UsageError(
+            f"--batch-tokens ({args.batch_tokens}) must be divisible by 2 x --context-parallel "
+            f"({2 * args.context_parallel}): each process takes two equal chunks of every micro-batch"
+        )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % args.context_parallel:
+        raise UsageError(
+            f"--context-parallel {args.context_parallel} must divide the number of processes ({world_size})"
+        )
     if args.context > args.batch_tokens:
         raise UsageError(f"--context ({args.context}) must not exceed --batch-tokens ({args.batch_tokens})")
     if args.needle_fraction > 0 and args.context < _MIN_NEEDLE_LENGTH:

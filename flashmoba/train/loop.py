@@ -12,6 +12,15 @@ MASTER_ADDR / MASTER_PORT); NCCL on GPUs, gloo on CPUs. Every step consumes ``wo
 micro-batches of the one global stream, rank ``r`` taking micro-batches ``r, r + world_size, ...``, so the
 data of a step does not depend on how it is split. ``TrainConfig.fsdp`` shards with FSDP2 (``fully_shard``)
 instead of replicating with DDP.
+
+Context parallelism (``TrainConfig.context_parallel = C``): the processes form a ``(dp, cp)`` device mesh
+of ``world_size / C`` data-parallel groups of ``C`` ranks; the ``C`` ranks of a group split every
+micro-batch of their group (:class:`flashmoba.distributed.ContextParallel`), so a step consumes
+``dp * grad_accum`` micro-batches. Each rank's loss is its share of the micro-batch's mean, scaled by ``C``
+before the backward because DDP and FSDP2 average gradients over all ``world_size`` ranks. FSDP2 shards
+over the flattened mesh: the ranks of a group compute different gradients of the same parameters, so they
+take part in the gradient reduction anyway, and sharding over all of them keeps ``1 / world_size`` of the
+parameters and optimizer state per rank instead of ``1 / dp``.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm.auto import tqdm
 
 from flashmoba._checks import check_int
+from flashmoba.distributed.training import ContextParallel
 from flashmoba.train.packing import PackedBatch, PackedStream
 
 __all__ = ["TrainConfig", "Distributed", "init_distributed", "learning_rate", "train"]
@@ -68,6 +78,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     bf16: bool | None = None  # None: bf16 autocast on CUDA, fp32 elsewhere
     fsdp: bool = False
+    context_parallel: int = 1  # ranks that split each micro-batch (a divisor of the world size)
 
     def __post_init__(self):
         minimum = {"warmup_steps": 0, "eval_every": 0}
@@ -80,6 +91,7 @@ class TrainConfig:
             "checkpoint_every",
             "warmup_steps",
             "eval_every",
+            "context_parallel",
         ):
             setattr(self, name, check_int(name, getattr(self, name), minimum.get(name, 1)))
         if self.max_seqlen > self.batch_tokens:
@@ -232,28 +244,52 @@ def _truncate_log(path: Path, last_step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def _mean_over_ranks(value: torch.Tensor, where: Distributed) -> float:
+def _mean_over_ranks(value: torch.Tensor, where: Distributed, cp: ContextParallel | None = None) -> float:
+    """The mean of ``value`` over the data-parallel groups (with ``cp``: of its sum over each group)."""
     if where.world_size > 1:
         dist.all_reduce(value)
-        value = value / where.world_size
+        value = value / (where.world_size // (cp.world_size if cp else 1))
     return float(value)
 
 
+def _context_parallel(config: TrainConfig, where: Distributed) -> ContextParallel | None:
+    """This rank's group of the (dp, cp) device mesh, or None without context parallelism."""
+    if config.context_parallel == 1:
+        return None
+    if where.world_size % config.context_parallel:
+        raise ValueError(
+            f"context_parallel ({config.context_parallel}) must divide the number of processes ({where.world_size})"
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (where.world_size // config.context_parallel, config.context_parallel)
+    mesh = init_device_mesh(where.device.type, shape, mesh_dim_names=("dp", "cp"))
+    return ContextParallel(mesh.get_group("cp"))
+
+
+def _loss(wrapped, batch: PackedBatch, cp: ContextParallel | None) -> torch.Tensor:
+    """The micro-batch's mean loss, or with ``cp`` this rank's share of it."""
+    if cp is None:
+        return wrapped(
+            input_ids=batch.input_ids,
+            cu_seqlens=batch.cu_seqlens,
+            labels=batch.input_ids,
+            max_seqlen=batch.max_seqlen,
+        ).loss
+    part = cp.shard_batch(batch.input_ids, batch.cu_seqlens)
+    logits = wrapped(input_ids=part.input_ids, cu_seqlens=part.cu_seqlens, max_seqlen=batch.max_seqlen).logits
+    return cp.loss(logits, part)
+
+
 @torch.no_grad()
-def _validation_loss(wrapped, batches: list[PackedBatch], where: Distributed, autocast) -> float:
+def _validation_loss(wrapped, batches: list[PackedBatch], where: Distributed, autocast, cp=None) -> float:
     wrapped.eval()
     total = torch.zeros((), dtype=torch.float64, device=where.device)
     for batch in batches:
-        batch = batch.to(where.device)
         with autocast:
-            total += wrapped(
-                input_ids=batch.input_ids,
-                cu_seqlens=batch.cu_seqlens,
-                labels=batch.input_ids,
-                max_seqlen=batch.max_seqlen,
-            ).loss.double()
+            total += _loss(wrapped, batch.to(where.device), cp).double()
     wrapped.train()
-    return _mean_over_ranks(total / max(1, len(batches)), where)
+    return _mean_over_ranks(total / max(1, len(batches)), where, cp)
 
 
 def train(
@@ -297,6 +333,9 @@ def train(
         model.gradient_checkpointing_enable()
     model.to(where.device)
     model.train()
+    cp = _context_parallel(config, where)
+    if cp is not None:
+        cp.apply(model)
     wrapped = _wrap(model, config, where)
     optimizer = _optimizer(wrapped, config)
     step = 0
@@ -313,7 +352,8 @@ def train(
     bf16 = where.device.type == "cuda" if config.bf16 is None else config.bf16
     autocast = torch.autocast(where.device.type, dtype=torch.bfloat16, enabled=bf16)
     last_step = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
-    micro_per_step = where.world_size * config.grad_accum
+    dp_size, dp_rank = where.world_size // config.context_parallel, where.rank // config.context_parallel
+    micro_per_step = dp_size * config.grad_accum
     tokens_per_step = micro_per_step * config.batch_tokens
     records = []
     bar = tqdm(total=config.steps, initial=step, disable=not where.is_main, unit="step", dynamic_ncols=True)
@@ -322,18 +362,13 @@ def train(
         lr = learning_rate(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = [stream.next_batch() for _ in range(micro_per_step)][where.rank :: where.world_size]
+        batches = [stream.next_batch() for _ in range(micro_per_step)][dp_rank::dp_size]
         loss_sum = torch.zeros((), dtype=torch.float64, device=where.device)
         for i, batch in enumerate(batches):
             batch = batch.to(where.device)
             with _gradient_sync(wrapped, enabled=i == len(batches) - 1), autocast:
-                loss = wrapped(
-                    input_ids=batch.input_ids,
-                    cu_seqlens=batch.cu_seqlens,
-                    labels=batch.input_ids,
-                    max_seqlen=batch.max_seqlen,
-                ).loss
-                (loss / config.grad_accum).backward()
+                loss = _loss(wrapped, batch, cp)
+                (loss * config.context_parallel / config.grad_accum).backward()
             loss_sum += loss.detach().double()
         grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
         optimizer.step()
@@ -344,14 +379,14 @@ def train(
             elapsed = time.perf_counter() - interval_start
             record = {
                 "step": step,
-                "loss": _mean_over_ranks(loss_sum / config.grad_accum, where),
+                "loss": _mean_over_ranks(loss_sum / config.grad_accum, where, cp),
                 "lr": lr,
                 "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                 "tokens": step * tokens_per_step,
                 "tokens_per_s": interval_tokens / elapsed,
             }
             if config.eval_every and val_batches and (step % config.eval_every == 0 or step == config.steps):
-                record["val_loss"] = _validation_loss(wrapped, val_batches, where, autocast)
+                record["val_loss"] = _validation_loss(wrapped, val_batches, where, autocast, cp)
             records.append(record)
             if where.is_main:
                 with log_path.open("a") as f:
