@@ -99,6 +99,61 @@ def test_the_ops_need_an_initialized_group():
 
 
 # ----------------------------------------------------------------------------------------------------
+# queries kept apart from their keys (one process): the building block of the op
+
+
+def _query_subset(lens, fraction, gen):
+    """A random subset of every sequence's tokens: ``(rows into the packed batch, query_cu, positions)``."""
+    rows, cu, pos, start = [], [0], [], 0
+    for n in lens:
+        keep = torch.nonzero(torch.rand(n, generator=gen) < fraction).flatten()
+        rows.append(start + keep)
+        pos.append(keep)
+        cu.append(cu[-1] + len(keep))
+        start += n
+    return torch.cat(rows), torch.tensor(cu, dtype=torch.int32), torch.cat(pos)
+
+
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.float64), ("triton", torch.float32)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_queries_at_positions_are_the_rows_of_the_whole_attention(backend, dtype, causal):
+    """Routing and attention of any subset of each sequence's queries at their positions, over all of its
+    keys, equal the rows of moba_attn_varlen on the whole batch: the same blocks, the same outputs, dq of
+    those rows and the dk / dv that those rows alone contribute (float64 reference: to rounding; Triton
+    interpreter: the FlashAttention rule against float64 on the same routing)."""
+    from flashmoba import api
+
+    lens, hq, hkv, d, block_size, topk = (40, 0, 75, 9, 1), 4, 2, 16, 16, 3
+    gen = torch.Generator().manual_seed(int(causal))
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
+    q, k, v, _ = _inputs(int(causal), (sum(lens), hq, d), (sum(lens), hkv, d), dtype)
+    rows, query_cu, positions = _query_subset(lens, 0.5, gen)
+    dout = torch.randn(len(rows), hq, d, generator=gen, dtype=dtype)
+    kw = dict(block_size=block_size, topk=topk, causal=causal)
+    leaves = _leaves(q[rows], k, v)
+    routing = api._route_queries(*[t.detach() for t in leaves[:2]], cu, query_cu, positions, backend=backend, **kw)
+    out, lse = api._attend_queries(*leaves, cu, query_cu, positions, routing, softmax_scale=None, return_lse=True)
+    out.backward(dout)
+    got = dict(out=out, lse=lse, dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad)
+
+    whole = flashmoba.moba_route_varlen(q, k, cu, backend=backend, **kw).indices
+    assert torch.equal(routing.indices, whole[rows])
+    results = {}
+    for name, low in (("exact", torch.float64), ("low", dtype)):
+        full = _leaves(*(t.to(low) for t in (q, k, v)))
+        o, lse = reference.attention(*full, cu, block_size, topk, causal, d**-0.5, indices=whole, compute_dtype=low)
+        grad = torch.zeros_like(o)
+        grad[rows] = dout.to(low)
+        o.backward(grad)
+        results[name] = dict(out=o[rows], lse=lse[rows], dq=full[0].grad[rows], dk=full[1].grad, dv=full[2].grad)
+    if backend == "reference":
+        for name in got:
+            torch.testing.assert_close(got[name], results["exact"][name].to(got[name].dtype), **F64, msg=name)
+    else:
+        assert_within_fa_rule(got, results["exact"], results["low"], q[rows], k, v, dout)
+
+
+# ----------------------------------------------------------------------------------------------------
 # the op against one process
 
 

@@ -15,9 +15,12 @@ How and why (the communication model with its numbers): ``docs/distributed.md``.
 from flashmoba.distributed.attention import context_parallel_moba_attn, context_parallel_moba_attn_varlen
 from flashmoba.distributed.layout import LAYOUTS
 from flashmoba.distributed.shard import shard_sequence, unshard_sequence
+from flashmoba.distributed.training import ContextParallel, ShardedBatch
 
 __all__ = [
+    "ContextParallel",
     "LAYOUTS",
+    "ShardedBatch",
     "context_parallel_moba_attn",
     "context_parallel_moba_attn_varlen",
     "shard_sequence",
