@@ -74,7 +74,7 @@ TASK_FIELDS = ("seq_len", "num_pairs", "num_values", "single_alphabet", "multi_a
 MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "swa_window")
 GPU_SETUP = dict(
     seq_len=4096,
-    num_pairs=128,
+    num_pairs=256,
     num_values=2048,
     single_alphabet=5744,
     multi_alphabet=16,
@@ -87,11 +87,11 @@ GPU_SETUP = dict(
     intermediate_size=704,
     swa_window=256,
     block_scale=1,
-    batch_seqs=16,
-    steps=1300,
+    batch_seqs=8,
+    steps=1600,
     curriculum=[[0.2, 8], [0.2, 4], [0.2, 2], [0.4, 1]],
-    lr=2e-3,
-    warmup=65,
+    lr=3e-3,
+    warmup=80,
     min_lr_ratio=0.1,
     weight_decay=0.1,
     lm_weight=0.1,
@@ -99,7 +99,7 @@ GPU_SETUP = dict(
     eval_seqs=64,
     eval_chunk=16,
     router_batches=1,
-    snr_seqs=4,
+    snr_seqs=2,
     ppl_seqs=32,
     corpus_chars=4_000_000,
     log_every=25,
@@ -353,6 +353,8 @@ def _environment(device) -> dict:
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
         "command": " ".join(sys.argv),
+        # a snapshot of the repository run elsewhere names its commit in a COMMIT file
+        "commit": Path("COMMIT").read_text().strip() if Path("COMMIT").is_file() else None,
     }
 
 
@@ -487,6 +489,7 @@ def run(args) -> int:
                 f"call {time.perf_counter() - call_start:.0f} s",
                 flush=True,
             )
+    _write(results, args.out)
     if args.cpu_smoke and results["runs"]:
         write_report(results, args.out)
     return 0
