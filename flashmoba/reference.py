@@ -151,8 +151,8 @@ def route(
     Args:
         q: ``[N, HQ, D]`` packed queries; k: ``[N, HKV, D]`` packed keys; cu_seqlens: ``[S + 1]``.
         query_cu_seqlens: optional ``[S + 1]``: the queries of sequence ``s`` are then the rows
-            ``query_cu_seqlens[s]:query_cu_seqlens[s + 1]`` of ``q`` (``[Nq, HQ, D]``), each at its
-            position ``query_positions [Nq]`` in the sequence (module docstring).
+            ``query_cu_seqlens[s]:query_cu_seqlens[s + 1]`` of ``q`` (``[Nq, HQ, D]``) (module docstring).
+        query_positions: int ``[Nq]``, with ``query_cu_seqlens``: each query's position in its sequence.
 
     Returns:
         ``[Nq, HQ, topk]`` int32 block ids local to each sequence, ascending, -1 padded at the end.
@@ -211,8 +211,9 @@ def attention(
         indices: optional precomputed routing ``[N, HQ, topk]`` (from ``route``).
         compute_dtype: dtype of the products and softmax; defaults to ``promote(q.dtype, float32)``.
             Tests pass the input dtype to measure the error of a low-precision computation.
-        query_cu_seqlens, query_positions: queries apart from the keys, as in ``route`` (``q``,
-            ``indices`` and the results then have ``Nq`` rows).
+        query_cu_seqlens: queries apart from the keys, as in ``route`` (``q``, ``indices`` and the
+            results then have ``Nq`` rows).
+        query_positions: their positions in their sequences, as in ``route``.
 
     Returns:
         ``(out [N, HQ, D] in q's dtype, lse [N, HQ] float32-or-wider natural-log sum-exp)``.

@@ -503,3 +503,49 @@ def test_flashmoba_train_refuses_a_context_parallel_degree_it_cannot_use(tmp_pat
     assert main([*out, "--context-parallel", "0"]) == 2
     assert "--context-parallel must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the communication model of benchmarks/bench_context_parallel.py
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_context_parallel.py"
+    spec = importlib.util.spec_from_file_location("bench_context_parallel", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_communication_model_bytes():
+    row = _bench().model_row(1024, 4, 8, 3, 4, 2, 16)
+    assert row["all_gather_GB"] * 1e9 == pytest.approx(4 * 3 / 4 * 1024 * 2 * 16 * 2)  # K, V and their gradients
+    centroids = 3 / 4 * 1024 / 8 * 2 * 16 * 2
+    assert row["selective_GB"] * 1e9 >= centroids
+    # every query attends topk * block keys: 3.5 * G * topk * block / ((W - 1) * bytes)
+    assert row["flops_per_byte"] == pytest.approx(3.5 * 2 * 3 * 8 / (3 * 2))
+
+
+@pytest.mark.parametrize(
+    "length, world_size, rank, block_size, topk, group", [(256, 2, 0, 8, 3, 2), (512, 4, 3, 4, 2, 1)]
+)
+def test_communication_model_matches_simulated_uniform_routing(length, world_size, rank, block_size, topk, group):
+    """The model's expected share of selected remote blocks against a simulation of its assumption: every
+    query head of the rank picks ``topk - 1`` distinct earlier blocks uniformly (all of them if fewer)."""
+    fraction, remote = _bench().selected_remote_fraction(length, world_size, rank, block_size, topk, group)
+    rng = np.random.default_rng(0)
+    positions = local_positions(length, world_size, rank, "zigzag").numpy()
+    own = positions // block_size
+    remote_blocks = np.setdiff1d(np.arange(length // block_size), own)
+    assert len(remote_blocks) == remote
+    trials = []
+    for _ in range(400):
+        chosen = np.zeros(length // block_size, dtype=bool)
+        for o in np.repeat(own, group):  # every query head of the KV head
+            chosen[rng.permutation(o)[: topk - 1]] = True
+        trials.append(chosen[remote_blocks].mean())
+    assert abs(np.mean(trials) - fraction) < 4 * np.std(trials) / np.sqrt(len(trials)) + 1e-9
+    assert 0 < fraction < 1

@@ -113,8 +113,12 @@ def context_parallel_moba_attn_varlen(
             ``HQ % HKV == 0``); ``W`` is the group's size.
         cu_seqlens: int32/int64 ``[S + 1]`` boundaries of the whole packed batch (the same on every rank;
             blocks count from each sequence's start, as in ``flashmoba.moba_attn_varlen``).
-        block_size, topk, causal, softmax_scale, return_lse, backend: as in ``flashmoba.moba_attn_varlen``
-            ("triton" runs the kernels, on CUDA tensors).
+        block_size: tokens per key block, as in ``flashmoba.moba_attn_varlen``.
+        topk: selected blocks per query and head (causal: the own block counts).
+        causal: the causal MoBA rule of ``flashmoba.reference``; else plain top-k.
+        softmax_scale: defaults to ``D ** -0.5``.
+        return_lse: also return the natural-log sum-exp of the rank's rows.
+        backend: "auto" (Triton for CUDA tensors, the reference otherwise), "reference" or "triton".
         layout: "zigzag" (``N`` divisible by ``2W``) or "contiguous" (``N`` divisible by ``W``); see
             ``flashmoba.distributed.layout``.
         group: the process group of the ranks that share the batch (None: the default group).
@@ -154,7 +158,12 @@ def context_parallel_moba_attn(
 
     Args:
         q: ``[B, T / W, HQ, D]`` this rank's queries; k, v: ``[B, T / W, HKV, D]``; ``W`` is the group's size.
-        block_size, topk, causal, softmax_scale, return_lse, backend: as in ``flashmoba.moba_attn``.
+        block_size: tokens per key block, as in ``flashmoba.moba_attn``.
+        topk: selected blocks per query and head (causal: the own block counts).
+        causal: the causal MoBA rule of ``flashmoba.reference``; else plain top-k.
+        softmax_scale: defaults to ``D ** -0.5``.
+        return_lse: also return the natural-log sum-exp of the rank's rows.
+        backend: "auto" (Triton for CUDA tensors, the reference otherwise), "reference" or "triton".
         layout: "zigzag" (``T`` divisible by ``2W``: ``T / W`` even) or "contiguous" (any ``T / W``).
         group: the process group of the ranks that share the sequences (None: the default group).
 

@@ -56,7 +56,9 @@ def unshard_sequence(x: torch.Tensor, dim: int = 1, *, layout: str = "zigzag", g
 
     Args:
         x: this rank's part (``[B, T / W, ...]`` with ``dim=1``); the same shape on every rank.
-        dim, layout, group: as given to ``shard_sequence``.
+        dim: the sequence dim, as given to ``shard_sequence``.
+        layout: as given to ``shard_sequence``.
+        group: as given to ``shard_sequence``.
 
     Returns:
         ``[B, T, ...]`` in natural order (one all-gather). Differentiable for a loss that every rank

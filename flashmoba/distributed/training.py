@@ -1,22 +1,22 @@
 """Context parallelism of a whole model: every attention layer of a packed batch split over a group.
 
-:class:`ContextParallel` shards each packed training batch (``[1, N]`` tokens with ``cu_seqlens``) over
-the ranks of a group and makes every :class:`flashmoba.nn.MoBAAttention` layer of the model attend the
+``ContextParallel`` shards each packed training batch (``[1, N]`` tokens with ``cu_seqlens``) over
+the ranks of a group and makes every ``flashmoba.nn.MoBAAttention`` layer of the model attend the
 rank's tokens over the whole batch. Everything else in a decoder (embedding, norms, MLPs, LM head) works
 token by token and runs on the rank's tokens as it is. An attention layer under context parallelism
 
 * projects q, k, v of its tokens, all-gathers the raw keys and values (their gradients reduce-scattered
-  back, :mod:`flashmoba.distributed.comm`), and applies the key convolution to the whole sequence: each
+  back, ``flashmoba.distributed.comm``), and applies the key convolution to the whole sequence: each
   rank convolves all keys (a depthwise filter of a few taps, cheap next to attention), so no convolution
   window is cut at a rank boundary;
 * rotates its queries and the keys at their positions in their documents (RoPE layers);
 * attends: "moba" through the library's routing and attention of queries at positions (the same as
-  :func:`~flashmoba.distributed.context_parallel_moba_attn_varlen`), "dense" and "swa" as causal softmax
+  ``context_parallel_moba_attn_varlen``), "dense" and "swa" as causal softmax
   attention of the rank's runs of consecutive positions over the keys they can see (SDPA with the band).
 
 The loss follows the model contract of ``flashmoba.train``: token ``t`` predicts token ``t + 1`` of its
 sequence. A rank's targets come from the whole batch (a target may be the first token of the next rank's
-part), and :meth:`ContextParallel.loss` divides the rank's summed cross entropy by the whole batch's
+part), and ``ContextParallel.loss`` divides the rank's summed cross entropy by the whole batch's
 number of targets, so the ranks' losses add up to the batch's mean loss and their gradients to its
 gradient.
 """
@@ -115,7 +115,7 @@ def _causal_attention(q, k, v, batch: _Batch, window: int | None):
 
 
 def _attention_forward(layer: MoBAAttention, cp: ContextParallel, hidden_states, cu_seqlens=None, cache=None, **_):
-    """:meth:`MoBAAttention.forward` of the rank's tokens under context parallelism (module docstring)."""
+    """``MoBAAttention.forward`` of the rank's tokens under context parallelism (module docstring)."""
     batch = cp._batch
     if cache is not None:
         raise ValueError("context parallelism runs training and scoring forwards: cache must be None")
@@ -156,7 +156,7 @@ class ContextParallel:
     Args:
         group: the process group whose ranks share each batch (None: the default group).
         layout: "zigzag" (causal load balance; batches of a multiple of ``2 * W`` tokens) or "contiguous"
-            (a multiple of ``W``); :mod:`flashmoba.distributed.layout`.
+            (a multiple of ``W``); ``flashmoba.distributed.layout``.
 
     Use: ``cp.apply(model)`` once (before wrapping it in DDP / FSDP), then per batch
     ``part = cp.shard_batch(input_ids, cu_seqlens)``, ``logits = model(input_ids=part.input_ids,
@@ -171,7 +171,7 @@ class ContextParallel:
         self._batch: _Batch | None = None
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Make every :class:`~flashmoba.nn.MoBAAttention` of ``model`` attend under this context parallelism
+        """Make every ``MoBAAttention`` of ``model`` attend under this context parallelism
         (its parameters and state dict are unchanged). Returns ``model``."""
         layers = [m for m in model.modules() if isinstance(m, MoBAAttention)]
         if not layers:

@@ -285,9 +285,9 @@ def route_topk(
             (required with ``query_cu_seqlens``).
         return_block_keys: also return the ``[HQ, N, topk]`` sort keys of the picks' global blocks for
             ``block_index_from_keys``.
-        query_cu_seqlens, query_positions: queries apart from the keys (``flashmoba.reference.route``):
-            sequence ``s``'s queries are the rows ``query_cu_seqlens[s]:query_cu_seqlens[s + 1]`` of ``q``,
-            at the increasing positions ``query_positions`` (int32 ``[N]``) of the sequence.
+        query_cu_seqlens: queries apart from the keys (``flashmoba.reference.route``): sequence ``s``'s
+            queries are the rows ``query_cu_seqlens[s]:query_cu_seqlens[s + 1]`` of ``q``.
+        query_positions: int32 ``[N]``, with ``query_cu_seqlens``: their increasing positions in the sequence.
 
     Returns:
         int32 ``[N, HQ, topk]``: local block ids, ascending, -1 padded (and the keys, if asked).
@@ -370,8 +370,9 @@ def route_triton(
         q: ``[N, HQ, D]``; k: ``[N, HKV, D]``; cu_seqlens: int32/int64 ``[S + 1]``.
         layout: the keys' ``block_layout(cu_seqlens, N, block_size)`` if the caller has it already (computed
             once here otherwise and shared by the three stages).
-        query_cu_seqlens, query_positions: queries apart from the keys, as in ``route_topk`` (``q`` is
-            then ``[Nq, HQ, D]``, and the block index's entries are its rows' pairs).
+        query_cu_seqlens: queries apart from the keys, as in ``route_topk`` (``q`` is then ``[Nq, HQ, D]``,
+            and the block index's entries are its rows' pairs).
+        query_positions: their positions, as in ``route_topk``.
 
     Returns:
         ``(indices int32 [N, HQ, topk], BlockIndex)``; no host synchronisation.
