@@ -294,7 +294,11 @@ def train_run(variant, seed, setup, device, backend, texts, eval_batches, curve_
                     **{k: v["correct"] / max(1, v["total"]) for k, v in recall["by_key"].items()},
                 }
             )
-            print(f"    step {done}: recall {curve[-1]['recall']:.3f}", flush=True)
+            print(
+                f"    step {done} ({done * tokens_per_step / 1e6:.1f}M tokens, {train_seconds:.1f} s): recall "
+                f"{curve[-1]['recall']:.4f}, answer loss {float(answer.detach()):.3f}",
+                flush=True,
+            )
             start = time.perf_counter()
     _sync(device)
     train_seconds += time.perf_counter() - start

@@ -228,11 +228,14 @@ def _typical_past_blocks(record) -> int | None:
     return max(1, (seq_len - seq_len // 16) // bs)
 
 
-def _plot_curves(pilot, path):
+def _plot_curves(pilot, setups, path):
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, r in enumerate(pilot):
+        s = setups.get(r["setup_id"], {})
+        label = f"{r['variant']} lr {s.get('lr')}, {s.get('steps')} x {s.get('batch_seqs')} seqs"
+        label += ", curriculum" if s.get("curriculum") else ""
         xs = [p["tokens"] / 1e6 for p in r["curve"]]
-        ax.plot(xs, [p["recall"] for p in r["curve"]], "-o", ms=3, color=f"C{i}", label=r["label"])
+        ax.plot(xs, [p["recall"] for p in r["curve"]], "-o", ms=3, color=f"C{i}", label=label)
         ax.plot(xs, [p.get("multi") for p in r["curve"]], ":", color=f"C{i}")
     ax.axhline(0.9, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("training tokens (M)")
@@ -245,68 +248,90 @@ def _plot_curves(pilot, path):
     plt.close(fig)
 
 
+def _pilot_lines(pilot, setups) -> list[str]:
+    lines = [
+        "## Pilot: recall during training (curve on the first evaluation batch, full length)",
+        "",
+        "| run | setup | steps x sequences | tokens (M) | lr | curriculum | final answer loss "
+        "(ln of the values: uniform answer) | recall (all eval batches) | held-out ppl | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in pilot:
+        s = setups.get(r["setup_id"], {})
+        lines.append(
+            f"| {r['variant']} seed {r['seed']} | `{r['setup_id']}` | {s.get('steps')} x {s.get('batch_seqs')} | "
+            f"{r['tokens'] / 1e6:.1f} | {s.get('lr')} | {s.get('curriculum') or '-'} | "
+            f"{r['log'][-1]['loss']:.3f} ({math.log(s.get('num_values', 1)):.3f}) | "
+            f"{100 * r['recall']:.2f} % ({r['correct']}/{r['total']}) | "
+            f"{_fmt((r.get('perplexity') or {}).get('ppl'), digits=2)} | {r['train_seconds']:.1f} |"
+        )
+    lines += ["", "| run | setup | tokens (M) | recall | multi-token keys |", "|---|---|---|---|---|"]
+    for r in pilot:
+        for p in r["curve"]:
+            lines.append(
+                f"| {r['variant']} seed {r['seed']} | `{r['setup_id']}` | {p['tokens'] / 1e6:.1f} | "
+                f"{p['recall']:.3f} | {_fmt(p.get('multi'))} |"
+            )
+    return lines
+
+
 def write_report(results: dict, out: Path) -> None:
-    """results.md, recall_vs_block.png, router_vs_snr.png and (with pilot curves) pilot.png into ``out``."""
+    """results.md, and the plots of what is there, into ``out``: recall_vs_block.png and router_vs_snr.png
+    for the grid (the most common setup among the runs without a recall curve), pilot.png for the runs
+    with one."""
     out = Path(out)
     runs = results["runs"]
     if not runs:
         raise ValueError("no runs to report")
-    grid_id = Counter(r["setup_id"] for r in runs).most_common(1)[0][0]
-    grid = [r for r in runs if r["setup_id"] == grid_id]
-    switch = [s for s in results["switch"] if s["setup_id"] == grid_id]
-    groups = _by_variant(grid)
-    setup = results["setups"].get(grid_id, {})
     envs = sorted(
-        {json.dumps({k: e[k] for k in ("device", "torch", "triton", "date")}) for e in results["environments"]}
+        {
+            json.dumps({k: e.get(k) for k in ("device", "torch", "triton", "date", "commit")})
+            for e in results["environments"]
+        }
     )
-    lines = [
-        "# Associative recall: results",
-        "",
-        f"Grid setup `{grid_id}`: `{json.dumps(setup, sort_keys=True)}`",
-        "",
-        *[f"Environment: `{e}`" for e in envs],
-        "",
-        "## Per variant (mean ± sample sd over seeds)",
-        "",
-        *_main_table(groups),
-        "",
-        "## Per run",
-        "",
-        *_seed_table(groups),
-        "",
-        "## Recall % by key-query distance (tokens), seeds pooled [Wilson 95 %]",
-        "",
-        *_distance_table(groups),
-        "",
-        "## Training-free switch: the trained dense weights run with MoBA global layers",
-        "",
-        *_switch_table(switch, grid),
-        "",
-        "## Learned key-convolution weights (initialised at zero, no weight decay)",
-        "",
-        *_kconv_table(groups),
-        "",
-    ]
-    pilot = []
-    for r in runs:
-        if r.get("curve"):
-            s = results["setups"].get(r["setup_id"], {})
-            label = f"{r['variant']} seed {r['seed']} lr {s.get('lr')} steps {s.get('steps')}"
-            pilot.append(dict(r, label=label))
+    lines = ["# Associative recall: results", "", *[f"Environment: `{e}`" for e in envs], ""]
+    plain = [r for r in runs if not r.get("curve")]
+    if plain:
+        grid_id = Counter(r["setup_id"] for r in plain).most_common(1)[0][0]
+        grid = [r for r in runs if r["setup_id"] == grid_id]
+        switch = [s for s in results["switch"] if s["setup_id"] == grid_id]
+        groups = _by_variant(grid)
+        lines += [
+            f"Grid setup `{grid_id}`: `{json.dumps(results['setups'].get(grid_id, {}), sort_keys=True)}`",
+            "",
+            "## Per variant (mean ± sample sd over seeds)",
+            "",
+            *_main_table(groups),
+            "",
+            "## Per run",
+            "",
+            *_seed_table(groups),
+            "",
+            "## Recall % by key-query distance (tokens), seeds pooled [Wilson 95 %]",
+            "",
+            *_distance_table(groups),
+            "",
+            "## Training-free switch: the trained dense weights run with MoBA global layers",
+            "",
+            *_switch_table(switch, grid),
+            "",
+            "## Learned key-convolution weights (initialised at zero, no weight decay)",
+            "",
+            *_kconv_table(groups),
+            "",
+        ]
+        _plot_recall_vs_block(groups, out / "recall_vs_block.png")
+        _plot_router_vs_snr(groups, switch, out / "router_vs_snr.png")
+    else:
+        lines += ["No grid run (every run has a recall curve: pilot runs only).", ""]
+    pilot = [r for r in runs if r.get("curve")]
     if pilot:
-        lines += ["## Pilot: recall during training", "", "| run | setup | tokens (M) | recall | multi-token keys |"]
-        lines.append("|---|---|---|---|---|")
-        for r in pilot:
-            for p in r["curve"]:
-                lines.append(
-                    f"| {r['label']} | `{r['setup_id']}` | {p['tokens'] / 1e6:.1f} | {p['recall']:.3f} | "
-                    f"{_fmt(p.get('multi'))} |"
-                )
-        _plot_curves(pilot, out / "pilot.png")
+        lines += _pilot_lines(pilot, results["setups"])
+        _plot_curves(pilot, results["setups"], out / "pilot.png")
     if results.get("probes"):
         lines += ["", "## Step times", "", "| variant | ms per step | first call s | setup |", "|---|---|---|---|"]
         for p in results["probes"]:
             lines.append(f"| {p['variant']} | {1000 * p['step_s']:.1f} | {p['first_run_s']:.1f} | `{p['setup_id']}` |")
+    lines += ["", "Setups:", ""]
+    lines += [f"- `{key}`: `{json.dumps(value, sort_keys=True)}`" for key, value in results["setups"].items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    _plot_recall_vs_block(groups, out / "recall_vs_block.png")
-    _plot_router_vs_snr(groups, switch, out / "router_vs_snr.png")
