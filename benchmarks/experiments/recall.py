@@ -7,8 +7,8 @@ Training runs a length curriculum (``curriculum``): the first steps see short se
 quarter, a half of the length, with as many more of them per step and pairs in proportion), the last
 40 % full-length ones; evaluation is at full length only. At full length a fresh model's attention is
 spread over thousands of keys, so the gradient that would teach it to find the pair is diluted as much;
-short sequences let the retrieval circuit form first (without them the pilot plateaued at the
-uniform-answer loss for 52M tokens).
+short sequences are meant to let the retrieval circuit form first (docs/experiments.md has what the
+pilot measured with and without them).
 Model: the hybrid decoder of :mod:`flashmoba.models` with one sliding-window layer (RoPE, window 256)
 and one global layer (no positional encoding), so the global layer is the only way to reach a pair more
 than a window back: with MoBA, its router decides whether the answer can be found.
@@ -428,7 +428,9 @@ def _arguments(argv):
     parser.add_argument("--no-switch", action="store_true", help="skip the training-free switch")
     parser.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny setup on the CPU, then the report")
-    parser.add_argument("--report", type=Path, nargs="+", help="only write the report of these results.json")
+    parser.add_argument(
+        "--report", type=Path, nargs="+", help="only merge these results.json into --out and write the report"
+    )
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file, not a folder")
@@ -445,8 +447,13 @@ def run(args) -> int:
     from recall_report import write_report
 
     if args.report:
+        for path in args.report:
+            if not path.is_file():
+                raise UsageError(f"--report {path}: no such file")
+        merged = _load(args.report)
         args.out.mkdir(parents=True, exist_ok=True)
-        write_report(_load(args.report), args.out)
+        _write(merged, args.out)  # the merged results.json next to its report
+        write_report(merged, args.out)
         return 0
     call_start = time.perf_counter()
     setup = _parse_set(args.set, CPU_SMOKE if args.cpu_smoke else GPU_SETUP)
