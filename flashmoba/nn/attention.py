@@ -28,7 +28,7 @@ from torch import nn
 import flashmoba
 from flashmoba._checks import BACKENDS, check_choice, check_int
 from flashmoba.decode import MoBAKVCache, dense_decode, moba_decode
-from flashmoba.nn.causal import CAUSAL_BACKENDS, causal_attention
+from flashmoba.nn.causal import CAUSAL_BACKENDS, batched_causal_attention, causal_attention
 from flashmoba.nn.keyconv import KeyConv
 from flashmoba.nn.rope import apply_rotary
 from flashmoba.nn.varlen import token_positions, token_sequence_ids, uniform_cu_seqlens
@@ -167,6 +167,10 @@ class MoBAAttention(nn.Module):
             return flashmoba.moba_attn_varlen(
                 q, k, v, cu_seqlens, block_size=self.block_size, topk=self.topk, backend=self.backend
             )
+        if self.attn_type == "dense" and batch_shape is not None and self.causal_backend != "flash":
+            # Equal-length sequences: one batched SDPA call (its fused causal kernel), no host sync.
+            shape = (*batch_shape, -1, self.head_dim)
+            return batched_causal_attention(q.view(shape), k.view(shape), v.view(shape)).reshape_as(q)
         return causal_attention(
             q,
             k,

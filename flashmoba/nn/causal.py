@@ -13,8 +13,10 @@ with ``s <= t`` (``window=None``) or ``t - window < s <= t`` (a window of ``wind
   mask, so that memory grows linearly with the length.
 
 ``backend="auto"`` takes ``"flash"`` where it runs (CUDA tensors in fp16/bf16, a torch that has
-``varlen_attn`` and, for a window, its ``window_size``) and ``"sdpa"`` elsewhere; an explicit backend
-that cannot run raises.
+``varlen_attn`` and, for a window, its ``window_size``) and ``"sdpa"`` elsewhere, except for full attention
+over a pack of one sequence (known from the shape of ``cu_seqlens``, so still no host sync): there SDPA's
+fused causal kernel (cuDNN's on Hopper) is faster than FlashAttention-2's varlen kernel (docs/benchmarks.md,
+training throughput). An explicit backend that cannot run raises.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from flashmoba._checks import check_choice, check_int
 from flashmoba.nn.varlen import token_positions, token_sequence_ids
 from flashmoba.routing.result import block_layout
 
-__all__ = ["CAUSAL_BACKENDS", "causal_attention"]
+__all__ = ["CAUSAL_BACKENDS", "batched_causal_attention", "causal_attention"]
 
 CAUSAL_BACKENDS = ("auto", "flash", "sdpa")
 
@@ -82,8 +84,9 @@ def _sdpa(q, k, v, *, attn_mask=None, is_causal=False):
 
 
 def _sdpa_full(q, k, v, cu_seqlens):
-    """Causal attention of every packed sequence on its own, one SDPA call each."""
-    bounds = cu_seqlens.tolist()
+    """Causal attention of every packed sequence on its own, one SDPA call each (a pack of one sequence
+    reads nothing on the host)."""
+    bounds = [0, q.shape[0]] if cu_seqlens.numel() == 2 else cu_seqlens.tolist()
     pieces = [
         _sdpa(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True)[0].transpose(0, 1)
         for a, b in zip(bounds[:-1], bounds[1:])
@@ -126,6 +129,20 @@ def _sdpa_window(q, k, v, cu_seqlens, window):
     return out[chunk, :, pos % window]
 
 
+def batched_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full causal attention of ``B`` equal-length sequences in one SDPA call (its fused causal kernel; no
+    host sync).
+
+    Args:
+        q: ``[B, T, HQ, D]``; k, v: ``[B, T, HKV, D]``.
+
+    Returns:
+        ``[B, T, HQ, D]``.
+    """
+    out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return out.transpose(1, 2)
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -162,7 +179,8 @@ def causal_attention(
     why_not = _flash_unavailable(q, window)
     if backend == "flash" and why_not is not None:
         raise ValueError(f'backend="flash" cannot run: {why_not}')
-    if backend != "sdpa" and why_not is None:
+    one_sequence_full = window is None and cu_seqlens.numel() == 2
+    if backend == "flash" or (backend == "auto" and why_not is None and not one_sequence_full):
         return _flash(q, k, v, cu_seqlens, window, max(1, max_seqlen))
     if window is None:
         return _sdpa_full(q, k, v, cu_seqlens)
