@@ -335,7 +335,7 @@ def _record(variant, seed, setup, metrics, extra) -> dict:
     }
 
 
-def _switch(model, variant, seed, setup, backend, eval_batches, val_text, autocast) -> list[dict]:
+def _switch(model, variant, seed, setup, backend, eval_batches, autocast) -> list[dict]:
     """The trained ``variant``'s weights run with each of its MoBA variants (no retraining)."""
     records = []
     state = model.state_dict()
@@ -491,7 +491,7 @@ def run(args) -> int:
             record["eval_seconds"] = time.perf_counter() - eval_start
             results["runs"].append(record)
             if not args.no_switch:
-                results["switch"] += _switch(model, variant, seed, setup, backend, eval_batches, texts[1], autocast)
+                results["switch"] += _switch(model, variant, seed, setup, backend, eval_batches, autocast)
             _write(results, args.out)
             durations.append(time.perf_counter() - run_start)
             print(

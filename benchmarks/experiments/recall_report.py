@@ -42,6 +42,10 @@ def _fmt(mean, sd=None, digits=3, pct=False):
     return text if sd is None else f"{text} ± {scale * sd:.{1 if pct else digits}f}"
 
 
+def _sig(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
 def _by_variant(records):
     groups = {}
     for r in sorted(records, key=lambda r: (ORDER.index(r["variant"]), r["seed"])):
@@ -59,6 +63,11 @@ def _config(r):
     return f"{block}{' + kconv' + str(r['kconv']) if r['kconv'] else ''}"
 
 
+def _cell(values, **kw) -> str:
+    """``mean ± sd`` of ``values`` (see :func:`_fmt`)."""
+    return _fmt(*_mean_sd(values), **kw)
+
+
 def _main_table(groups) -> list[str]:
     lines = [
         "| variant | block/topk | seeds | recall % | single-token keys % | multi-token keys % | router recall | "
@@ -66,23 +75,19 @@ def _main_table(groups) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, runs in groups.items():
-
-        def cell(values, **kw):
-            return _fmt(*_mean_sd(values), **kw)
-
         layers = [next(iter(r["router_layers"].values()), {}) for r in runs]
         cells = [
             variant,
             _config(runs[0]),
             str(len(runs)),
-            cell([r["recall"] for r in runs], pct=True),
-            cell([_kind(r, "single") for r in runs], pct=True),
-            cell([_kind(r, "multi") for r in runs], pct=True),
-            cell([r["router_recall"] for r in runs]),
+            _cell([r["recall"] for r in runs], pct=True),
+            _cell([_kind(r, "single") for r in runs], pct=True),
+            _cell([_kind(r, "multi") for r in runs], pct=True),
+            _cell([r["router_recall"] for r in runs]),
             _fmt(_mean_sd([r["router_chance"] for r in runs])[0]),
-            cell([r["snr_measured"] for r in runs], digits=2),
+            _cell([r["snr_measured"] for r in runs], digits=2),
             _fmt(_mean_sd([layer.get("predicted_router_recall") for layer in layers])[0]),
-            cell([r["perplexity"]["ppl"] for r in runs if r.get("perplexity")], digits=2),
+            _cell([r["perplexity"]["ppl"] for r in runs if r.get("perplexity")], digits=2),
             _fmt(_mean_sd([r["train_seconds"] for r in runs])[0], digits=1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -103,7 +108,7 @@ def _seed_table(groups) -> list[str]:
             lines.append(
                 f"| {variant} | {r['seed']} | {100 * r['recall']:.1f} [{100 * low:.1f}, {100 * high:.1f}] "
                 f"({r['correct']}/{r['total']}) | {_fmt(r['router_recall'])} ({heads or '-'}) | "
-                f"{_fmt(layer.get('delta_mu_eff'), digits=2)} | {_fmt(layer.get('noise_variance'), digits=2)} | "
+                f"{_sig(layer.get('delta_mu_eff'))} | {_sig(layer.get('noise_variance'))} | "
                 f"{_fmt(r['snr_measured'], digits=2)} | {r['tokens'] / 1e6:.1f}M | {r['train_seconds']:.1f} |"
             )
     return lines
