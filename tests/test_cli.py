@@ -116,6 +116,16 @@ def test_train_names_an_unknown_set_key_and_lists_the_valid_ones(capsys, tmp_pat
 
 
 @pytest.mark.parametrize(
+    "item, owner", [("vocab_size=512", "--vocab-size"), ("max_position_embeddings=99", "--context")]
+)
+def test_train_refuses_a_set_key_that_another_option_owns(capsys, tmp_path, item, owner):
+    out = tmp_path / "run"
+    message = usage_error(capsys, ["train", "--out", str(out), "--set", item])
+    assert message.startswith(f"--set {item}:") and owner in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
     "argv, option",
     [
         (["--set", "num_layers"], "--set"),  # no '='

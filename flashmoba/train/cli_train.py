@@ -145,6 +145,13 @@ def _option(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+# model config fields the run derives from other options (--set of them would be overwritten)
+_SET_BY_OPTIONS = {
+    "vocab_size": "the tokenizer (--vocab-size)",
+    "max_position_embeddings": "--context",
+}
+
+
 def _model_config(args: argparse.Namespace, vocab_size: int):
     """The model configuration; a UsageError naming the options behind a field it refuses."""
     config_cls, _ = model_classes()
@@ -243,6 +250,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
         )
     if args.context > args.batch_tokens:
         raise UsageError(f"--context ({args.context}) must not exceed --batch-tokens ({args.batch_tokens})")
+    for item in args.set:
+        key = item.partition("=")[0]
+        if key in _SET_BY_OPTIONS:
+            raise UsageError(f"--set {item}: {key} is set by {_SET_BY_OPTIONS[key]}; use that instead")
     if args.needle_fraction > 0 and args.context < _MIN_NEEDLE_LENGTH:
         raise UsageError(
             f"--context must be >= {_MIN_NEEDLE_LENGTH} for needle sequences, got {args.context} "
