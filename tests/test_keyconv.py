@@ -182,6 +182,10 @@ def test_bad_arguments():
         key_conv(torch.randn(5, 8), conv.weight, backend="cuda")
     with pytest.raises(ValueError, match="kernel_size"):
         KeyConv(8, 0)
+    with pytest.raises(ValueError, match="backend"):  # at construction, not at the first forward
+        KeyConv(8, 3, backend="cuda")
+    with pytest.raises(TypeError, match="bias"):
+        KeyConv(8, 3, bias="yes")
 
 
 def test_imports_and_runs_without_triton():

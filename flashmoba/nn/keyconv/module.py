@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flashmoba._checks import check_int
+from flashmoba._checks import BACKENDS, check_bool, check_choice, check_int
 from flashmoba.nn.keyconv.ops import key_conv
 
 __all__ = ["KeyConv"]
@@ -37,7 +37,8 @@ class KeyConv(nn.Module):
         super().__init__()
         self.num_channels = check_int("num_channels", num_channels, 1)
         self.kernel_size = check_int("kernel_size", kernel_size, 1)
-        self.backend = backend
+        self.backend = check_choice("backend", backend, BACKENDS)
+        check_bool("bias", bias)
         self.weight = nn.Parameter(torch.empty(self.num_channels, self.kernel_size))
         self.bias = nn.Parameter(torch.empty(self.num_channels)) if bias else None
         self.reset_parameters()
