@@ -421,23 +421,23 @@ def main(argv=None):
         device = torch.device("cuda")
     else:
         raise SystemExit("bench_train.py needs a CUDA GPU (or --cpu-smoke)")
-    rows = []
-    for context in args.contexts:
-        for name in args.variants:
-            rows.append(run_row(name, context, args, device))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "breakdown_ms"}), flush=True)
     meta = {
         **{k: v for k, v in vars(args).items() if k != "out"},
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
         "torch": torch.__version__,
         "matmul_tflops": matmul_tflops(device),
     }
-    md = to_markdown(rows, meta)
-    print(md)
+    rows = []
+    for context in args.contexts:
+        for name in args.variants:
+            rows.append(run_row(name, context, args, device))
+            print(json.dumps(rows[-1]), flush=True)
+            if args.out is not None:  # after every row: a run cut short keeps what it finished
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+                args.out.with_suffix(".md").write_text(to_markdown(rows, meta))
+    print(to_markdown(rows, meta))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        args.out.with_suffix(".md").write_text(md)
         plot(rows, args.out.with_suffix(".png"))
         print(f"wrote {args.out} and its .md / .png")
     return rows
