@@ -187,10 +187,12 @@ def _plot_recall_vs_block(groups, path):
                 color=colors.get(variant, "C0"),
                 ms=4,
                 capsize=2,
-                label=variant if i == 0 and (r["kconv"] or variant == "moba128_k8") else None,
+                label=(variant if r["kconv"] else "MoBA")
+                if i == 0 and (r["kconv"] or variant == "moba128_k8")
+                else None,
             )
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("MoBA block size (topk x block = 1024 keys per query)")
+    ax.set_xlabel("MoBA block size (topk x block size fixed; bands: dense)")
     ax.set_ylabel("recall (Wilson 95 % per run)")
     ax.set_title("associative recall vs block size (one point per seed)")
     ax.grid(alpha=0.3)
