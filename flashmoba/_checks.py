@@ -29,6 +29,7 @@ __all__ = [
     "check_float",
     "check_int",
     "check_lengths",
+    "check_qkv",
     "check_option",
     "check_routing_args",
     "check_tensor",
@@ -118,6 +119,38 @@ def check_tensor(name: str, value, *, dim: int | None = None, device: torch.devi
     if device is not None and value.device != device:
         raise ValueError(f"{name} is on {value.device} but q is on {device}: all must share a device")
     return value
+
+
+def check_qkv(q, k, v, rank: int, layout: str) -> None:
+    """q, k (and v unless None) of rank ``rank`` in ``layout`` (e.g. ``"[N, H, D]"``): tensors on one device,
+    one floating dtype, matching token dims and head dim, ``HQ`` a positive multiple of ``HKV``."""
+    names = ("q", "k", "v") if v is not None else ("q", "k")
+    tensors = (q, k, v) if v is not None else (q, k)
+    for name, t in zip(names, tensors):
+        check_tensor(name, t)
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(t.shape)}")
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all must share a device")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: all must share a dtype")
+    if not q.is_floating_point():
+        raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[:-2] != q.shape[:-2]:
+        raise ValueError(f"k must match q in its leading (token) dims {tuple(q.shape[:-2])}, got {tuple(k.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k's head dim {k.shape[-1]} must equal q's head dim {q.shape[-1]}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv < 1 or hq < 1 or hq % hkv != 0:
+        raise ValueError(
+            f"q has {hq} heads and k has {hkv}: the number of query heads must be a positive multiple "
+            "of the number of KV heads"
+        )
+    if q.shape[-1] < 1:
+        raise ValueError("head dim must be >= 1")
 
 
 def check_lengths(name: str, value, batch: int, device: torch.device) -> torch.Tensor:

@@ -21,8 +21,8 @@ from flashmoba._checks import (
     check_backend_support,
     check_bool,
     check_cu_seqlens,
+    check_qkv,
     check_routing_args,
-    check_tensor,
     resolve_backend,
 )
 from flashmoba.routing.result import BlockIndex, MoBARouting, block_layout, max_num_blocks
@@ -32,36 +32,6 @@ __all__ = ["moba_attn", "moba_attn_varlen", "moba_route_varlen", "BACKENDS"]
 
 # ----------------------------------------------------------------------------------------------------
 # validation
-
-
-def _check_qkv(q, k, v, rank: int, layout: str):
-    names = ("q", "k", "v") if v is not None else ("q", "k")
-    tensors = (q, k, v) if v is not None else (q, k)
-    for name, t in zip(names, tensors):
-        check_tensor(name, t)
-        if t.dim() != rank:
-            raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(t.shape)}")
-    for name, t in zip(names[1:], tensors[1:]):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all must share a device")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: all must share a dtype")
-    if not q.is_floating_point():
-        raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
-    if v is not None and v.shape != k.shape:
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if k.shape[:-2] != q.shape[:-2]:
-        raise ValueError(f"k must match q in its leading (token) dims {tuple(q.shape[:-2])}, got {tuple(k.shape)}")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k's head dim {k.shape[-1]} must equal q's head dim {q.shape[-1]}")
-    hq, hkv = q.shape[-2], k.shape[-2]
-    if hkv < 1 or hq < 1 or hq % hkv != 0:
-        raise ValueError(
-            f"q has {hq} heads and k has {hkv}: the number of query heads must be a positive multiple "
-            "of the number of KV heads"
-        )
-    if q.shape[-1] < 1:
-        raise ValueError("head dim must be >= 1")
 
 
 def _routing_shape(block_size: int, topk: int, num_tokens: int, num_seqs: int) -> tuple[int, int]:
@@ -107,7 +77,7 @@ def moba_route_varlen(
         -1 padded) and ``.block_index`` the block -> query CSR view. A ``block_size`` longer than ``N`` is
         kept as ``max(N, 16)`` (one block per sequence either way).
     """
-    _check_qkv(q, k, None, 3, "[N, H, D]")
+    check_qkv(q, k, None, 3, "[N, H, D]")
     block_size, topk = check_routing_args(block_size, topk, causal)
     check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
     backend = resolve_backend(backend, q.device)
@@ -176,7 +146,7 @@ def moba_attn_varlen(
     Returns:
         ``out [N, HQ, D]`` in q's dtype, or ``(out, lse)`` when ``return_lse``.
     """
-    _check_qkv(q, k, v, 3, "[N, H, D]")
+    check_qkv(q, k, v, 3, "[N, H, D]")
     block_size, topk = check_routing_args(block_size, topk, causal, softmax_scale)
     check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
     return _attend(q, k, v, cu_seqlens, block_size, topk, causal, softmax_scale, return_lse, backend, deterministic)
@@ -226,7 +196,7 @@ def moba_attn(
     Returns:
         ``out [B, T, HQ, D]``, or ``(out, lse [B, T, HQ])`` when ``return_lse``.
     """
-    _check_qkv(q, k, v, 4, "[B, T, H, D]")
+    check_qkv(q, k, v, 4, "[B, T, H, D]")
     B, T, HQ, D = q.shape
     cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=q.device) * T
     block_size, topk = check_routing_args(block_size, topk, causal, softmax_scale)
@@ -253,8 +223,8 @@ def moba_attn(
 # internal: queries kept apart from their keys (context parallelism, flashmoba.distributed)
 
 
-class _QueryRouting(NamedTuple):
-    """The routing of ``_route_queries``, as ``_attend_queries`` takes it."""
+class QueryRouting(NamedTuple):
+    """The routing of ``route_queries``, as ``attend_queries`` takes it."""
 
     indices: torch.Tensor  # int32 [Nq, HQ, topk], local block ids, ascending, -1 padded
     block_index: BlockIndex | None  # Triton: the block -> query view over the queries' rows
@@ -272,9 +242,9 @@ def _query_key_rows(cu_seqlens, query_cu_seqlens, query_positions):
     return cu_seqlens.long()[seq] + query_positions.long()
 
 
-def _route_queries(
+def route_queries(
     q, k, cu_seqlens, query_cu_seqlens, query_positions, *, block_size, topk, causal, backend
-) -> _QueryRouting:
+) -> QueryRouting:
     """The routing of queries that are not the keys' tokens: the rows ``query_cu_seqlens[s] :
     query_cu_seqlens[s + 1]`` of ``q [Nq, HQ, D]`` are sequence ``s``'s queries at the increasing positions
     ``query_positions [Nq]`` of the sequence, whose keys are ``k [N, HKV, D]`` with ``cu_seqlens``.
@@ -291,7 +261,7 @@ def _route_queries(
         from flashmoba import reference
 
         indices = reference.route(q, k, cu_seqlens, block_size, topk, causal, query_cu_seqlens, query_positions)
-        return _QueryRouting(indices, None, block_size, topk, causal, backend)
+        return QueryRouting(indices, None, block_size, topk, causal, backend)
     from flashmoba.routing import route_triton
 
     layout = block_layout(cu_seqlens, k.shape[0], block_size)
@@ -306,13 +276,13 @@ def _route_queries(
         query_cu_seqlens=query_cu_seqlens,
         query_positions=query_positions.to(torch.int32),
     )
-    return _QueryRouting(indices, block_index, block_size, topk, causal, backend)
+    return QueryRouting(indices, block_index, block_size, topk, causal, backend)
 
 
-def _attend_queries(
-    q, k, v, cu_seqlens, query_cu_seqlens, query_positions, routing: _QueryRouting, *, softmax_scale, return_lse
+def attend_queries(
+    q, k, v, cu_seqlens, query_cu_seqlens, query_positions, routing: QueryRouting, *, softmax_scale, return_lse
 ):
-    """MoBA attention of the queries of ``_route_queries`` over all keys, from that routing.
+    """MoBA attention of the queries of ``route_queries`` over all keys, from that routing.
 
     Returns ``out [Nq, HQ, D]`` (or ``(out, lse [Nq, HQ])``), differentiable in q and in all of k and v:
     the rows of ``moba_attn_varlen``'s result at these queries.

@@ -131,8 +131,8 @@ def test_queries_at_positions_are_the_rows_of_the_whole_attention(backend, dtype
     dout = torch.randn(len(rows), hq, d, generator=gen, dtype=dtype)
     kw = dict(block_size=block_size, topk=topk, causal=causal)
     leaves = _leaves(q[rows], k, v)
-    routing = api._route_queries(*[t.detach() for t in leaves[:2]], cu, query_cu, positions, backend=backend, **kw)
-    out, lse = api._attend_queries(*leaves, cu, query_cu, positions, routing, softmax_scale=None, return_lse=True)
+    routing = api.route_queries(*[t.detach() for t in leaves[:2]], cu, query_cu, positions, backend=backend, **kw)
+    out, lse = api.attend_queries(*leaves, cu, query_cu, positions, routing, softmax_scale=None, return_lse=True)
     out.backward(dout)
     got = dict(out=out, lse=lse, dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad)
 

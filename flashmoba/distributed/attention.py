@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from flashmoba import api
-from flashmoba._checks import check_choice, check_cu_seqlens
+from flashmoba._checks import check_choice, check_cu_seqlens, check_qkv
 from flashmoba.distributed.comm import gather_keys_values, group_rank
 from flashmoba.distributed.layout import LAYOUTS, check_length, local_positions
 
@@ -61,7 +61,7 @@ def _attend(
     routed = {}
 
     def route(k_full):  # between the keys' arrival and the values'
-        routed["routing"] = api._route_queries(
+        routed["routing"] = api.route_queries(
             q.detach(),
             k_full.reshape(-1, *k_full.shape[-2:]),
             cu_seqlens,
@@ -74,7 +74,7 @@ def _attend(
         )
 
     k_full, v_full = gather_keys_values(k, v, dim, layout, group, on_keys=route)
-    return api._attend_queries(
+    return api.attend_queries(
         q,
         k_full.reshape(-1, *k_full.shape[-2:]),
         v_full.reshape(-1, *v_full.shape[-2:]),
@@ -127,7 +127,7 @@ def context_parallel_moba_attn_varlen(
         ``out [N / W, HQ, D]`` (and ``lse [N / W, HQ]`` with ``return_lse``): the rows of
         ``moba_attn_varlen`` on the whole batch at this rank's tokens. Differentiable in q, k and v.
     """
-    api._check_qkv(q, k, v, 3, "[N_local, H, D]")
+    check_qkv(q, k, v, 3, "[N_local, H, D]")
     check_choice("layout", layout, LAYOUTS)
     world_size, rank = group_rank(group)
     total = check_length("q (N = world_size * q.shape[0])", world_size * q.shape[0], world_size, layout)
@@ -171,7 +171,7 @@ def context_parallel_moba_attn(
         ``out [B, T / W, HQ, D]`` (and ``lse [B, T / W, HQ]``): ``moba_attn`` on the whole sequences at this
         rank's positions. Differentiable in q, k and v.
     """
-    api._check_qkv(q, k, v, 4, "[B, T_local, H, D]")
+    check_qkv(q, k, v, 4, "[B, T_local, H, D]")
     check_choice("layout", layout, LAYOUTS)
     world_size, rank = group_rank(group)
     batch, local, num_heads, head_dim = q.shape

@@ -135,7 +135,7 @@ def _attention_forward(layer: MoBAAttention, cp: ContextParallel, hidden_states,
         k = apply_rotary(k, batch.key_positions, layer.rope_theta)
     if layer.attn_type == "moba":
         layout = (batch.cu_seqlens, batch.query_cu_seqlens, batch.query_positions)
-        routing = api._route_queries(
+        routing = api.route_queries(
             q.detach(),
             k.detach(),
             *layout,
@@ -144,7 +144,7 @@ def _attention_forward(layer: MoBAAttention, cp: ContextParallel, hidden_states,
             causal=True,
             backend=layer.backend,
         )
-        out = api._attend_queries(q, k, v, *layout, routing, softmax_scale=None, return_lse=False)
+        out = api.attend_queries(q, k, v, *layout, routing, softmax_scale=None, return_lse=False)
     else:
         out = _causal_attention(q, k, v, batch, layer.window if layer.attn_type == "swa" else None)
     return layer.o_proj(out.reshape(n, -1))

@@ -74,8 +74,8 @@ def test_rank_queries_match_the_whole_attention(lens, hq, hkv, d, block_size, to
     dout = dout[rows]
     kw = dict(block_size=block_size, topk=topk, causal=causal)
     leaves = [t.detach().clone().requires_grad_() for t in (q[rows], k, v)]
-    routing = api._route_queries(leaves[0].detach(), k, cu, query_cu, positions, backend="triton", **kw)
-    out, lse = api._attend_queries(*leaves, cu, query_cu, positions, routing, softmax_scale=None, return_lse=True)
+    routing = api.route_queries(leaves[0].detach(), k, cu, query_cu, positions, backend="triton", **kw)
+    out, lse = api.attend_queries(*leaves, cu, query_cu, positions, routing, softmax_scale=None, return_lse=True)
     out.backward(dout)
     indices, expected = _expected(q, k, v, cu, rows, dout, **kw)
     assert torch.equal(routing.indices, indices[rows])
