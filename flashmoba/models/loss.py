@@ -17,7 +17,6 @@ float32; the weight gradient is accumulated in float32 over the chunks.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from flashmoba._checks import check_int
 
@@ -45,16 +44,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = h_all[start : start + chunk_size]
             t = targets[start : start + chunk_size]
+            keep = t != ignore_index
+            rows, safe = torch.arange(t.shape[0], device=t.device), t.clamp(min=0)  # integer indexing: no sync
             logits = (h @ w.t()).to(accumulate)
-            total += F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits[rows, safe]) * keep).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            # d(sum of losses) / d logits = softmax - one_hot(target), zero on ignored rows.
-            grad_logits = torch.softmax(logits, dim=-1)
-            keep = t != ignore_index
-            grad_logits[keep, t[keep]] -= 1
-            grad_logits[~keep] = 0
-            grad_logits = grad_logits.to(dtype)
+            # d(sum of losses) / d logits = softmax - one_hot(target), zero on ignored rows (in place).
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits[rows, safe] -= keep.to(accumulate)
+            grad_logits = (grad_logits * keep[:, None]).to(dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_size] = grad_logits @ w
             if grad_weight is not None:
