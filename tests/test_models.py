@@ -74,6 +74,15 @@ def test_forward_backward_and_shifted_loss():
     assert not missing, f"no gradient for {missing}"
 
 
+def test_empty_documents_change_no_target():
+    model = _model(torch.float64).eval()
+    ids = _ids(1, 12)
+    with torch.no_grad():
+        plain = model(ids, cu_seqlens=torch.tensor([0, 5, 12], dtype=torch.int32), labels=ids).loss
+        empties = model(ids, cu_seqlens=torch.tensor([0, 0, 5, 5, 12, 12], dtype=torch.int32), labels=ids).loss
+    torch.testing.assert_close(empties, plain, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("chunk", [7, 4096])
 def test_training_loss_is_fused_and_equals_the_plain_one(chunk):
     """Training mode computes the loss chunk by chunk without logits; loss and every gradient equal those

@@ -118,9 +118,12 @@ def _fill_from_packed(packed, mask):
 def _next_token_targets(labels, cu_seqlens):
     """``[N]`` targets of packed ``labels [N]``: token t predicts token t + 1 of its sequence; the last
     token of every sequence predicts nothing (-100)."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    if labels.numel() == 0:
+        return labels
     ends_sequence = torch.zeros_like(labels, dtype=torch.bool)
-    ends_sequence[(cu_seqlens[1:] - 1)[lengths > 0].long()] = True
+    # cu_seqlens[s + 1] - 1 is sequence s's last token; for an empty sequence it is the last token of the
+    # sequence before it (or, wrapping from -1, of the last one): an end either way, and no host sync.
+    ends_sequence[(cu_seqlens[1:] - 1).long()] = True
     return labels.roll(-1).masked_fill(ends_sequence, -100)
 
 
