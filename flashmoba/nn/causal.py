@@ -12,11 +12,12 @@ with ``s <= t`` (``window=None``) or ``t - window < s <= t`` (a window of ``wind
   for a window, chunks of ``window`` queries attending their own and the previous chunk under a band
   mask, so that memory grows linearly with the length.
 
-``backend="auto"`` takes ``"flash"`` where it runs (CUDA tensors in fp16/bf16, a torch that has
-``varlen_attn`` and, for a window, its ``window_size``) and ``"sdpa"`` elsewhere, except for full attention
-over a pack of one sequence (known from the shape of ``cu_seqlens``, so still no host sync): there SDPA's
-fused causal kernel (cuDNN's on Hopper) is faster than FlashAttention-2's varlen kernel (docs/benchmarks.md,
-training throughput). An explicit backend that cannot run raises.
+``backend="auto"`` takes ``"flash"`` where it runs (CUDA tensors in fp16/bf16, a head dim that is a
+multiple of 8 up to 256, a torch whose ``varlen_attn`` takes ``window_size``, as 2.11's does) and
+``"sdpa"`` elsewhere, except for full attention over a pack of one sequence (known from the shape of
+``cu_seqlens``, so still no host sync): there SDPA's fused causal kernel (cuDNN's on Hopper) is faster
+than FlashAttention-2's varlen kernel (docs/benchmarks.md, training throughput). An explicit backend
+that cannot run raises.
 """
 
 from __future__ import annotations
@@ -51,24 +52,22 @@ def _flash_unavailable(q: torch.Tensor, window: int | None) -> str | None:
     params = _varlen_params()
     if not params:
         return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen.varlen_attn"
-    if "window_size" not in params and (window is not None or "is_causal" not in params):
+    if "window_size" not in params:
         return f"this torch's varlen_attn ({torch.__version__}) takes no window_size"
     if not q.is_cuda:
         return f"it needs CUDA tensors, got {q.device}"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"it needs float16/bfloat16, got {q.dtype}"
+    if q.shape[-1] % 8 or q.shape[-1] > 256:
+        return f"it needs a head dim that is a multiple of 8 and at most 256, got {q.shape[-1]}"
     return None
 
 
 def _flash(q, k, v, cu_seqlens, window, max_seqlen):
     from torch.nn.attention.varlen import varlen_attn
 
-    params = _varlen_params()
-    if "window_size" in params:
-        kwargs = {"window_size": (-1 if window is None else window - 1, 0)}  # (left, right): W keys, causal
-    else:  # an older varlen_attn: a causal flag, full attention only
-        kwargs = {"is_causal": True}
-    if "enable_gqa" in params:
+    kwargs = {"window_size": (-1 if window is None else window - 1, 0)}  # (left, right): W keys, causal
+    if "enable_gqa" in _varlen_params():  # newer torch asks for it; older ones take GQA natively
         kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
     cu = cu_seqlens.to(torch.int32)
     return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
