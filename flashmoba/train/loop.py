@@ -145,7 +145,7 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (linear and embedding weights), none on norms and biases, nor on
     the parameters of modules whose class sets ``no_weight_decay = True`` (the key convolution, whose
-    weights are a deviation from the identity that decay would erase)."""
+    weights are a deviation from the identity that decay would erase); fused on CUDA."""
     exempt = {id(p) for m in model.modules() if getattr(m, "no_weight_decay", None) is True for p in m.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p.dim() >= 2 and id(p) not in exempt for p in params]
@@ -153,7 +153,10 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW
         {"params": [p for p, d in zip(params, decay) if d], "weight_decay": config.weight_decay},
         {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    # The fused CUDA kernel (one launch for all parameters) where every parameter is a plain CUDA tensor;
+    # FSDP2's sharded parameters (DTensors) keep the default implementation.
+    fused = bool(params) and all(p.is_cuda and type(p) is torch.nn.Parameter for p in params)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused or None)
 
 
 def _wrap(model: torch.nn.Module, config: TrainConfig, where: Distributed) -> torch.nn.Module:
