@@ -4,7 +4,7 @@ import torch
 
 from flashmoba.models import MoBAHybridConfig, MoBAHybridForCausalLM
 from flashmoba.nn import KeyConv
-from flashmoba.train.loop import TrainConfig, _optimizer
+from flashmoba.train.loop import TrainConfig, make_optimizer
 
 VOCAB = 48
 
@@ -34,7 +34,7 @@ def _kconv_params(model):
 
 def test_optimizer_puts_key_conv_in_the_no_decay_group():
     model = kconv_model()
-    optimizer = _optimizer(model, TrainConfig(weight_decay=0.1))
+    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1))
     decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
     kconv = {id(p) for p in _kconv_params(model)}
     assert kconv and kconv <= decay[0.0]
@@ -55,7 +55,7 @@ def test_key_conv_weights_keep_their_value_without_gradient():
         conv.weight.copy_(torch.randn_like(conv.weight))
     before_conv, before_proj = conv.weight.detach().clone(), proj.weight.detach().clone()
     config = TrainConfig(lr=0.05, weight_decay=0.1)
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -72,7 +72,7 @@ def test_key_conv_learns_from_its_zero_init():
     assert missing and all("key_conv" in name for name in missing)
     ids = torch.randint(0, VOCAB, (2, 40))
     torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=0, atol=0)
-    optimizer = _optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
     for _ in range(3):
         model(ids, labels=ids).loss.backward()
         optimizer.step()

@@ -53,7 +53,7 @@ from flashmoba._checks import UsageError
 from flashmoba.models import MoBAHybridConfig, MoBAHybridForCausalLM
 from flashmoba.nn import KeyConv
 from flashmoba.train.data import python_source_corpus
-from flashmoba.train.loop import TrainConfig, _optimizer, learning_rate
+from flashmoba.train.loop import TrainConfig, learning_rate, make_optimizer
 
 # name -> global layer: attention, MoBA block size (at scale 1) and top-k, key-convolution width
 VARIANTS = {
@@ -248,7 +248,7 @@ def train_run(variant, seed, setup, device, backend, texts, eval_batches, curve_
         min_lr_ratio=setup["min_lr_ratio"],
         weight_decay=setup["weight_decay"],
     )
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     g, autocast = torch.Generator().manual_seed(seed), _autocast(device)
     phases = curriculum(setup)
     specs = {d: task_spec(setup, d) for d in set(phases)}

@@ -49,7 +49,7 @@ from flashmoba._checks import check_int
 from flashmoba.distributed.training import ContextParallel
 from flashmoba.train.packing import PackedBatch, PackedStream
 
-__all__ = ["TrainConfig", "Distributed", "init_distributed", "learning_rate", "train"]
+__all__ = ["TrainConfig", "Distributed", "init_distributed", "learning_rate", "make_optimizer", "train"]
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -142,7 +142,7 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
-def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (linear and embedding weights), none on norms and biases, nor on
     the parameters of modules whose class sets ``no_weight_decay = True`` (the key convolution, whose
     weights are a deviation from the identity that decay would erase); fused on CUDA."""
@@ -340,7 +340,7 @@ def train(
     if cp is not None:
         cp.apply(model)
     wrapped = _wrap(model, config, where)
-    optimizer = _optimizer(wrapped, config)
+    optimizer = make_optimizer(wrapped, config)
     step = 0
     if resume:
         if not checkpoint.exists():
