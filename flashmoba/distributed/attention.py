@@ -29,6 +29,7 @@ from flashmoba import api
 from flashmoba._checks import check_choice, check_cu_seqlens, check_qkv
 from flashmoba.distributed.comm import gather_keys_values, group_rank
 from flashmoba.distributed.layout import LAYOUTS, check_length, local_positions
+from flashmoba.nn.varlen import uniform_cu_seqlens
 
 __all__ = ["context_parallel_moba_attn", "context_parallel_moba_attn_varlen", "varlen_queries"]
 
@@ -177,8 +178,8 @@ def context_parallel_moba_attn(
     batch, local, num_heads, head_dim = q.shape
     total = check_length("q (T = world_size * q.shape[1])", world_size * local, world_size, layout)
     device = q.device
-    cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * total
-    query_cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * local
+    cu_seqlens = uniform_cu_seqlens(batch, total, device)
+    query_cu = uniform_cu_seqlens(batch, local, device)
     query_pos = local_positions(total, world_size, rank, layout, device).repeat(batch)
     args = (cu_seqlens, query_cu, query_pos, block_size, topk, causal, softmax_scale, layout, group, backend)
     res = _attend(q.reshape(batch * local, num_heads, head_dim), k, v, 1, *args, return_lse)

@@ -36,9 +36,9 @@ from flashmoba.distributed.comm import gather_keys_values, group_rank
 from flashmoba.distributed.layout import LAYOUTS, check_length, local_positions
 from flashmoba.nn import MoBAAttention
 from flashmoba.nn.rope import apply_rotary
-from flashmoba.nn.varlen import token_positions
+from flashmoba.nn.varlen import next_token_targets, token_positions
 
-__all__ = ["ContextParallel", "ShardedBatch", "next_token_targets"]
+__all__ = ["ContextParallel", "ShardedBatch"]
 
 
 class ShardedBatch(NamedTuple):
@@ -66,15 +66,7 @@ class _Batch(NamedTuple):
     query_positions: torch.Tensor  # [n] the rank's tokens' positions in their sequences
     key_positions: torch.Tensor  # [N] every token's position in its sequence
     runs: list  # [(seq, row start, row end, first position)]: the rank's runs of consecutive positions
-
-
-def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """``[N]`` targets of packed ``labels [N]``: token ``t`` predicts ``t + 1`` of its sequence; the last token
-    of every sequence predicts nothing (-100)."""
-    ends = torch.zeros_like(labels, dtype=torch.bool)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    ends[(cu_seqlens[1:] - 1)[lengths > 0].long()] = True
-    return labels.roll(-1).masked_fill(ends, -100)
+    starts: list  # cu_seqlens on the host (read once per batch, not per layer)
 
 
 def _runs(query_cu: torch.Tensor, query_pos: torch.Tensor) -> list:
@@ -96,7 +88,7 @@ def _causal_attention(q, k, v, batch: _Batch, window: int | None):
     Each run of consecutive positions ``p0 .. p1`` of sequence ``s`` attends keys ``max(0, p0 - window + 1)
     .. p1`` of ``s`` under the band ``p - window < key <= p``: SDPA on the run's rows only.
     """
-    starts = batch.cu_seqlens.tolist()
+    starts = batch.starts
     group = q.shape[1] // k.shape[1]
     pieces = []  # the runs cover the rank's rows in order
     for s, a, b, p0 in batch.runs:
@@ -201,7 +193,12 @@ class ContextParallel:
         query_cu, query_pos = varlen_queries(cu_seqlens, positions)
         targets = next_token_targets((input_ids if labels is None else labels)[0], cu_seqlens)
         self._batch = _Batch(
-            cu_seqlens, query_cu, query_pos, token_positions(cu_seqlens, total), _runs(query_cu, query_pos)
+            cu_seqlens,
+            query_cu,
+            query_pos,
+            token_positions(cu_seqlens, total),
+            _runs(query_cu, query_pos),
+            cu_seqlens.tolist(),
         )
         return ShardedBatch(input_ids[:, positions], query_cu, targets[positions], int((targets != -100).sum()))
 

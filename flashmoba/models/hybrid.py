@@ -40,7 +40,7 @@ from flashmoba.decode import MoBAKVCache
 from flashmoba.models.config import MoBAHybridConfig
 from flashmoba.models.loss import linear_cross_entropy
 from flashmoba.nn import KeyConv, MoBAAttention
-from flashmoba.nn.varlen import uniform_cu_seqlens
+from flashmoba.nn.varlen import next_token_targets, uniform_cu_seqlens
 
 __all__ = [
     "MoBAHybridCache",
@@ -113,18 +113,6 @@ def _fill_from_packed(packed, mask):
     index = row_start[:, None] + seen - 1
     filled = packed[index.clamp(min=0)]
     return torch.where((seen > 0).view(*seen.shape, *[1] * (packed.dim() - 1)), filled, 0)
-
-
-def _next_token_targets(labels, cu_seqlens):
-    """``[N]`` targets of packed ``labels [N]``: token t predicts token t + 1 of its sequence; the last
-    token of every sequence predicts nothing (-100)."""
-    if labels.numel() == 0:
-        return labels
-    ends_sequence = torch.zeros_like(labels, dtype=torch.bool)
-    # cu_seqlens[s + 1] - 1 is sequence s's last token; for an empty sequence it is the last token of the
-    # sequence before it (or, wrapping from -1, of the last one): an end either way, and no host sync.
-    ends_sequence[(cu_seqlens[1:] - 1).long()] = True
-    return labels.roll(-1).masked_fill(ends_sequence, -100)
 
 
 def _mean_loss(total, targets, num_items_in_batch):
@@ -354,7 +342,7 @@ class MoBAHybridForCausalLM(MoBAHybridPreTrainedModel, GenerationMixin):
                 )
             mask = _real_tokens(attention_mask, input_ids)
             packed_labels = labels[mask] if mask is not None else labels.reshape(-1)
-            targets = _next_token_targets(packed_labels, out.cu_seqlens)
+            targets = next_token_targets(packed_labels, out.cu_seqlens)
             if self.training and self.config.loss_chunk_size and self.lm_head.bias is None:
                 # Training: the fused, chunked loss; no logits are returned (none are ever materialised).
                 total = linear_cross_entropy(

@@ -54,7 +54,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d(sum of losses) / d logits = softmax - one_hot(target), zero on ignored rows (in place).
             grad_logits = logits.sub_(lse[:, None]).exp_()
             grad_logits[rows, safe] -= keep.to(accumulate)
-            grad_logits = (grad_logits * keep[:, None]).to(dtype)
+            grad_logits = grad_logits.mul_(keep[:, None]).to(dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_size] = grad_logits @ w
             if grad_weight is not None:
