@@ -266,3 +266,27 @@ def test_out_must_be_a_folder(tmp_path, capsys):
     target.write_text("keep")
     assert recall.main(["--cpu-smoke", "--out", str(target)]) == 2
     assert "is a file" in capsys.readouterr().err and target.read_text() == "keep"
+
+
+@pytest.mark.parametrize("layer_index", [0, 1])
+def test_ablation_attention_probs_reproduce_the_layer(layer_index):
+    """recall_ablate.attention_probs, applied to the layer's values, gives the layer's own output (the
+    sliding-window layer with RoPE and its window, the global dense layer over all past keys)."""
+    import recall_ablate
+
+    setup = dict(recall.CPU_SMOKE, seq_len=40, num_pairs=2, swa_window=8)
+    torch.manual_seed(0)
+    model = recall.MoBAHybridForCausalLM(recall.model_config("dense", setup, "reference"))
+    for p in model.parameters():  # away from the zero-mean init, so that a wrong mask or scale shows
+        p.data.normal_(0, 0.3)
+    layer = model.model.layers[layer_index]
+    attn = layer.self_attn
+    x = layer.input_layernorm(torch.randn(2, 40, setup["hidden_size"]))
+    window = setup["swa_window"] if layer_index == 0 else None
+    probs = recall_ablate.attention_probs(attn, x, window)
+    assert probs.shape == (2, attn.num_heads, 40, 40)
+    v = attn.v_proj(x).view(2, 40, attn.num_heads, -1).transpose(1, 2)
+    mixed = (probs @ v).transpose(1, 2).reshape(2, 40, -1)
+    torch.testing.assert_close(attn.o_proj(mixed), attn(x), atol=1e-5, rtol=1e-4)
+    if window:
+        assert float(probs[:, :, 20, : 20 - window + 1].detach().abs().max()) == 0.0  # outside the window
