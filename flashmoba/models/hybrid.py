@@ -297,6 +297,17 @@ class MoBAHybridForCausalLM(MoBAHybridPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def compile_layers(self, **compile_kwargs) -> MoBAHybridForCausalLM:
+        """``torch.compile`` every decoder layer in place (``nn.Module.compile``), and return the model.
+
+        The layer is the unit that compiles well: its attention ops are custom ops (no graph breaks), and
+        the norms, rotary embedding, SwiGLU and residual adds around them fuse into a few kernels. The
+        embedding and the chunked loss stay eager. ``compile_kwargs`` go to ``torch.compile``.
+        """
+        for layer in self.model.layers:
+            layer.compile(**compile_kwargs)
+        return self
+
     @can_return_tuple
     def forward(
         self,

@@ -22,7 +22,6 @@ that cannot run raises.
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -37,7 +36,6 @@ __all__ = ["CAUSAL_BACKENDS", "batched_causal_attention", "causal_attention"]
 CAUSAL_BACKENDS = ("auto", "flash", "sdpa")
 
 
-@functools.cache
 def _varlen_params() -> frozenset[str]:
     """The keyword parameters of this torch's ``varlen_attn`` (empty when it has none)."""
     try:
@@ -47,9 +45,13 @@ def _varlen_params() -> frozenset[str]:
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
+# Read once at import: a cached function call would be traced (and warned about) inside torch.compile.
+_VARLEN_PARAMS = _varlen_params()
+
+
 def _flash_unavailable(q: torch.Tensor, window: int | None) -> str | None:
     """Why the flash backend cannot run on these inputs, or None when it can."""
-    params = _varlen_params()
+    params = _VARLEN_PARAMS
     if not params:
         return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen.varlen_attn"
     if "window_size" not in params:
@@ -67,7 +69,7 @@ def _flash(q, k, v, cu_seqlens, window, max_seqlen):
     from torch.nn.attention.varlen import varlen_attn
 
     kwargs = {"window_size": (-1 if window is None else window - 1, 0)}  # (left, right): W keys, causal
-    if "enable_gqa" in _varlen_params():  # newer torch asks for it; older ones take GQA natively
+    if "enable_gqa" in _VARLEN_PARAMS:  # newer torch asks for it; older ones take GQA natively
         kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
     cu = cu_seqlens.to(torch.int32)
     return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)

@@ -109,6 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--min-lr-ratio", type=float, default=0.1)
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--activation-checkpointing", action="store_true")
+    opt.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the decoder layers (default: on with CUDA, off with --fsdp or --context-parallel)",
+    )
     opt.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (several processes)")
     opt.add_argument(
         "--context-parallel",
@@ -190,6 +196,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         eval_every=args.eval_every or args.steps,
         checkpoint_every=args.checkpoint_every,
         activation_checkpointing=args.activation_checkpointing,
+        compile=args.compile,
         fsdp=args.fsdp,
         context_parallel=args.context_parallel,
     )

@@ -76,6 +76,7 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 100
     activation_checkpointing: bool = False
+    compile: bool | None = None  # None: compile the decoder layers on CUDA in one-process / DDP runs
     bf16: bool | None = None  # None: bf16 autocast on CUDA, fp32 elsewhere
     fsdp: bool = False
     context_parallel: int = 1  # ranks that split each micro-batch (a divisor of the world size)
@@ -270,6 +271,14 @@ def _context_parallel(config: TrainConfig, where: Distributed) -> ContextParalle
     return ContextParallel(mesh.get_group("cp"))
 
 
+def _compiles(config: TrainConfig, where: Distributed) -> bool:
+    """Whether the run compiles its decoder layers: ``config.compile``, or by default on CUDA when no
+    context parallelism or FSDP wraps the layers (those paths are not compiled by default)."""
+    if config.compile is not None:
+        return config.compile
+    return where.device.type == "cuda" and config.context_parallel == 1 and not config.fsdp
+
+
 def _loss(wrapped, batch: PackedBatch, cp: ContextParallel | None) -> torch.Tensor:
     """The micro-batch's mean loss, or with ``cp`` this rank's share of it."""
     if cp is None:
@@ -339,6 +348,10 @@ def train(
     cp = _context_parallel(config, where)
     if cp is not None:
         cp.apply(model)
+    if _compiles(config, where):
+        if not hasattr(model, "compile_layers"):
+            raise ValueError(f"compile=True needs a model with compile_layers(), got {type(model).__name__}")
+        model.compile_layers()
     wrapped = _wrap(model, config, where)
     optimizer = make_optimizer(wrapped, config)
     step = 0
