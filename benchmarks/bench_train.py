@@ -27,7 +27,7 @@ type, MLP and norm, forward and backward, and one around the optimizer): device 
 range launched (the innermost range wins), GEMMs inside attention counted as its projections;
 "other" is the rest (embedding, loss, residual adds, gradient clipping), its GEMMs ("other: gemm": the
 LM head) apart. In a compiled layer the hooks do not open ranges, so a compiled row's layer kernels land
-in "other" and "other: gemm" (the ranges of norms and attention types then show nothing).
+in "other" and "other: gemm" (the ranges of norms and attention types then show next to nothing).
 
     python benchmarks/bench_train.py --contexts 8192 32768 65536 --out docs/results/train_h200.json
     python benchmarks/bench_train.py --cpu-smoke --out /tmp/train_smoke.json     # CPU, seconds
