@@ -35,7 +35,6 @@ __all__ = [
     "dot_precision",
     "key_conv",
     "override",
-    "query_windows",
     "route_topk",
     "shipped",
 ]
@@ -125,15 +124,6 @@ def _attn_bwd_table(block_size: int, head_dim: int, dtype: torch.dtype, device: 
     return TileConfig(32, _key_tile(block_size, 64), 4, 1)
 
 
-def _query_windows_table(num_tokens: int, group: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
-    if arch(device) == "interpreter":
-        return 1
-    # one window's rows of a KV head: float32 accumulators and the gathered queries
-    footprint = num_tokens * group * head_dim * (4 + dtype.itemsize)
-    budget = torch.cuda.get_device_properties(device).L2_cache_size // 2
-    return max(1, -(-footprint // budget))
-
-
 def _route_topk_table(dtype: torch.dtype, k_pad: int, device: torch.device) -> TopkConfig:
     if dtype == torch.float32:
         return TopkConfig(32, max(32, k_pad), 4, 2, None)
@@ -151,7 +141,6 @@ def _key_conv_table(num_channels: int, device: torch.device) -> tuple[int, int]:
 _TABLES = {
     "attn_fwd": _attn_fwd_table,
     "attn_bwd": _attn_bwd_table,
-    "query_windows": _query_windows_table,
     "route_topk": _route_topk_table,
     "centroids": _centroids_table,
     "key_conv": _key_conv_table,
@@ -182,13 +171,6 @@ def attn_bwd(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.d
     halves the gathers and dQ merges of a 64-key one, which outweighs the register spills of holding
     twice the keys."""
     return _chosen("attn_bwd", block_size, head_dim, dtype, device)
-
-
-def query_windows(num_tokens: int, group: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
-    """How many query windows the MoBA forward splits its work into (``flashmoba.attention.forward``,
-    work order): enough that one window's rows of a KV head (``group`` query heads of
-    ``num_tokens / windows`` tokens: float32 accumulators and the queries) fill at most half of L2."""
-    return _chosen("query_windows", num_tokens, group, head_dim, dtype, device)
 
 
 def route_topk(dtype: torch.dtype, k_pad: int, device: torch.device) -> TopkConfig:
@@ -223,8 +205,8 @@ def key_conv(num_channels: int, device: torch.device) -> tuple[int, int]:
 def override(**chosen: _Override) -> Iterator[None]:
     """Use other configurations inside the ``with`` block (benchmarks, tuning, tests).
 
-    Keyword names are the functions of this module (``attn_fwd``, ``attn_bwd``, ``query_windows``,
-    ``route_topk``, ``centroids``, ``key_conv``); a value is the configuration to return, or a callable taking that function's
+    Keyword names are the functions of this module (``attn_fwd``, ``attn_bwd``, ``route_topk``,
+    ``centroids``, ``key_conv``); a value is the configuration to return, or a callable taking that function's
     arguments. Not thread-safe: it changes a module-level table.
     """
     unknown = set(chosen) - set(_TABLES)

@@ -9,15 +9,12 @@ import os
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from factory import AWKWARD_CASES_TRITON, make_packed
 from kernel_checks import assert_attention_matches, assert_routing_valid
 
 import flashmoba
-from flashmoba import configs, reference
+from flashmoba import reference
 from flashmoba.attention.forward import max_weight_log2
-from flashmoba.attention.tiles import first_entry_from
 
 # CPU tensors through the interpreter; on a GPU machine tests/gpu checks the compiled kernels.
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton interpreter tests")
@@ -111,56 +108,3 @@ def test_rows_far_above_their_reference_are_recomputed_exactly(dtype, causal, de
     p_max = max_weight_log2(dtype) * math.log(2)
     assert ((lse - diag) > p_max + math.log(48)).sum() >= 10
     assert_attention_matches(q, k, v, cu, dout, block_size=16, topk=3, causal=causal, deterministic=deterministic)
-
-
-@pytest.mark.parametrize("windows", [2, 7])
-@pytest.mark.parametrize(
-    "case",
-    [p.values[0] for p in AWKWARD_CASES_TRITON if p.id in ("empty-first-gqa4", "block48-partial-gqa4")],
-    ids=["empty-first-gqa4", "block48-partial-gqa4"],
-)
-def test_forward_in_query_windows(case, windows):
-    """The forward's work split by query window (windows that cut through blocks and sequences) gives
-    the same attention; deterministic mode is bitwise equal to one window."""
-    q, k, v, cu = case.packed(dtype=torch.float16)
-    dout = torch.randn_like(q)
-    with configs.override(query_windows=windows):
-        assert_attention_matches(q, k, v, cu, dout, block_size=case.block_size, topk=case.topk, causal=True)
-
-    def out(count):
-        with configs.override(query_windows=count):
-            return flashmoba.moba_attn_varlen(
-                q, k, v, cu, block_size=case.block_size, topk=case.topk, backend="triton", deterministic=True
-            )
-
-    assert torch.equal(out(windows), out(1))
-
-
-def test_forward_in_query_windows_rescues_rows():
-    """Rows that fail their reference are rescued inside their window too."""
-    q, k, v, cu = make_packed((70, 45), 4, 2, 16, dtype=torch.float16)
-    q[::2] *= 6
-    k *= 6
-    dout = torch.randn_like(q)
-    with configs.override(query_windows=3):
-        assert_attention_matches(q, k, v, cu, dout, block_size=16, topk=3, causal=True)
-
-
-@triton.jit
-def _search_kernel(Entries, Targets, Found, start, end, PROBES: tl.constexpr):
-    i = tl.program_id(0)
-    tl.store(Found + i, first_entry_from(Entries, start, end, tl.load(Targets + i), PROBES))
-
-
-@pytest.mark.parametrize("length", [0, 1, 5, 64, 65, 300])
-def test_first_entry_from_searches_ascending_entries(length):
-    """The forward's window search against a linear scan, at every target around every entry."""
-    ascending = torch.randint(0, 50, (length,)).sort().values * 3
-    entries = torch.cat([torch.tensor([-5, 999]), ascending, torch.tensor([-7])]).int()
-    start, end = 2, 2 + length  # the entries around [start, end) are not ascending with it
-    targets = torch.arange(-2, 155, dtype=torch.int64)
-    found = torch.empty_like(targets)
-    _search_kernel[(targets.numel(),)](entries, targets, found, start, end, PROBES=4)
-    inside = entries[start:end].long()
-    want = start + (inside[None, :] < targets[:, None]).sum(1)
-    assert torch.equal(found, want)

@@ -34,13 +34,6 @@ one of its program's queries did. The rescued rows are thereby computed with the
 others, which the backward recomputes bit for bit. On random inputs no row fails; the rescue exists so
 that no input is silently wrong (huge logits, a head that avoids its own token).
 
-Work order. Programs run window-major inside each KV head: the grid is (block, query window, KV head x
-key tile), and a program takes only its segments' queries whose tokens lie in its window (a search of the
-sorted entries). Every program in flight then merges into, and gathers from, the rows of one window of one
-head, which ``configs.query_windows`` sizes to stay in L2; scattered float32 row reductions run at less
-than half their L2 rate once their target exceeds L2. The price is one more load of a block's keys and
-values per window its queries reach, so the windows are few.
-
 Accumulation. Atomics into one ``[N, HQ, D]`` row per query, or (``DETERMINISTIC``) a row per (pair, key
 tile) that the finalize kernel sums in a fixed order.
 
@@ -58,7 +51,7 @@ import triton
 import triton.language as tl
 
 from flashmoba import configs
-from flashmoba.attention.tiles import first_entry_from, gathered_queries, key_tile_of_program, segment_bounds
+from flashmoba.attention.tiles import gathered_queries, key_tile_of_program, segment_bounds
 
 LOG2E = math.log2(math.e)
 
@@ -247,11 +240,9 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE,
     KEY_SPLITS,
-    WINDOW_TOKENS,
     CAUSAL: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     P_MAX: tl.constexpr,
-    WINDOWED: tl.constexpr,
     RESCUE: tl.constexpr,
     QUERY_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -259,12 +250,11 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Program (global block, query window, KV head x key tile) of the main pass, or with ``RESCUE`` of the
-    rescue pass (only the rows flagged in ``RowMax``, against their moved references)."""
+    """Program (global block, KV head, key tile) of the main pass, or with ``RESCUE`` of the rescue pass
+    (only the rows flagged in ``RowMax``, against their moved references)."""
     g = tl.program_id(0)
-    window = tl.program_id(1)
-    kvh = tl.program_id(2) // KEY_SPLITS
-    split = tl.program_id(2) % KEY_SPLITS
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
     active, block_start, key_offset, key_ok, num_own = key_tile_of_program(
         g, split, cu_seqlens, cu_blocks, block_seq, num_seqs, BLOCK_SIZE, BLOCK_N, CAUSAL
     )
@@ -285,11 +275,6 @@ def _attn_fwd_kernel(
             seg_start, seg_end = segment_bounds(Offsets, h, g, num_blocks_max)
             # at most the segment: under context parallelism a block may have fewer own queries here
             own_end = tl.minimum(seg_start + num_own, seg_end)
-            if WINDOWED:  # this program's queries: the segment's entries of tokens in its window
-                win_start = first_entry_from(Entries, seg_start, seg_end, window * WINDOW_TOKENS * TOPK, 64)
-                seg_end = first_entry_from(Entries, win_start, seg_end, (window + 1) * WINDOW_TOKENS * TOPK, 64)
-                own_end = tl.minimum(tl.maximum(own_end, win_start), seg_end)
-                seg_start = tl.minimum(win_start, own_end)
             # the own block's queries: token-level causal mask
             for e0 in range(seg_start, own_end, BLOCK_M):
                 _attn_fwd_tile(
@@ -481,9 +466,6 @@ def attn_fwd(
     cfg = configs.attn_fwd(block_size, D, q.dtype, q.device)
     BLOCK_D = triton.next_power_of_2(D)
     key_splits = triton.cdiv(block_size, cfg.block_n)
-    group = HQ // HKV
-    windows = max(1, min(configs.query_windows(N, group, D, q.dtype, q.device), N))
-    window_tokens = triton.cdiv(N, windows)
     parts = topk * key_splits if deterministic else 1
     num_rows = N * HQ
 
@@ -499,6 +481,7 @@ def attn_fwd(
     if N == 0:
         return out, stats
     scale_log2 = scale * LOG2E
+    group = HQ // HKV
     p_max = max_weight_log2(q.dtype)
     BLOCK_T = max(16, 4096 // BLOCK_D)
     query_rows = query_key_rows is not None
@@ -537,7 +520,7 @@ def attn_fwd(
                 P_MAX=p_max,
                 BLOCK_R=BLOCK_R,
             )
-        _attn_fwd_kernel[(num_blocks_max, windows, HKV * key_splits)](
+        _attn_fwd_kernel[(num_blocks_max, HKV, key_splits)](
             q,
             k,
             v,
@@ -567,11 +550,9 @@ def attn_fwd(
             HEAD_DIM=D,
             BLOCK_SIZE=block_size,
             KEY_SPLITS=key_splits,
-            WINDOW_TOKENS=window_tokens,
             CAUSAL=causal,
             DETERMINISTIC=deterministic,
             P_MAX=p_max,
-            WINDOWED=windows > 1,
             RESCUE=rescue,
             QUERY_ROWS=query_rows,
             BLOCK_M=cfg.block_m,

@@ -20,28 +20,6 @@ def segment_bounds(Offsets, h, g, num_blocks_max):
 
 
 @triton.jit
-def first_entry_from(Entries, start, end, pos, PROBES: tl.constexpr):
-    """The first ``e`` in ``[start, end)`` with ``Entries[e] >= pos`` (``end`` if none), for entries that
-    ascend over the range (a segment's pair positions do).
-
-    A ``PROBES``-ary search: each round loads ``PROBES`` evenly spaced entries at once and keeps the gap
-    between the last one below ``pos`` and the first one at or above it, so a segment of ``L`` entries
-    takes ``log_PROBES(L)`` dependent loads (two for the usual ``topk * block_size``) instead of
-    ``log2(L)``.
-    """
-    lo = start
-    hi = end  # invariant: entries before lo are below pos, entries from hi on are not
-    while hi > lo:
-        step = (hi - lo + PROBES - 1) // PROBES
-        probe = lo + tl.arange(0, PROBES).to(tl.int64) * step
-        below = tl.sum((tl.load(Entries + probe, mask=probe < hi, other=pos) < pos).to(tl.int64), axis=0)
-        new_lo = tl.where(below > 0, lo + (below - 1) * step + 1, lo)
-        hi = tl.minimum(lo + below * step, hi)
-        lo = new_lo
-    return lo
-
-
-@triton.jit
 def gathered_queries(Entries, e, row_ok, h, HQ: tl.constexpr, TOPK: tl.constexpr):
     """Query tokens and pair ids of entries ``e`` of head ``h``: entries are the head's pair positions
     ``t * TOPK + slot``, and per-pair scratch rows are indexed by pair id ``(t * HQ + h) * TOPK + slot``."""
