@@ -13,7 +13,7 @@ from factory import AWKWARD_CASES_TRITON, make_packed
 from kernel_checks import assert_attention_matches, assert_routing_valid
 
 import flashmoba
-from flashmoba import reference
+from flashmoba import configs, reference
 from flashmoba.attention.forward import max_weight_log2
 
 # CPU tensors through the interpreter; on a GPU machine tests/gpu checks the compiled kernels.
@@ -108,3 +108,13 @@ def test_rows_far_above_their_reference_are_recomputed_exactly(dtype, causal, de
     p_max = max_weight_log2(dtype) * math.log(2)
     assert ((lse - diag) > p_max + math.log(48)).sum() >= 10
     assert_attention_matches(q, k, v, cu, dout, block_size=16, topk=3, causal=causal, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("block_m, deterministic", [(16, False), (32, False), (16, True)])
+def test_forward_with_several_query_tiles_per_block(block_m, deterministic):
+    """Small query tiles, so that a block's routed queries take several tiles: the forward's walk over
+    full, partial and last tiles of one key block's queries."""
+    q, k, v, cu = make_packed((300, 77), 4, 2, 32, dtype=torch.float16)
+    dout = torch.randn_like(q)
+    with configs.override(attn_fwd=configs.TileConfig(block_m, 16, 4, 1)):
+        assert_attention_matches(q, k, v, cu, dout, block_size=16, topk=4, causal=True, deterministic=deterministic)
