@@ -2,7 +2,8 @@
 
 The rule: a value of the wrong *type* raises ``TypeError``, a value of the right type that is out of
 range or inconsistent raises ``ValueError``; both messages name the argument. Checks that would read a
-device value on the host are skipped while torch.compile traces or a CUDA graph captures (``tracing``).
+device value on the host are skipped while torch.compile traces or a CUDA graph captures (``tracing``),
+and a CUDA tensor's values are read once per version of the tensor (``check_cu_seqlens``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -165,8 +167,47 @@ def check_lengths(name: str, value, batch: int, device: torch.device) -> torch.T
     return value
 
 
+# CUDA boundary tensors whose values were read and found valid: id -> (weak reference, version counter
+# then, total tokens, longest sequence). A model passes one tensor to all its layers, and every host read
+# of it waits for the GPU to drain the queue, so that reading it per call would leave the GPU idle while
+# the host launches each layer's kernels. An in-place write bumps the version counter (views share it),
+# and a tensor that died is gone from its weak reference, so a hit is always the tensor that was read.
+_valid_boundaries: dict[int, tuple[weakref.ref, int, int, int]] = {}
+_VALID_BOUNDARIES_MAX = 64
+
+
+def _remembers(cu_seqlens: torch.Tensor) -> bool:
+    """Whether valid boundaries are remembered: CUDA tensors, whose host read waits for the device (a
+    CPU tensor's read is cheap, and numpy views can write it without bumping its version)."""
+    return cu_seqlens.is_cuda
+
+
+def _boundary_totals(cu_seqlens: torch.Tensor) -> tuple[int, int]:
+    """``(last boundary, longest sequence)`` of valid boundaries; raises ``ValueError`` otherwise."""
+    remember = _remembers(cu_seqlens)
+    cached = _valid_boundaries.get(id(cu_seqlens)) if remember else None
+    if cached is not None and cached[0]() is cu_seqlens and cached[1] == cu_seqlens._version:
+        return cached[2], cached[3]
+    version = cu_seqlens._version
+    host = cu_seqlens.tolist()
+    if host[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {host[0]}")
+    lens = [b - a for a, b in zip(host[:-1], host[1:])]
+    if any(n < 0 for n in lens):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    totals = host[-1], max(lens, default=0)
+    if remember:
+        if len(_valid_boundaries) >= _VALID_BOUNDARIES_MAX:  # forget the dead ones, or else all
+            dead = [key for key, hit in _valid_boundaries.items() if hit[0]() is None]
+            for key in dead or list(_valid_boundaries):
+                del _valid_boundaries[key]
+        _valid_boundaries[id(cu_seqlens)] = (weakref.ref(cu_seqlens), version, *totals)
+    return totals
+
+
 def check_cu_seqlens(cu_seqlens, num_tokens: int, device: torch.device, max_seqlen=None) -> None:
-    """Sequence boundaries ``[S + 1]``: shape, dtype and device always; values (one host read) when eager."""
+    """Sequence boundaries ``[S + 1]``: shape, dtype and device always; values when eager (one host read
+    per CUDA tensor and version: later calls with the same unchanged tensor only compare its totals)."""
     check_tensor("cu_seqlens", cu_seqlens)
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
@@ -178,15 +219,9 @@ def check_cu_seqlens(cu_seqlens, num_tokens: int, device: torch.device, max_seql
         max_seqlen = check_int("max_seqlen", max_seqlen, 0)
     if tracing():
         return
-    host = cu_seqlens.tolist()
-    if host[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {host[0]}")
-    lens = [b - a for a, b in zip(host[:-1], host[1:])]
-    if any(n < 0 for n in lens):
-        raise ValueError("cu_seqlens must be non-decreasing")
-    if host[-1] != num_tokens:
-        raise ValueError(f"cu_seqlens must end at the number of tokens N={num_tokens}, got {host[-1]}")
-    longest = max(lens, default=0)
+    total, longest = _boundary_totals(cu_seqlens)
+    if total != num_tokens:
+        raise ValueError(f"cu_seqlens must end at the number of tokens N={num_tokens}, got {total}")
     if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
 

@@ -309,3 +309,45 @@ def test_numpy_integers_are_ints(fn):
     if fn is ROUTE:
         plain, typed = plain.indices, typed.indices
     assert torch.equal(plain, typed)
+
+
+@pytest.fixture
+def remembered_boundaries(monkeypatch):
+    """Boundaries remembered as for CUDA tensors, on the CPU; counts the host reads of their values."""
+    from flashmoba import _checks
+
+    monkeypatch.setattr(_checks, "_remembers", lambda cu: True)
+    monkeypatch.setattr(_checks, "_valid_boundaries", {})
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or tolist(t))
+    return reads
+
+
+def test_boundaries_are_read_once_per_version(remembered_boundaries):
+    """A boundary tensor is read once while unchanged; a write, a new tensor or other totals are checked
+    again, so that a remembered check never lets a bad call through."""
+    from flashmoba._checks import check_cu_seqlens
+
+    cu = torch.tensor([0, 5, 5, 17], dtype=torch.int32)
+    check_cu_seqlens(cu, 17, cu.device)
+    check_cu_seqlens(cu, 17, cu.device, max_seqlen=12)
+    assert len(remembered_boundaries) == 1
+    with pytest.raises(ValueError, match=r"max_seqlen=11 is smaller"):
+        check_cu_seqlens(cu, 17, cu.device, max_seqlen=11)
+    with pytest.raises(ValueError, match=r"cu_seqlens must end at the number of tokens"):
+        check_cu_seqlens(cu, 16, cu.device)
+    assert len(remembered_boundaries) == 1
+    cu[2] = 3  # in place: the version moves
+    with pytest.raises(ValueError, match=r"cu_seqlens must be non-decreasing"):
+        check_cu_seqlens(cu, 17, cu.device)
+    cu[2] = 5
+    check_cu_seqlens(cu, 17, cu.device)
+    assert len(remembered_boundaries) == 3
+    cu.view(2, 2)[1, 1] = 16  # a view shares the version counter
+    with pytest.raises(ValueError, match=r"cu_seqlens must end at the number of tokens"):
+        check_cu_seqlens(cu, 17, cu.device)
+    fresh = torch.tensor([0, 4], dtype=torch.int32)  # a new tensor, maybe at a dead one's id
+    del cu
+    check_cu_seqlens(fresh, 4, fresh.device)
+    assert len(remembered_boundaries) == 5
