@@ -3,10 +3,9 @@
 The PyTorch router materialises the [tokens x blocks] score matrix per head, masks it causally, forces
 the own block and calls torch.topk: what original MoBA does. Both give time (median) and peak memory
 above the inputs; the PyTorch one is skipped where it runs out of memory. ``graph_ms`` replays flashmoba's
-routing as a CUDA graph (device time: no launch overhead and no host sync of the input validation, which
-graph capture skips). Also reported: each stage's time and the rate of the top-k's score products
-(2 * D FLOPs per causal (query, earlier block) pair). ``--tune`` times the top-k stage under other tile
-configs instead.
+routing as a CUDA graph (device time: no launch overhead). Also reported: each stage's time and the rate
+of the top-k's score products (2 * D FLOPs per causal (query, earlier block) pair). ``--tune`` times the
+top-k stage under other tile configs instead (each checked to pick the shipped config's blocks).
 
     python benchmarks/bench_routing.py --seqlens 8192 32768 65536 131072 524288 --out docs/results/routing.json
     python benchmarks/bench_routing.py --seqlens 65536 524288 --tune 128,64,8,2 128,32,8,3 64,64,4,3
@@ -23,7 +22,7 @@ import torch
 import triton
 
 import flashmoba
-from flashmoba.routing import topk as topk_module
+from flashmoba import configs
 from flashmoba.routing.centroids import block_centroids
 from flashmoba.routing.result import block_index_from_keys, block_layout
 from flashmoba.routing.topk import route_topk
@@ -96,6 +95,14 @@ def stages(q, k, cu, block_size, topk):
     }
 
 
+def _topk_config(text: str) -> configs.TopkConfig:
+    """``BM,BN,WARPS,STAGES[,MAXNREG]`` -> the top-k's launch (no register cap unless given)."""
+    fields = [int(x) for x in text.split(",")]
+    if len(fields) not in (4, 5):
+        raise SystemExit(f"--tune: expected BM,BN,WARPS,STAGES[,MAXNREG], got {text!r}")
+    return configs.TopkConfig(*fields, *([None] * (5 - len(fields))))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 65536, 131072, 524288])
@@ -122,14 +129,17 @@ def main():
         kw = dict(block_size=args.block, topk=args.topk)
         flop = 2.0 * args.dim * args.batch * args.heads * causal_score_count(T, args.block)
         if args.tune is not None:
-            shipped = topk_module._topk_config
+            layout = block_layout(cu, N, args.block)
+            cent = block_centroids(k, cu, args.block, layout)
+            shipped_indices = None
             for cfg in [None, *args.tune]:
-                if cfg is not None:
-                    c = tuple(int(x) for x in cfg.split(","))
-                    topk_module._topk_config = lambda *_, c=c + (None,) * (5 - len(c)): c
-                ms = stages(q, k, cu, args.block, args.topk)["topk_ms"]
-                topk_module._topk_config = shipped
-                row = {"T": T, "config": cfg or "shipped", "topk_ms": ms, "score_tflops": flop / ms / 1e9}
+                chosen = {} if cfg is None else {"route_topk": _topk_config(cfg)}
+                with configs.override(**chosen):
+                    ms = stages(q, k, cu, args.block, args.topk)["topk_ms"]
+                    indices = route_topk(q, cent, cu, args.block, args.topk, True, layout)
+                shipped_indices = indices if shipped_indices is None else shipped_indices
+                same = bool(torch.equal(indices, shipped_indices))  # an exact top-k: the tiles change nothing
+                row = {"T": T, "config": cfg or "shipped", "topk_ms": ms, "score_tflops": flop / ms / 1e9, "same": same}
                 rows.append(row)
                 print(row, flush=True)
             continue
@@ -152,7 +162,7 @@ def main():
         print(row, flush=True)
     fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else str(x)  # noqa: E731
     if args.tune is not None:
-        cols = ["T", "config", "topk_ms", "score_tflops"]
+        cols = ["T", "config", "topk_ms", "score_tflops", "same"]
     else:
         cols = [
             "T",

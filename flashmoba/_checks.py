@@ -27,6 +27,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_cu_seqlens",
+    "common_length",
     "check_device",
     "check_float",
     "check_int",
@@ -224,6 +225,17 @@ def check_cu_seqlens(cu_seqlens, num_tokens: int, device: torch.device, max_seql
         raise ValueError(f"cu_seqlens must end at the number of tokens N={num_tokens}, got {total}")
     if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
+
+
+def common_length(cu_seqlens: torch.Tensor) -> int | None:
+    """The length that every sequence of checked boundaries shares (``check_cu_seqlens`` first), or None
+    where lengths differ, a sequence is empty, or values cannot be read (while tracing). A CUDA tensor's
+    values come from its check, so this reads nothing more on the host."""
+    num_seqs = cu_seqlens.numel() - 1
+    if tracing() or num_seqs < 1:
+        return None
+    total, longest = _boundary_totals(cu_seqlens)
+    return longest if longest > 0 and longest * num_seqs == total else None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -123,6 +123,54 @@ def test_packed_documents_equal_separate_runs():
     assert abs(float(packed.loss - want)) < tol
 
 
+@pytest.mark.parametrize("global_attn", ["dense", "moba"])
+def test_documents_of_one_length_run_as_a_batch(monkeypatch, global_attn):
+    """Packed documents of one length take the layers' batched path: the same logits, loss and gradients
+    as the varlen path, the packed boundaries returned; any other lengths keep the varlen path."""
+    from flashmoba.models import hybrid
+
+    model = _model(kconv_size=3, global_attn=global_attn)
+    ids = _ids(1, 3 * 40)
+    cu = torch.tensor([0, 40, 80, 120], dtype=torch.int32)
+    batches = []  # the batch shape every attention layer saw
+    attention = type(model.model.layers[0].self_attn)
+    attend = attention._attend
+
+    def spy(self, q, k, v, cu_seqlens, batch_shape, max_seqlen):
+        batches.append(batch_shape)
+        return attend(self, q, k, v, cu_seqlens, batch_shape, max_seqlen)
+
+    monkeypatch.setattr(attention, "_attend", spy)
+    runs = {}
+    for path in ("batched", "varlen"):
+        if path == "varlen":
+            monkeypatch.setattr(hybrid, "common_length", lambda cu_seqlens: None)
+        model.zero_grad()
+        out = model(ids, cu_seqlens=cu, labels=ids)
+        out.loss.backward()
+        runs[path] = out, {n: p.grad.clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            assert model.model(ids, cu_seqlens=cu).cu_seqlens is cu
+    layers = len(model.model.layers)
+    assert batches == [(3, 40)] * 2 * layers + [None] * 2 * layers  # each path: training step, then model.model
+    (batched, grads), (varlen, want) = runs["batched"], runs["varlen"]
+    torch.testing.assert_close(batched.logits, varlen.logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(batched.loss, varlen.loss, rtol=0, atol=1e-12)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, want[n], rtol=0, atol=1e-11, msg=n)
+
+
+def test_common_length():
+    from flashmoba._checks import common_length
+
+    assert common_length(torch.tensor([0, 4, 8, 12])) == 4
+    assert common_length(torch.tensor([0, 12])) == 12
+    assert common_length(torch.tensor([0, 4, 9, 12])) is None
+    assert common_length(torch.tensor([0, 6, 6, 12])) is None  # an empty document
+    assert common_length(torch.tensor([0, 0])) is None
+    assert common_length(torch.tensor([0])) is None
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch_equals_separate_runs(side):
     model = _model(kconv_size=3)

@@ -186,6 +186,15 @@ def test_qk_gives_the_keys_attention_uses():
     torch.testing.assert_close(layer(x, cu), layer.o_proj(attn.reshape(50, -1)), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("attn_type", ["dense", "swa", "moba"])
+def test_batch_shape_hint_gives_the_varlen_result(attn_type):
+    """Packed sequences of one length with ``batch_shape``: the batched kernels, the same output."""
+    layer = _layer(attn_type, kconv=3 if attn_type == "moba" else 0, rope=attn_type == "swa")
+    x = torch.randn(3 * 20, 32, dtype=torch.float64)
+    cu = _cu((20, 20, 20))
+    torch.testing.assert_close(layer(x, cu, batch_shape=(3, 20)), layer(x, cu), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "kwargs,error,pattern",
     [
@@ -214,6 +223,10 @@ def test_bad_inputs():
         layer(torch.randn(2, 5, 32, dtype=torch.float64), _cu((5, 5)))
     with pytest.raises(ValueError, match="hidden_states must be"):
         layer(torch.randn(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"batch_shape \(2, 4\) does not describe 10 packed tokens"):
+        layer(torch.randn(10, 32, dtype=torch.float64), _cu((5, 5)), batch_shape=(2, 4))
+    with pytest.raises(ValueError, match="batch_shape goes with packed"):
+        layer(torch.randn(2, 5, 32, dtype=torch.float64), batch_shape=(2, 5))
     cache = MoBAKVCache.growing(block_size=None)
     layer(torch.randn(10, 32, dtype=torch.float64), _cu((4, 6)), cache)
     with pytest.raises(ValueError, match="holds 2 sequences"):

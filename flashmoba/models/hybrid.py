@@ -35,7 +35,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
-from flashmoba._checks import check_cu_seqlens, check_int
+from flashmoba._checks import check_cu_seqlens, check_int, common_length
 from flashmoba.decode import MoBAKVCache
 from flashmoba.models.config import MoBAHybridConfig
 from flashmoba.models.loss import linear_cross_entropy
@@ -165,9 +165,18 @@ class MoBAHybridDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MoBAHybridMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, hidden_states, cu_seqlens=None, past_key_values: MoBAHybridCache | None = None, max_seqlen=None):
+    def forward(
+        self,
+        hidden_states,
+        cu_seqlens=None,
+        past_key_values: MoBAHybridCache | None = None,
+        max_seqlen=None,
+        batch_shape=None,
+    ):
         cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
-        attn = self.self_attn(self.input_layernorm(hidden_states), cu_seqlens, cache, max_seqlen=max_seqlen)
+        attn = self.self_attn(
+            self.input_layernorm(hidden_states), cu_seqlens, cache, max_seqlen=max_seqlen, batch_shape=batch_shape
+        )
         hidden_states = hidden_states + attn
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -250,6 +259,7 @@ class MoBAHybridModel(MoBAHybridPreTrainedModel):
             raise TypeError(f"past_key_values must be a MoBAHybridCache, got {type(past_key_values).__name__}")
         batch, seq_len = input_ids.shape
         mask = _real_tokens(attention_mask, input_ids)
+        batch_shape = None
         if cu_seqlens is not None:
             if attention_mask is not None:
                 raise ValueError("pass either cu_seqlens (packed documents) or attention_mask (padding), not both")
@@ -259,6 +269,10 @@ class MoBAHybridModel(MoBAHybridPreTrainedModel):
             if max_seqlen is not None:
                 max_seqlen = check_int("max_seqlen", max_seqlen, 0)
             hidden, layer_cu = self.embed_tokens(input_ids[0]), cu_seqlens
+            # Documents of one length (known from the values just checked): the attention layers may run
+            # them as a [documents, length] batch.
+            length = common_length(cu_seqlens)
+            batch_shape = (cu_seqlens.numel() - 1, length) if length is not None else None
         elif mask is not None:
             hidden = self.embed_tokens(input_ids[mask])
             layer_cu = F.pad(mask.sum(1).cumsum(0), (1, 0)).to(torch.int32)
@@ -268,7 +282,13 @@ class MoBAHybridModel(MoBAHybridPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = MoBAHybridCache(self.config.num_layers)
         for layer in self.layers:
-            hidden = layer(hidden, cu_seqlens=layer_cu, past_key_values=past_key_values, max_seqlen=max_seqlen)
+            hidden = layer(
+                hidden,
+                cu_seqlens=layer_cu,
+                past_key_values=past_key_values,
+                max_seqlen=max_seqlen,
+                batch_shape=batch_shape,
+            )
         hidden = self.norm(hidden)
         if past_key_values is not None:
             past_key_values.num_columns += seq_len

@@ -253,6 +253,7 @@ class MoBAAttention(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: MoBAKVCache | None = None,
         max_seqlen: int | None = None,
+        batch_shape: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Attention output, same shape as ``hidden_states``.
 
@@ -264,8 +265,22 @@ class MoBAAttention(nn.Module):
                 continue their sequences).
             max_seqlen: optional upper bound of the packed sequences' lengths, known on the host (the
                 dense and sliding-window kernels size their grid by it; default: ``N``).
+            batch_shape: optional ``(S, L)`` for packed input whose ``S`` sequences all have ``L`` tokens
+                (``cu_seqlens`` must say so; known on the host): they are attended as an ``[S, L]`` batch,
+                whose kernels can be faster (dense layers: SDPA's fused causal kernel, cuDNN's on Hopper,
+                instead of FlashAttention-2's varlen kernel). The same attention either way.
         """
-        x, cu_seqlens, batch_shape = self._flatten(hidden_states, cu_seqlens)
+        x, cu_seqlens, shape = self._flatten(hidden_states, cu_seqlens)
+        if batch_shape is not None:
+            if shape is not None:
+                raise ValueError("batch_shape goes with packed hidden_states [N, hidden], not with [B, T, hidden]")
+            num_seqs, length = batch_shape
+            if num_seqs * length != x.shape[0] or num_seqs != cu_seqlens.numel() - 1:
+                raise ValueError(
+                    f"batch_shape {tuple(batch_shape)} does not describe {x.shape[0]} packed tokens in "
+                    f"{cu_seqlens.numel() - 1} sequences"
+                )
+        batch_shape = shape if shape is not None else batch_shape
         num_tokens = x.shape[0]
         if cache is not None and not isinstance(cache, MoBAKVCache):
             raise TypeError(f"cache must be a flashmoba.MoBAKVCache, got {type(cache).__name__}")

@@ -5,8 +5,9 @@ on FlashAttention's varlen kernel, computes the loss with the fused chunked cros
 AdamW. Each of those is a different rounding of the same function. The yardstick is the plain path (eager
 layers, SDPA, full logits, the for-each AdamW) in bf16 autocast against the same path in float32: a short
 run of the fast path must stay as close to the plain bf16 run, step by step, as bf16 itself stays to
-float32 (times two). The batches vary in their number of documents and longest document, so the compiled
-layers see new shapes after the first step; none of them may break the graph. Skipped where no GPU exists.
+float32 (times two). The batches vary in their number of documents and longest document (every third
+has documents of one length, which run as a batch), so the compiled layers see new shapes after the first
+step; none of them may break the graph. Skipped where no GPU exists.
 """
 
 import pytest
@@ -25,6 +26,8 @@ def _batches() -> list[dict]:
     batches = []
     for step in range(STEPS):
         cuts = torch.randperm(TOKENS - 1, generator=gen)[: 1 + step % 4].add(1).sort().values.tolist()
+        if step % 3 == 2:  # documents of one length: the layers' batched path
+            cuts = [TOKENS // 4 * i for i in range(1, 4)]
         cu = torch.tensor([0, *cuts, TOKENS], dtype=torch.int32)
         ids = torch.randint(0, 64, (1, TOKENS), generator=gen)  # 64 of the tokens: a unigram to learn
         batches.append(
