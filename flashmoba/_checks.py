@@ -27,7 +27,6 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_cu_seqlens",
-    "common_length",
     "check_device",
     "check_float",
     "check_int",
@@ -36,6 +35,7 @@ __all__ = [
     "check_option",
     "check_routing_args",
     "check_tensor",
+    "common_length",
     "resolve_backend",
     "tracing",
 ]

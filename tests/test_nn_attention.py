@@ -223,8 +223,10 @@ def test_bad_inputs():
         layer(torch.randn(2, 5, 32, dtype=torch.float64), _cu((5, 5)))
     with pytest.raises(ValueError, match="hidden_states must be"):
         layer(torch.randn(5, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"batch_shape \(2, 4\) does not describe 10 packed tokens"):
+    with pytest.raises(ValueError, match=r"batch_shape \(2, 4\) does not describe the packed sequences: 10"):
         layer(torch.randn(10, 32, dtype=torch.float64), _cu((5, 5)), batch_shape=(2, 4))
+    with pytest.raises(ValueError, match=r"batch_shape \(2, 5\) does not describe"):  # the counts fit, not cu
+        layer(torch.randn(10, 32, dtype=torch.float64), _cu((4, 6)), batch_shape=(2, 5))
     with pytest.raises(ValueError, match="batch_shape goes with packed"):
         layer(torch.randn(2, 5, 32, dtype=torch.float64), batch_shape=(2, 5))
     cache = MoBAKVCache.growing(block_size=None)

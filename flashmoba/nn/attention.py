@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import flashmoba
-from flashmoba._checks import BACKENDS, check_choice, check_int
+from flashmoba._checks import BACKENDS, check_choice, check_int, common_length, tracing
 from flashmoba.decode import MoBAKVCache, dense_decode, moba_decode
 from flashmoba.nn.causal import CAUSAL_BACKENDS, batched_causal_attention, causal_attention
 from flashmoba.nn.keyconv import KeyConv
@@ -266,7 +266,7 @@ class MoBAAttention(nn.Module):
             max_seqlen: optional upper bound of the packed sequences' lengths, known on the host (the
                 dense and sliding-window kernels size their grid by it; default: ``N``).
             batch_shape: optional ``(S, L)`` for packed input whose ``S`` sequences all have ``L`` tokens
-                (``cu_seqlens`` must say so; known on the host): they are attended as an ``[S, L]`` batch,
+                (checked against ``cu_seqlens`` when eager): they are attended as an ``[S, L]`` batch,
                 whose kernels can be faster (dense layers: SDPA's fused causal kernel, cuDNN's on Hopper,
                 instead of FlashAttention-2's varlen kernel). The same attention either way.
         """
@@ -275,10 +275,11 @@ class MoBAAttention(nn.Module):
             if shape is not None:
                 raise ValueError("batch_shape goes with packed hidden_states [N, hidden], not with [B, T, hidden]")
             num_seqs, length = batch_shape
-            if num_seqs * length != x.shape[0] or num_seqs != cu_seqlens.numel() - 1:
+            wrong = num_seqs * length != x.shape[0] or num_seqs != cu_seqlens.numel() - 1
+            if wrong or (not tracing() and common_length(cu_seqlens) != length):  # read once per tensor
                 raise ValueError(
-                    f"batch_shape {tuple(batch_shape)} does not describe {x.shape[0]} packed tokens in "
-                    f"{cu_seqlens.numel() - 1} sequences"
+                    f"batch_shape {tuple(batch_shape)} does not describe the packed sequences: {x.shape[0]} "
+                    f"tokens in {cu_seqlens.numel() - 1} sequences of one length"
                 )
         batch_shape = shape if shape is not None else batch_shape
         num_tokens = x.shape[0]
