@@ -134,6 +134,15 @@ def test_moba_with_topk_covering_all_blocks_equals_dense(kconv):
     xb = torch.randn(2, 64, 32, dtype=torch.float64)
     _, bound = _oracle(moba, xb.reshape(128, 32), _cu((64, 64)))
     _assert_layer_close(moba(xb), dense(xb), moba, bound)
+    # and the same gradients, of the input and of every parameter (the key convolution's included)
+    grads = []
+    for layer in (moba, dense):
+        xg = xb.clone().requires_grad_()
+        layer.zero_grad()
+        (layer(xg) * torch.cos(xb)).sum().backward()
+        grads.append({"x": xg.grad, **{n: p.grad for n, p in layer.named_parameters()}})
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[0][name], g, rtol=0, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("attn_type", ["moba", "dense", "swa"])
