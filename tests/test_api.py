@@ -351,3 +351,15 @@ def test_boundaries_are_read_once_per_version(remembered_boundaries):
     del cu
     check_cu_seqlens(fresh, 4, fresh.device)
     assert len(remembered_boundaries) == 5
+
+
+def test_common_length():
+    """The length every sequence shares, or None (different lengths, an empty sequence, no sequence)."""
+    from flashmoba._checks import common_length
+
+    assert common_length(torch.tensor([0, 4, 8, 12])) == 4
+    assert common_length(torch.tensor([0, 12])) == 12
+    assert common_length(torch.tensor([0, 4, 9, 12])) is None
+    assert common_length(torch.tensor([0, 6, 6, 12])) is None  # an empty document
+    assert common_length(torch.tensor([0, 0])) is None
+    assert common_length(torch.tensor([0])) is None

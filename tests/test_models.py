@@ -160,17 +160,6 @@ def test_documents_of_one_length_run_as_a_batch(monkeypatch, global_attn):
         torch.testing.assert_close(g, want[n], rtol=0, atol=1e-11, msg=n)
 
 
-def test_common_length():
-    from flashmoba._checks import common_length
-
-    assert common_length(torch.tensor([0, 4, 8, 12])) == 4
-    assert common_length(torch.tensor([0, 12])) == 12
-    assert common_length(torch.tensor([0, 4, 9, 12])) is None
-    assert common_length(torch.tensor([0, 6, 6, 12])) is None  # an empty document
-    assert common_length(torch.tensor([0, 0])) is None
-    assert common_length(torch.tensor([0])) is None
-
-
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch_equals_separate_runs(side):
     model = _model(kconv_size=3)
