@@ -16,7 +16,8 @@ than a window back: with MoBA, its router decides whether the answer can be foun
 Variants (all MoBA variants attend 1024 keys per query): dense; MoBA 512/k2, 256/k4, 128/k8, 64/k16;
 128/k8 + kconv3; dense + kconv3 (control). Every variant and seed sees the same data and settings;
 the seed sets the initialisation and the data stream. After each dense run the trained weights are
-also run, without retraining, with MoBA global layers (the training-free switch).
+also run, without retraining, with MoBA global layers of every block size (the training-free switch;
+dense + kconv3 with MoBA + kconv3), so that the block size is the only difference between them.
 
 Measured per run (``recall_metrics.py``): recall by key-query distance with Wilson intervals, router
 recall and its chance level, the router SNR against the router recall the theory predicts, the learned
@@ -64,11 +65,17 @@ VARIANTS = {
     "moba64_k16": ("moba", 64, 16, 0),
     "moba128_k8_kconv3": ("moba", 128, 8, 3),
     "dense_kconv3": ("dense", None, None, 3),
+    # only as targets of the training-free switch (not trained by default)
+    "moba512_k2_kconv3": ("moba", 512, 2, 3),
+    "moba256_k4_kconv3": ("moba", 256, 4, 3),
+    "moba64_k16_kconv3": ("moba", 64, 16, 3),
 }
-# trained variant -> the MoBA variants its weights are run with, unchanged
+GRID = ("dense", "moba512_k2", "moba256_k4", "moba128_k8", "moba64_k16", "moba128_k8_kconv3", "dense_kconv3")
+# trained variant -> the MoBA variants its weights are run with, unchanged: every block size at the same
+# attended keys, so that block size is the only difference
 SWITCH = {
     "dense": ("moba512_k2", "moba256_k4", "moba128_k8", "moba64_k16"),
-    "dense_kconv3": ("moba128_k8_kconv3",),
+    "dense_kconv3": ("moba512_k2_kconv3", "moba256_k4_kconv3", "moba128_k8_kconv3", "moba64_k16_kconv3"),
 }
 TASK_FIELDS = ("seq_len", "num_pairs", "num_values", "single_alphabet", "multi_alphabet", "key_lengths")
 MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "swa_window")
@@ -418,7 +425,7 @@ def _parse_set(items, setup) -> dict:
 def _arguments(argv):
     parser = _Parser(prog="recall.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for results.json (and the report)")
-    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(GRID))
     parser.add_argument("--seeds", type=int, nargs="*", default=[0], help="none: only --probe-steps")
     parser.add_argument("--resume", type=Path, nargs="+", help="results.json files whose runs are kept and skipped")
     parser.add_argument("--time-limit", type=float, default=0.0, help="start no run that would end past it (s)")

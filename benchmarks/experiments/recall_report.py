@@ -22,7 +22,18 @@ from flashmoba.theory import retrieval_probability  # noqa: E402
 
 __all__ = ["write_report"]
 
-ORDER = ("dense", "moba512_k2", "moba256_k4", "moba128_k8", "moba64_k16", "moba128_k8_kconv3", "dense_kconv3")
+ORDER = (
+    "dense",
+    "moba512_k2",
+    "moba256_k4",
+    "moba128_k8",
+    "moba64_k16",
+    "moba512_k2_kconv3",
+    "moba256_k4_kconv3",
+    "moba128_k8_kconv3",
+    "moba64_k16_kconv3",
+    "dense_kconv3",
+)
 
 
 def _mean_sd(values):
