@@ -224,7 +224,7 @@ def test_cpu_smoke_writes_every_record_and_the_report(smoke):
         assert all(w["norm"] > 0 for w in r["kconv_weights"])
     sources = {(s["source"], s["variant"]) for s in results["switch"]}
     assert sources == {(src, dst) for src, dsts in recall.SWITCH.items() for dst in dsts}
-    for name in ("results.md", "recall_vs_block.png", "router_vs_snr.png"):
+    for name in ("results.md", "recall_vs_block.png", "router_vs_snr.png", "switch_vs_block.png"):
         assert (out / name).stat().st_size > 0
     assert "Training-free switch" in (out / "results.md").read_text()
 
@@ -239,8 +239,10 @@ def test_resume_skips_finished_runs(smoke, tmp_path):
 def test_report_of_several_files_keeps_one_copy_of_each_run(smoke, tmp_path):
     out, results = smoke
     assert recall.main(["--out", str(tmp_path), "--report", str(out / "results.json"), str(out / "results.json")]) == 0
-    table = (tmp_path / "results.md").read_text()
-    assert table.count("| dense | 0 |") == 1
+    merged = json.loads((tmp_path / "results.json").read_text())
+    assert merged["runs"] == results["runs"] and merged["switch"] == results["switch"]
+    per_run = (tmp_path / "results.md").read_text().split("## Per run")[1].split("\n## ")[0]
+    assert per_run.count("| dense | 0 |") == 1
 
 
 @pytest.mark.parametrize(

@@ -165,6 +165,29 @@ def _switch_table(switch, runs) -> list[str]:
     return lines
 
 
+def _switch_seed_table(switch, runs) -> list[str]:
+    """One row per switched run: a seed that learned the task and one that did not differ in kind, so the
+    seeds are shown apart and not only averaged."""
+    trained = {(r["variant"], r["seed"]): r for r in runs}
+    lines = [
+        "| trained as | seed | recall % (trained) | run as | block/topk | recall % [95 % CI] (switched) | "
+        "router recall | router chance | router recall predicted by the SNR |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [s for s in switch if (s["source"], s["seed"]) in trained]
+    for s in sorted(rows, key=lambda s: (ORDER.index(s["source"]), s["seed"], ORDER.index(s["variant"]))):
+        t = trained[(s["source"], s["seed"])]
+        low, high = wilson(s["correct"], s["total"])
+        predicted = next(iter(s["router_layers"].values()), {}).get("predicted_router_recall")
+        lines.append(
+            f"| {s['source']} | {s['seed']} | {100 * t['recall']:.1f} | {s['variant']} | "
+            f"{s['block_size']}/k{s['topk']} | "
+            f"{100 * s['recall']:.1f} [{100 * low:.1f}, {100 * high:.1f}] | {_fmt(s['router_recall'])} | "
+            f"{_fmt(s['router_chance'])} | {_fmt(predicted)} |"
+        )
+    return lines
+
+
 def _kconv_table(groups) -> list[str]:
     lines = ["| variant | seed | mean abs weight by lag (0 = current key, 1, 2) | mean weight by lag | norm |"]
     lines.append("|---|---|---|---|---|")
@@ -206,6 +229,45 @@ def _plot_recall_vs_block(groups, path):
     ax.set_xlabel("MoBA block size (topk x block size fixed; bands: dense)")
     ax.set_ylabel("recall (Wilson 95 % per run)")
     ax.set_title("associative recall vs block size (one point per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_switch_vs_block(switch, runs, path):
+    """Recall of each trained model run with MoBA at every block size (no retraining): one line per
+    (trained variant, seed), its trained recall dashed."""
+    trained = {(r["variant"], r["seed"]): r for r in runs}
+    lines = {}
+    for s in switch:
+        if (s["source"], s["seed"]) in trained:
+            lines.setdefault((s["source"], s["seed"]), []).append(s)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for c, ((source, seed), items) in enumerate(
+        sorted(lines.items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][1]))
+    ):
+        items = sorted(items, key=lambda s: s["block_size"])
+        xs = [s["block_size"] for s in items]
+        ys = [s["recall"] for s in items]
+        bounds = [wilson(s["correct"], s["total"]) for s in items]
+        color = f"C{c % 10}"
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=[[y - lo for y, (lo, _) in zip(ys, bounds)], [hi - y for y, (_, hi) in zip(ys, bounds)]],
+            fmt="-o",
+            color=color,
+            ms=4,
+            capsize=2,
+            label=f"{source} seed {seed} (trained {100 * trained[(source, seed)]['recall']:.0f} %)",
+        )
+        ax.axhline(trained[(source, seed)]["recall"], color=color, lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("MoBA block size of the switched model (topk x block size fixed)")
+    ax.set_ylabel("recall (Wilson 95 %)")
+    ax.set_title("training-free switch: trained weights run with MoBA (dashed: as trained)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -294,9 +356,9 @@ def _pilot_lines(pilot, setups) -> list[str]:
 
 
 def write_report(results: dict, out: Path) -> None:
-    """results.md, and the plots of what is there, into ``out``: recall_vs_block.png and router_vs_snr.png
-    for the grid (the most common setup among the runs without a recall curve), pilot.png for the runs
-    with one."""
+    """results.md, and the plots of what is there, into ``out``: recall_vs_block.png, router_vs_snr.png
+    and switch_vs_block.png for the grid (the most common setup among the runs without a recall curve),
+    pilot.png for the runs with one."""
     out = Path(out)
     runs = results["runs"]
     if not runs:
@@ -333,6 +395,10 @@ def write_report(results: dict, out: Path) -> None:
             "",
             *_switch_table(switch, grid),
             "",
+            "Per seed:",
+            "",
+            *_switch_seed_table(switch, grid),
+            "",
             "## Learned key-convolution weights (initialised at zero, no weight decay)",
             "",
             *_kconv_table(groups),
@@ -340,6 +406,8 @@ def write_report(results: dict, out: Path) -> None:
         ]
         _plot_recall_vs_block(groups, out / "recall_vs_block.png")
         _plot_router_vs_snr(groups, switch, out / "router_vs_snr.png")
+        if switch:
+            _plot_switch_vs_block(switch, grid, out / "switch_vs_block.png")
     else:
         lines += ["No grid run (every run has a recall curve: pilot runs only).", ""]
     pilot = [r for r in runs if r.get("curve")]
