@@ -1,20 +1,21 @@
 """Associative recall where routing decides the answer: the paper's two prescriptions at small scale.
 
-Task (``recall_task.py``): multi-query associative recall in 4096-token sequences of natural-text filler,
-with single-token and multi-token keys; the loss is on the answer tokens (plus, with weight
-``lm_weight``, next-byte prediction on the filler, so that held-out perplexity means something).
-Training runs a length curriculum (``curriculum``): the first steps see short sequences (an eighth, a
-quarter, a half of the length, with as many more of them per step and pairs in proportion), the last
-40 % full-length ones; evaluation is at full length only. At full length a fresh model's attention is
-spread over thousands of keys, so the gradient that would teach it to find the pair is diluted as much;
-short sequences are meant to let the retrieval circuit form first (docs/experiments.md has what the
-pilot measured with and without them).
-Model: the hybrid decoder of :mod:`flashmoba.models` with one sliding-window layer (RoPE, window 256)
+Task (``recall_task.py``): multi-query associative recall over natural-text filler; the loss is on the
+answer tokens (plus, with weight ``lm_weight``, next-byte prediction on the filler, so that held-out
+perplexity means something). Two setups (``--setup``):
+
+* ``1024`` (the grid that ran, the default): 1024-token sequences with 64 single-token pairs, blocks
+  scaled down by 4, hidden 64, 4000 updates of 32 sequences, no curriculum;
+* ``4096`` (the first pilot's): 4096-token sequences with single- and multi-token keys, hidden 256, and a
+  length curriculum (``curriculum``: the first steps see an eighth, a quarter, a half of the length, with
+  as many more sequences per step, the last 40 % full length); dense learned no retrieval in it.
+
+Model: the hybrid decoder of :mod:`flashmoba.models` with one sliding-window layer (RoPE)
 and one global layer (no positional encoding), so the global layer is the only way to reach a pair more
 than a window back: with MoBA, its router decides whether the answer can be found.
 
-Variants (all MoBA variants attend 1024 keys per query): dense; MoBA 512/k2, 256/k4, 128/k8, 64/k16;
-128/k8 + kconv3; dense + kconv3 (control). Every variant and seed sees the same data and settings;
+Variants (named at scale 1, where every MoBA variant attends 1024 of 4096 keys; ``block_scale`` divides
+the blocks): dense; MoBA 512/k2, 256/k4, 128/k8, 64/k16; 128/k8 + kconv3; dense + kconv3 (control). Every variant and seed sees the same data and settings;
 the seed sets the initialisation and the data stream. After each dense run the trained weights are
 also run, without retraining, with MoBA global layers of every block size (the training-free switch;
 dense + kconv3 with MoBA + kconv3), so that the block size is the only difference between them.
@@ -24,10 +25,11 @@ recall and its chance level, the router SNR against the router recall the theory
 key-convolution weights, held-out perplexity. ``recall_report.py`` turns results.json into results.md
 and the plots.
 
-GPU, in calls of at most 10 minutes that resume from each other (each run is written as it finishes):
+GPU, in calls of at most 10 minutes that resume from each other (each run is written as it finishes);
+the grid ran as one process per variant, seven side by side on one GPU:
 
-    PYTHONPATH=. python benchmarks/experiments/recall.py --out $OUT --seeds 0 1 2 --time-limit 540 \\
-        --resume docs/experiments/recall/results.json
+    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/experiments/recall.py --setup 1024 --out $OUT/dense \\
+        --variants dense --seeds 0 1 2 --time-limit 545
 
 CPU smoke test of the whole pipeline (tiny model, every variant, the switch, the report):
 
@@ -111,6 +113,35 @@ GPU_SETUP = dict(
     corpus_chars=4_000_000,
     log_every=25,
 )
+# The grid that ran (docs/experiments.md): 1024-token sequences, blocks scaled down by 4 (so every MoBA
+# variant attends a quarter of the sequence, as 1024 of 4096 keys), single-token keys and a small model,
+# where dense + kconv3 leaves the plateau within 4000 updates in some seeds.
+GRID_1024 = dict(
+    GPU_SETUP,
+    seq_len=1024,
+    num_pairs=64,
+    num_values=256,
+    single_alphabet=1024,
+    multi_alphabet=4,
+    key_lengths=[1],
+    hidden_size=64,
+    num_heads=2,
+    num_kv_heads=2,
+    head_dim=32,
+    intermediate_size=128,
+    swa_window=32,
+    block_scale=4,
+    batch_seqs=32,
+    steps=4000,
+    curriculum=[],
+    warmup=50,
+    eval_seqs=64,
+    eval_chunk=32,
+    ppl_seqs=8,
+    corpus_chars=1_000_000,
+    log_every=100,
+)
+SETUPS = {"4096": GPU_SETUP, "1024": GRID_1024}
 # The same pipeline in about a minute on 2 CPU cores: sequences and block sizes scaled down by 8.
 CPU_SMOKE = dict(
     GPU_SETUP,
@@ -429,6 +460,9 @@ def _arguments(argv):
     parser.add_argument("--seeds", type=int, nargs="*", default=[0], help="none: only --probe-steps")
     parser.add_argument("--resume", type=Path, nargs="+", help="results.json files whose runs are kept and skipped")
     parser.add_argument("--time-limit", type=float, default=0.0, help="start no run that would end past it (s)")
+    parser.add_argument(
+        "--setup", choices=tuple(SETUPS), default="1024", help="the setup (sequence length) that --set edits"
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a setup entry")
     parser.add_argument("--curve-every", type=int, default=0, help="recall on one eval batch every N steps")
     parser.add_argument("--probe-steps", type=int, default=0, help="first time N training steps of every variant")
@@ -463,7 +497,7 @@ def run(args) -> int:
         write_report(merged, args.out)
         return 0
     call_start = time.perf_counter()
-    setup = _parse_set(args.set, CPU_SMOKE if args.cpu_smoke else GPU_SETUP)
+    setup = _parse_set(args.set, CPU_SMOKE if args.cpu_smoke else SETUPS[args.setup])
     device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
     backend = args.backend if args.backend != "auto" else ("triton" if device.type == "cuda" else "reference")
     results = _load(args.resume)
