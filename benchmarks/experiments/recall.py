@@ -15,8 +15,9 @@ and one global layer (no positional encoding), so the global layer is the only w
 than a window back: with MoBA, its router decides whether the answer can be found.
 
 Variants (named at scale 1, where every MoBA variant attends 1024 of 4096 keys; ``block_scale`` divides
-the blocks): dense; MoBA 512/k2, 256/k4, 128/k8, 64/k16; 128/k8 + kconv3; dense + kconv3 (control). Every variant and seed sees the same data and settings;
-the seed sets the initialisation and the data stream. After each dense run the trained weights are
+the blocks): dense; MoBA 512/k2, 256/k4, 128/k8, 64/k16; 128/k8 + kconv3; dense + kconv3 (control).
+Every variant and seed sees the same data and settings; the seed sets the initialisation and the data
+stream. After each dense run the trained weights are
 also run, without retraining, with MoBA global layers of every block size (the training-free switch;
 dense + kconv3 with MoBA + kconv3), so that the block size is the only difference between them.
 
