@@ -22,12 +22,31 @@ dense, ``min(t + 1, W)`` sliding window, its own block's ``t mod B + 1`` plus ``
 block for MoBA. MFU divides by the card's dense bf16 peak (``--peak-tflops``, the datasheet value: 989
 for H100/H200 SXM); the bf16 matmul rate measured in the same run is reported next to it.
 
-The breakdown comes from one profiled step (torch.profiler; module hooks open a range per attention
-type, MLP and norm, forward and backward, and one around the optimizer): device time of the kernels each
-range launched (the innermost range wins), GEMMs inside attention counted as its projections;
-"other" is the rest (embedding, loss, residual adds, gradient clipping), its GEMMs ("other: gemm": the
-LM head) apart. In a compiled layer the hooks do not open ranges, so a compiled row's layer kernels land
-in "other" and "other: gemm" (the ranges of norms and attention types then show next to nothing).
+The breakdown comes from one profiled step (torch.profiler, input shapes recorded): the device time of
+every kernel (on the CPU: every op's self CPU time), charged by the innermost range above the op that
+launched it. The categories add up to all kernels of the step.
+
+* Eager modules: hooks open a range per attention type, MLP and norm, forward and backward. A kernel under
+  an attention range is "attn proj" if it is a GEMM, else "attn core: <type>" (the attention module's
+  rotary embedding, casts and copies included); under an MLP or norm range, "mlp" or "norm".
+* Compiled layers (the default; hooks open no range inside compiled code): one range per layer, opened
+  outside it around its forward call and its backward node, names the layer's attention type; a kernel in
+  it goes by what it is. "attn core: <type>": flashmoba's Triton kernels (the key convolution's included),
+  a kernel named like FlashAttention / cuDNN / fmha, or any kernel under an attention op
+  (``flashmoba::moba_attn_fwd`` / ``_bwd``, ``torch_attn::_varlen_attn``, ``aten::_scaled_dot_product_*``:
+  MoBA's routing included). GEMMs by their shapes: "attn proj" or "mlp" when their dims are those of one of
+  the layer's linear maps over the step's tokens (forward, input gradient and weight gradient alike), else
+  "other: gemm". Inductor's fused kernels (``triton_poi_fused_*``, ``triton_red_fused_*``, ...) by the aten
+  ops their names list: rsqrt / rms_norm, or pow with a mean or sum (the norm's backward), "norm"; silu,
+  "mlp"; anything else, "other: fused elementwise" (casts, rotary embedding, copies, residual adds not fused
+  into a norm). A fused kernel spanning categories goes to the first that its name qualifies for, in the
+  order attention, norm, mlp: the residual add fused into the next norm counts as norm (and the one fused
+  into the down projection's ``addmm``, as mlp). Other kernels (aten fallbacks such as cumsum or sort,
+  copies, memsets) go to "other". Rows of the two kinds differ in where small work lands: rotary embedding
+  and casts are attention core eager, "other: fused elementwise" compiled.
+* Outside these ranges: "other" (embedding, loss, the residual adds of eager rows), its GEMMs "other: gemm"
+  (the LM head). The final norm has its module range; the optimizer step (gradient clipping and AdamW) a
+  range of its own, "optimizer".
 
     python benchmarks/bench_train.py --contexts 8192 32768 65536 --out docs/results/train_h200.json
     python benchmarks/bench_train.py --cpu-smoke --out /tmp/train_smoke.json     # CPU, seconds
@@ -40,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -69,6 +89,7 @@ CATEGORIES = (
     "norm",
     "optimizer",
     "other: gemm",
+    "other: fused elementwise",
 )
 
 
@@ -179,7 +200,7 @@ def _sync(device):
 
 
 # ------------------------------------------------------------------------------------------------
-# breakdown: profiler ranges opened by module hooks
+# breakdown: profiler ranges opened by module hooks, and what the kernels of compiled layers are
 
 
 @contextlib.contextmanager
@@ -189,6 +210,24 @@ def _range(name: str):
         yield
     finally:
         torch.ops.profiler._record_function_exit._RecordFunction(handle)
+
+
+def _open(stack: list, label: str) -> None:
+    """Open the profiler range ``label``, its handle pushed on ``stack``."""
+    stack.append(torch.ops.profiler._record_function_enter_new(label, None))
+
+
+def _close(stack: list) -> None:
+    """Close the range last opened on ``stack`` (none open: nothing)."""
+    if stack:
+        torch.ops.profiler._record_function_exit._RecordFunction(stack.pop())
+
+
+class _Undo:
+    """A handle like a hook's: ``remove()`` runs ``undo``."""
+
+    def __init__(self, undo):
+        self.remove = undo
 
 
 def _category(module) -> str | None:
@@ -204,67 +243,227 @@ def _category(module) -> str | None:
     return None
 
 
+def _compiled_modules(model) -> list:
+    """The modules compiled in place (``nn.Module.compile``, which ``compile_layers`` runs on every layer)."""
+    return [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
 def install_range_hooks(model) -> list:
-    """Forward and backward hooks that open a profiler range named by the module's category."""
+    """Forward and backward hooks that open a profiler range named by the module's category; none inside
+    compiled modules, whose code opens no range (``install_layer_ranges`` covers them)."""
+    compiled = {id(sub) for m in _compiled_modules(model) for sub in m.modules()}
     handles = []
     for module in model.modules():
         name = _category(module)
-        if name is None:
+        if name is None or id(module) in compiled:
             continue
         stack = []
-
-        def enter(label, stack=stack):
-            stack.append(torch.ops.profiler._record_function_enter_new(label, None))
-
-        def leave(stack=stack):
-            if stack:
-                torch.ops.profiler._record_function_exit._RecordFunction(stack.pop())
-
         handles += [
-            module.register_forward_pre_hook(lambda m, a, n=name, e=enter: e(n)),
-            module.register_forward_hook(lambda m, a, o, lv=leave: lv()),
-            module.register_full_backward_pre_hook(lambda m, g, n=name, e=enter: e(n)),
-            module.register_full_backward_hook(lambda m, gi, go, lv=leave: lv()),
+            module.register_forward_pre_hook(lambda m, a, n=name, s=stack: _open(s, n)),
+            module.register_forward_hook(lambda m, a, o, s=stack: _close(s)),
+            module.register_full_backward_pre_hook(lambda m, g, n=name, s=stack: _open(s, n)),
+            module.register_full_backward_hook(lambda m, gi, go, s=stack: _close(s)),
         ]
     return handles
+
+
+_LAYER_LABEL = "compiled layer: "
+
+
+def install_layer_ranges(model) -> list:
+    """A profiler range "compiled layer: <attention type>" around every compiled module that holds an
+    attention layer, opened outside its compiled code: around its forward call, and from the start to the end
+    of the autograd node that runs its backward (its output's ``grad_fn``: the compiled backward graph, or
+    with activation checkpointing the node that recomputes and backpropagates the layer). Returns handles
+    whose ``remove()`` puts the module's forward back."""
+    handles = []
+    for module in _compiled_modules(model):
+        types = [c[len("attn: ") :] for c in map(_category, module.modules()) if c and c.startswith("attn: ")]
+        if not types:
+            continue
+        label, compiled, stack = _LAYER_LABEL + types[0], module._compiled_call_impl, []
+
+        def call(*args, compiled=compiled, label=label, stack=stack, **kwargs):
+            with _range(label):
+                out = compiled(*args, **kwargs)
+            node = getattr(out, "grad_fn", None)
+            if node is not None:
+                node.register_prehook(lambda grad_outputs: _open(stack, label))
+                node.register_hook(lambda grad_inputs, grad_outputs: _close(stack))
+            return out
+
+        def undo(module=module, compiled=compiled, stack=stack):
+            module._compiled_call_impl = compiled
+            while stack:
+                _close(stack)
+
+        module._compiled_call_impl = call
+        handles.append(_Undo(undo))
+    return handles
+
+
+def layer_gemms(model, tokens: int) -> dict[tuple[int, int, int], str]:
+    """The GEMMs of one training step's linear maps inside attention and MLP modules, by their sorted dims.
+
+    A map ``in -> out`` over ``tokens`` rows runs ``[tokens, in] @ [in, out]`` forward, and backward
+    ``[tokens, out] @ [out, in]`` (input gradient) and ``[out, tokens] @ [tokens, in]`` (weight gradient):
+    all three have the dims ``sorted((tokens, in, out))``. Values "attn proj" or "mlp"; dims that maps of both
+    categories have are left out (such a GEMM counts as "other: gemm").
+    """
+    table: dict[tuple[int, int, int], str | None] = {}
+    for module in model.modules():
+        name = _category(module)
+        if name is None or name == "norm":
+            continue
+        category = "attn proj" if name.startswith("attn: ") else name
+        for sub in module.modules():
+            if isinstance(sub, torch.nn.Linear):
+                dims = tuple(sorted((tokens, sub.in_features, sub.out_features)))
+                table[dims] = category if table.get(dims, category) == category else None
+    return {dims: category for dims, category in table.items() if category is not None}
 
 
 # kernel names of GEMMs (CUDA libraries) and the CPU's matmul ops
 _ATTENTION_MARKERS = ("flash", "fmha", "attn", "attention", "cudnn")
 _GEMM_MARKERS = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "aten::mm", "aten::addmm", "aten::bmm")
+# ops that run one GEMM, [m, k] @ [k, n] (addmm and baddbmm after their bias)
+_GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+# flashmoba's Triton kernels (flashmoba/attention/{forward,backward}.py, flashmoba/routing/, flashmoba/nn/keyconv/):
+# attention core, the key convolution's included. Inductor launches the ones it compiles as "<name>_<i>".
+_FLASHMOBA_KERNELS = (
+    "_attn_fwd_kernel",
+    "_attn_fwd_row_ref_kernel",
+    "_attn_fwd_prepare_rescue_kernel",
+    "_attn_fwd_finalize_kernel",
+    "_attn_bwd_delta_kernel",
+    "_attn_bwd_kernel",
+    "_block_centroids_kernel",
+    "_route_topk_kernel",
+    "_conv_silu_residual_kernel",
+    "_conv_silu_residual_grads_kernel",
+)
+# inductor's generated kernels: triton_poi_fused_..., triton_red_..., triton_per_..., triton_tem_... (a GEMM
+# template) on CUDA, [graph_<i>_]cpp_fused_... on the CPU; the name lists the aten ops fused, sorted by name
+_INDUCTOR_KERNEL = re.compile(r"(?:^|_)(?:triton_(?P<kind>[a-z]+)|cpp)_")
+_NORM_OPS = {"rsqrt", "rms"}  # the norm forward; its backward fuses pow with a sum (below)
+_MLP_OPS = {"silu", "sigmoid"}
 
 
-def attribute(events, on_cuda: bool) -> dict[str, float]:
-    """Milliseconds per category: each kernel (CUDA) or each op's self CPU time (CPU) goes to the
-    innermost category range above the op that launched it."""
-    labels = {f"attn: {t}" for t in ("moba", "dense", "swa")} | {"mlp", "norm", "optimizer"}
-    totals: dict[str, float] = {}
+def _is_gemm_kernel(kernel_name: str) -> bool:
+    """A GEMM by its name (attention kernels first: FlashAttention's names carry cutlass template types)."""
+    lowered = kernel_name.lower()
+    return not any(m in lowered for m in _ATTENTION_MARKERS) and any(m in lowered for m in _GEMM_MARKERS)
 
-    def owner(evt):
-        node = evt
-        while node is not None:
-            if node.name in labels:
-                return node.name
-            node = node.cpu_parent
-        return "other"
 
+def _gemm_dims(op) -> tuple[int, ...] | None:
+    """Sorted ``(m, k, n)`` of the GEMM ``[..., m, k] @ [..., k, n]`` that ``op`` ran, from its recorded input
+    shapes (those of a GEMM op; an inductor GEMM template's first two matrices), or None."""
+    if op is None:
+        return None
+    shapes = list(getattr(op, "input_shapes", None) or [])
+    if op.name in ("aten::addmm", "aten::baddbmm"):
+        shapes = shapes[1:]
+    matrices = [s for s in shapes if len(s) >= 2][:2]
+    if len(matrices) < 2:
+        return None
+    a, b = matrices
+    return tuple(sorted((a[-2], a[-1], b[-1])))
+
+
+def _fused_category(kernel_name: str) -> str:
+    """Category of an inductor-fused kernel by the aten ops its name lists: a norm's (rsqrt, rms_norm, or pow
+    with a mean or sum: the norm's backward) -> "norm", SwiGLU's silu -> "mlp", else (residual adds not fused
+    into a norm, casts, rotary embedding, copies) "other: fused elementwise". A kernel fusing several goes to
+    the first of norm, mlp that it lists (a residual add fused into the next norm counts as norm)."""
+    ops = set(kernel_name.lower().split("_"))
+    if ops & _NORM_OPS or ("pow" in ops and ops & {"mean", "sum"}):
+        return "norm"
+    if ops & _MLP_OPS:
+        return "mlp"
+    return "other: fused elementwise"
+
+
+def _compiled_category(kernel_name: str, chain: list, attn: str, gemms: dict) -> str:
+    """Category of a kernel that a compiled layer whose attention is ``attn`` launched, by what the kernel is
+    (the ranges of the layer's modules are gone). ``chain``: the op that launched it and its CPU parents up
+    to the layer's range.
+
+    Attention core: flashmoba's Triton kernels, a kernel named like FlashAttention / cuDNN / fmha (also an
+    inductor kernel that fuses an attention op's output handling), or any kernel under an attention op
+    (``flashmoba::moba_attn_fwd``, ``torch_attn::_varlen_attn``, ``aten::_scaled_dot_product_*``, ...:
+    routing and softmax rescue included). GEMMs (an op of ``_GEMM_OPS`` in the chain, a GEMM kernel name, an
+    inductor GEMM template) by their dims in ``gemms`` (``layer_gemms``), "other: gemm" if none there.
+    Inductor-fused kernels by ``_fused_category``. Anything else (aten fallbacks such as cumsum or sort,
+    copies, memsets): "other".
+    """
+    lowered = kernel_name.lower()
+    if (
+        re.sub(r"_\d+$", "", kernel_name) in _FLASHMOBA_KERNELS
+        or any(m in lowered for m in _ATTENTION_MARKERS)
+        or any("::" in e.name and any(m in e.name.lower() for m in _ATTENTION_MARKERS) for e in chain)
+    ):
+        return f"attn core: {attn}"
+    inductor = _INDUCTOR_KERNEL.search(lowered)
+    gemm_op = next((e for e in chain if e.name in _GEMM_OPS), None)
+    if gemm_op is not None or _is_gemm_kernel(kernel_name) or (inductor and inductor["kind"] == "tem"):
+        return gemms.get(_gemm_dims(gemm_op or (chain[0] if chain else None)), "other: gemm")
+    if inductor:
+        return _fused_category(kernel_name)
+    return "other"
+
+
+def _eager_category(kernel_name: str, label: str | None) -> str:
+    """Category of a kernel under the module range ``label`` (None: under none): the range's, except that
+    GEMMs under an attention range are its projections; outside ranges "other", its GEMMs "other: gemm"."""
+    gemm = _is_gemm_kernel(kernel_name)
+    if label is None:
+        return "other: gemm" if gemm else "other"
+    if label.startswith("attn: "):
+        return "attn proj" if gemm else "attn core: " + label[len("attn: ") :]
+    return label
+
+
+_MODULE_LABELS = frozenset({f"attn: {t}" for t in ("moba", "dense", "swa")} | {"mlp", "norm", "optimizer"})
+
+
+def _is_label(name: str) -> bool:
+    return name in _MODULE_LABELS or name.startswith(_LAYER_LABEL)
+
+
+def kernel_categories(events, on_cuda: bool, gemms: dict | None = None):
+    """``(category, kernel name, op, microseconds)`` for every kernel of a profiled step (CUDA: the kernels of
+    each op; CPU: each op's self CPU time, under the op's name), by the innermost range at or above the op
+    that launched it: a module range (eager) by ``_eager_category``, a compiled layer's range by
+    ``_compiled_category`` (with ``gemms``, ``layer_gemms``), outside ranges ``_eager_category(name, None)``.
+    A range's own entry named like it (the GPU span the profiler may give a user range: the kernels under it,
+    once more) is not a kernel and is skipped; every other kernel is yielded once."""
+    gemms = gemms or {}
     for evt in events:
-        if evt.name in labels:
-            continue
         if on_cuda:
-            pieces = [(k.name, k.duration) for k in getattr(evt, "kernels", [])]
+            span = _is_label(evt.name) or getattr(evt, "is_user_annotation", False)
+            pieces = [(k.name, k.duration) for k in getattr(evt, "kernels", []) if not (span and k.name == evt.name)]
         else:
-            pieces = [(evt.name, evt.self_cpu_time_total)] if not evt.cpu_children else []
+            pieces = [(evt.name, evt.self_cpu_time_total)]
+        if not pieces:
+            continue
+        chain, node = [], evt
+        while node is not None and not _is_label(node.name):
+            chain.append(node)
+            node = node.cpu_parent
+        label = node.name if node is not None else None
         for kernel_name, duration_us in pieces:
-            name = owner(evt)
-            lowered = kernel_name.lower()
-            # attention kernels first: FlashAttention's names carry cutlass template types
-            gemm = not any(m in lowered for m in _ATTENTION_MARKERS) and any(m in lowered for m in _GEMM_MARKERS)
-            if name.startswith("attn: "):
-                name = "attn proj" if gemm else "attn core: " + name[len("attn: ") :]
-            elif name == "other" and gemm:
-                name = "other: gemm"
-            totals[name] = totals.get(name, 0.0) + duration_us / 1e3
+            if label is not None and label.startswith(_LAYER_LABEL):
+                name = _compiled_category(kernel_name, chain, label[len(_LAYER_LABEL) :], gemms)
+            else:
+                name = _eager_category(kernel_name, label)
+            yield name, kernel_name, evt, duration_us
+
+
+def attribute(events, on_cuda: bool, gemms: dict | None = None) -> dict[str, float]:
+    """Milliseconds per category of a profiled step (``kernel_categories``): they add up to all its kernels."""
+    totals: dict[str, float] = {}
+    for name, _, _, duration_us in kernel_categories(events, on_cuda, gemms):
+        totals[name] = totals.get(name, 0.0) + duration_us / 1e3
     return totals
 
 
@@ -272,15 +471,16 @@ def profile_step(model, optimizer, batch, autocast, device) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    handles = install_range_hooks(model)
+    handles = install_range_hooks(model) + install_layer_ranges(model)
+    gemms = layer_gemms(model, batch["input_ids"].numel())
     try:
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
             train_step(model, optimizer, batch, autocast)
             _sync(device)
     finally:
         for h in handles:
             h.remove()
-    return attribute(prof.events(), device.type == "cuda")
+    return attribute(prof.events(), device.type == "cuda", gemms)
 
 
 # ------------------------------------------------------------------------------------------------
