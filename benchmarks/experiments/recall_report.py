@@ -267,7 +267,7 @@ def _plot_switch_vs_block(switch, runs, path):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("MoBA block size of the switched model (topk x block size fixed)")
     ax.set_ylabel("recall (Wilson 95 %)")
-    ax.set_title("training-free switch: trained weights run with MoBA (dashed: as trained)")
+    ax.set_title("trained weights run with MoBA, no retraining (dashed: as trained)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
