@@ -4,8 +4,8 @@ The hybrid model (a preset of :mod:`flashmoba.models`, random weights, bf16) pre
 ``context`` tokens per sequence, then decodes ``--steps`` tokens greedily, one per step, through its cache:
 one :class:`flashmoba.MoBAKVCache` per layer; MoBA layers decode with :func:`flashmoba.moba_decode`, dense
 and sliding-window layers with :func:`flashmoba.decode.dense_decode`. The two models differ only in
-``global_attn`` ("moba" or "dense"). Each step is an eager ``model(...)`` call (Python, launches and one host
-synchronisation per layer for argument checks included), timed after warm-up steps that compile the
+``global_attn`` ("moba" or "dense"). Each step is an eager ``model(...)`` call (Python and launches
+included; its argument checks read nothing back from the GPU), timed after warm-up steps that compile the
 kernels and let the caches grow.
 
     python benchmarks/bench_model_decode.py --out docs/results/model_decode.json

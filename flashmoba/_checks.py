@@ -177,15 +177,17 @@ _valid_boundaries: dict[int, tuple[weakref.ref, int, int, int]] = {}
 _VALID_BOUNDARIES_MAX = 64
 
 
-def _remembers(cu_seqlens: torch.Tensor) -> bool:
-    """Whether valid boundaries are remembered: CUDA tensors, whose host read waits for the device (a
-    CPU tensor's read is cheap, and numpy views can write it without bumping its version)."""
-    return cu_seqlens.is_cuda
+def keeps_host_copy(tensor: torch.Tensor) -> bool:
+    """Whether a host copy of ``tensor``'s values is kept and trusted while its version counter stands
+    still (valid boundaries here, a KV cache's lengths in ``flashmoba.decode``): CUDA tensors, whose host
+    read waits for the device to drain its queue. A CPU tensor's read is cheap, and numpy views can write
+    it without bumping its version."""
+    return tensor.is_cuda
 
 
 def _boundary_totals(cu_seqlens: torch.Tensor) -> tuple[int, int]:
     """``(last boundary, longest sequence)`` of valid boundaries; raises ``ValueError`` otherwise."""
-    remember = _remembers(cu_seqlens)
+    remember = keeps_host_copy(cu_seqlens)
     cached = _valid_boundaries.get(id(cu_seqlens)) if remember else None
     if cached is not None and cached[0]() is cu_seqlens and cached[1] == cu_seqlens._version:
         return cached[2], cached[3]
@@ -198,12 +200,24 @@ def _boundary_totals(cu_seqlens: torch.Tensor) -> tuple[int, int]:
         raise ValueError("cu_seqlens must be non-decreasing")
     totals = host[-1], max(lens, default=0)
     if remember:
-        if len(_valid_boundaries) >= _VALID_BOUNDARIES_MAX:  # forget the dead ones, or else all
-            dead = [key for key, hit in _valid_boundaries.items() if hit[0]() is None]
-            for key in dead or list(_valid_boundaries):
-                del _valid_boundaries[key]
-        _valid_boundaries[id(cu_seqlens)] = (weakref.ref(cu_seqlens), version, *totals)
+        _remember_boundaries(cu_seqlens, version, totals)
     return totals
+
+
+def _remember_boundaries(cu_seqlens: torch.Tensor, version: int, totals: tuple[int, int]) -> None:
+    if len(_valid_boundaries) >= _VALID_BOUNDARIES_MAX:  # forget the dead ones, or else all
+        dead = [key for key, hit in _valid_boundaries.items() if hit[0]() is None]
+        for key in dead or list(_valid_boundaries):
+            del _valid_boundaries[key]
+    _valid_boundaries[id(cu_seqlens)] = (weakref.ref(cu_seqlens), version, *totals)
+
+
+def built_valid_boundaries(cu_seqlens: torch.Tensor, total: int, longest: int) -> torch.Tensor:
+    """Mark boundaries that were just built valid by construction (last boundary ``total``, longest
+    sequence ``longest``), so that checking them reads nothing back; returns ``cu_seqlens``."""
+    if not tracing() and keeps_host_copy(cu_seqlens):
+        _remember_boundaries(cu_seqlens, cu_seqlens._version, (total, longest))
+    return cu_seqlens
 
 
 def check_cu_seqlens(cu_seqlens, num_tokens: int, device: torch.device, max_seqlen=None) -> None:

@@ -316,12 +316,29 @@ def remembered_boundaries(monkeypatch):
     """Boundaries remembered as for CUDA tensors, on the CPU; counts the host reads of their values."""
     from flashmoba import _checks
 
-    monkeypatch.setattr(_checks, "_remembers", lambda cu: True)
+    monkeypatch.setattr(_checks, "keeps_host_copy", lambda t: True)
     monkeypatch.setattr(_checks, "_valid_boundaries", {})
     reads = []
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or tolist(t))
     return reads
+
+
+def test_uniform_boundaries_are_known_valid(remembered_boundaries):
+    """Boundaries that ``uniform_cu_seqlens`` built are checked without a read; once written, they are read."""
+    from flashmoba._checks import check_cu_seqlens
+    from flashmoba.nn.varlen import uniform_cu_seqlens
+
+    cu = uniform_cu_seqlens(3, 7, "cpu")
+    check_cu_seqlens(cu, 21, cu.device, max_seqlen=7)
+    check_cu_seqlens(uniform_cu_seqlens(0, 7, "cpu"), 0, cu.device)
+    assert remembered_boundaries == []
+    with pytest.raises(ValueError, match=r"max_seqlen=6 is smaller"):
+        check_cu_seqlens(cu, 21, cu.device, max_seqlen=6)
+    cu[1] = 15
+    with pytest.raises(ValueError, match=r"cu_seqlens must be non-decreasing"):
+        check_cu_seqlens(cu, 21, cu.device)
+    assert len(remembered_boundaries) == 1
 
 
 def test_boundaries_are_read_once_per_version(remembered_boundaries):

@@ -434,6 +434,57 @@ def test_a_growing_cache_equals_a_preallocated_one():
     torch.testing.assert_close(growing.block_sums[:, :10], fixed.block_sums)
 
 
+@pytest.fixture
+def decode_host_reads(monkeypatch):
+    """The cache keeps host copies as it does for CUDA tensors (also on the CPU); records every host read
+    of a tensor's values made by the code of ``flashmoba.decode``."""
+    import os
+    import sys
+
+    from flashmoba.decode import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "keeps_host_copy", lambda t: True)
+    reads, inside = [], os.sep + os.path.join("flashmoba", "decode") + os.sep
+
+    def counting(name, original):
+        def counted(t, *args, **kwargs):
+            if inside in sys._getframe(1).f_code.co_filename:
+                reads.append(name)
+            return original(t, *args, **kwargs)
+
+        return counted
+
+    for name in ("tolist", "item", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    return reads
+
+
+def test_decode_steps_read_nothing_back_from_the_device(decode_host_reads):
+    """A decode step (append one token per sequence, then moba_decode and dense_decode) reads no tensor
+    value back: the cache keeps its lengths on the host in step with its own appends. A write it did not
+    make moves the tensors' versions and is read again, so a check never passes on stale lengths."""
+    B, hq, hkv, d = 2, 2, 1, 16
+    cache = MoBAKVCache.growing(block_size=16)
+    prompt = torch.randn(B, 37, hkv, d, device=DEVICE)
+    cache.append(prompt, prompt + 1, torch.tensor([37, 20], dtype=torch.int32, device=DEVICE))  # ragged: reads
+    decode_host_reads.clear()
+    for _ in range(3):
+        kv = torch.randn(B, 1, hkv, d, device=DEVICE)
+        cache.append(kv, kv)
+        q = torch.randn(B, 1, hq, d, device=DEVICE)
+        flashmoba.moba_decode(q, cache, topk=2, backend="triton")
+        dense_decode(q, cache, window=8)
+    assert decode_host_reads == []
+    assert cache.host_lengths() == ([40, 23], [0, 0]) == (cache.seqlens.tolist(), cache.starts.tolist())
+    assert cache.max_rows == 40
+    cache.seqlens.zero_()  # not the cache's own write
+    with pytest.raises(ValueError, match="every sequence must hold its 1 new token"):
+        dense_decode(q, cache)
+    cache.seqlens.fill_(23)
+    cache.crop(3)  # the cache's in-place edits are read again too
+    assert cache.host_lengths() == ([20, 20], [0, 0])
+
+
 def test_dense_decode_equals_full_causal_and_window_attention():
     """dense_decode over a left-padded cache equals SDPA over each whole sequence, with and without a window."""
     lens, new, hq, hkv, d = (23, 9), 3, 4, 2, 8

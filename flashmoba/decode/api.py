@@ -5,8 +5,9 @@
   dense and sliding-window layers of a model that decodes through the same cache.
 
 Validation follows ``flashmoba.api``: shapes, dtypes and devices are always checked; the per-sequence
-lengths are read on the host (one synchronisation) only when the tensors are eager, never while
-torch.compile traces or a CUDA graph captures.
+lengths are checked when eager, never while torch.compile traces or a CUDA graph captures, from the
+cache's host copy of them (``MoBAKVCache.host_lengths``), so an eager decode step reads nothing back from
+the GPU either.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _check_queries(q, cache) -> None:
             f"the number of query heads ({HQ}) must be a positive multiple of the number of KV heads ({HKV})"
         )
     if not tracing():
-        lengths, starts = cache.seqlens.tolist(), cache.starts.tolist()
+        lengths, starts = cache.host_lengths()  # no device read in a decode step (cache.host_lengths)
         if any(n < Tq for n in lengths):
             raise ValueError(f"every sequence must hold its {Tq} new token(s) (cache.seqlens >= Tq), got {lengths}")
         rows = cache.k.shape[1]

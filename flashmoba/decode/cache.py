@@ -21,9 +21,11 @@ hybrid model) keeps one per layer, and the transformers integration's cache laye
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-from flashmoba._checks import check_int, check_lengths, check_tensor, tracing
+from flashmoba._checks import check_int, check_lengths, check_tensor, keeps_host_copy, tracing
 
 __all__ = ["block_sums_dtype", "accumulate_block_sums", "MoBAKVCache"]
 
@@ -219,12 +221,42 @@ class MoBAKVCache:
         self._folded: torch.Tensor | None = None  # int32 [B]: tokens of each sequence already in _sums
         self._pending = 0  # host bound on seqlens - folded
         self._rows = 0  # host bound on starts + seqlens (exact outside CUDA-graph capture)
+        # host copy of (seqlens, starts) of a CUDA cache: ((weak reference, version) per tensor, values)
+        self._host: tuple[tuple, list[int], list[int]] | None = None
 
     def _allocate(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v
         batch = k.shape[0]
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=k.device)
         self.starts = torch.zeros_like(self.seqlens)
+        self._keep_host_lengths([0] * batch, [0] * batch)
+
+    def _keep_host_lengths(self, seqlens: list[int], starts: list[int]) -> None:
+        """Remember ``(seqlens, starts)`` as the values of the current tensors at their current versions (an
+        in-place write, the cache's own or anyone's, moves a version; ``reorder`` replaces the tensors)."""
+        if not keeps_host_copy(self.seqlens):
+            self._host = None
+            return
+        tensors = (self.seqlens, self.starts)
+        self._host = (tuple((weakref.ref(t), t._version) for t in tensors), seqlens, starts)
+
+    def _host_copy_holds(self) -> bool:
+        return self._host is not None and all(
+            ref() is t and version == t._version
+            for (ref, version), t in zip(self._host[0], (self.seqlens, self.starts))
+        )
+
+    def host_lengths(self) -> tuple[list[int], list[int]]:
+        """``(seqlens, starts)`` as host lists. A CUDA cache reads them from the device only after a change
+        it did not make itself: its appends keep the host copy in step, so a decode step (append, then
+        ``moba_decode`` or ``dense_decode``) waits for the GPU nowhere."""
+        if self.k is None:
+            return [], []
+        if self._host_copy_holds():
+            return self._host[1], self._host[2]
+        seqlens, starts = self.seqlens.tolist(), self.starts.tolist()
+        self._keep_host_lengths(seqlens, starts)
+        return seqlens, starts
 
     @property
     def is_empty(self) -> bool:
@@ -300,8 +332,9 @@ class MoBAKVCache:
             lengths: optional int ``[B]``: sequence ``b`` takes only its first ``lengths[b]`` rows (a
                 right-padded batch of prompts); default: all ``T`` rows. Passing it synchronises with the host.
 
-        Without ``lengths`` and inside a CUDA graph capture nothing synchronises, so a whole decode step
-        (append + ``flashmoba.moba_decode``) of a preallocated cache can be captured and replayed.
+        Without ``lengths`` nothing synchronises: eager appends keep the host copy of the lengths in step
+        (``host_lengths``), and inside a CUDA graph capture nothing is read, so a whole decode step (append
+        + ``flashmoba.moba_decode``) of a preallocated cache can be captured and replayed.
         """
         for name, t in (("k", k), ("v", v)):
             check_tensor(name, t, dim=4)
@@ -332,17 +365,19 @@ class MoBAKVCache:
         else:
             lengths = torch.full((B,), T, dtype=torch.int32, device=k.device)
         new_seqlens = self.seqlens + lengths
+        host = None  # the new (seqlens, starts) on the host, eager only
         if tracing():
             self._rows += T
         else:
-            if ragged and (bool((lengths < 0).any()) or bool((lengths > T).any())):
-                raise ValueError(f"lengths must lie in [0, T={T}], got {lengths.tolist()}")
-            self._rows = int((self.starts + new_seqlens).max()) if B else 0
+            held, starts = self.host_lengths()
+            added = lengths.tolist() if ragged else [T] * B
+            if any(n < 0 or n > T for n in added):
+                raise ValueError(f"lengths must lie in [0, T={T}], got {added}")
+            host = [n + a for n, a in zip(held, added)], starts
+            self._rows = max((s + n for n, s in zip(*host)), default=0)
             if self._rows > self.k.shape[1]:
                 if not self._growable:
-                    raise ValueError(
-                        f"appending would exceed max_seqlen={self.k.shape[1]} (new lengths {new_seqlens.tolist()})"
-                    )
+                    raise ValueError(f"appending would exceed max_seqlen={self.k.shape[1]} (new lengths {host[0]})")
                 self._grow(max(self._rows, 2 * self.k.shape[1]))
         steps = torch.arange(T, device=k.device)
         batch = torch.arange(B, device=k.device)[:, None].expand(B, T)
@@ -355,6 +390,8 @@ class MoBAKVCache:
         self.v[batch, rows] = v.detach()
         self._pending += T
         self.seqlens.copy_(new_seqlens)  # in place: a captured CUDA graph keeps reading the same tensor
+        if host is not None:
+            self._keep_host_lengths(*host)
         if self.block_size is not None:
             # Fold now rather than at the next read, so that a captured step (append + decode) replays the
             # fold of just its own tokens.

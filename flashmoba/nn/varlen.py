@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import torch
 
+from flashmoba._checks import built_valid_boundaries
+
 __all__ = ["uniform_cu_seqlens", "token_sequence_ids", "token_positions", "next_token_targets"]
 
 
 def uniform_cu_seqlens(batch_size: int, seq_len: int, device) -> torch.Tensor:
-    """int32 ``[B + 1]`` boundaries of ``B`` equal-length sequences laid end to end."""
-    return torch.arange(batch_size + 1, dtype=torch.int32, device=device) * seq_len
+    """int32 ``[B + 1]`` boundaries of ``B`` equal-length sequences laid end to end (known valid: the layers'
+    input check reads nothing back from them)."""
+    cu_seqlens = torch.arange(batch_size + 1, dtype=torch.int32, device=device) * seq_len
+    return built_valid_boundaries(cu_seqlens, batch_size * seq_len, seq_len if batch_size else 0)
 
 
 def token_sequence_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
