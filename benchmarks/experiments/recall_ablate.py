@@ -24,37 +24,23 @@ import json
 import sys
 
 import torch
-from recall import CPU_SMOKE, VARIANTS, _autocast, _corpus, _eval_batches, _parse_set, train_run
+from recall import GRID_1024, VARIANTS, _autocast, _corpus, _eval_batches, _parse_set, train_run
 from recall_metrics import evaluate_model
 from recall_task import RecallBatch
 
 from flashmoba._checks import UsageError
 
-BASE = dict(
-    CPU_SMOKE,
+BASE = dict(  # the grid's model and optimiser at a quarter of its length
+    GRID_1024,
     seq_len=256,
     num_pairs=16,
     num_values=64,
     single_alphabet=256,
-    multi_alphabet=4,
-    key_lengths=[1],
-    hidden_size=64,
-    num_heads=2,
-    num_kv_heads=2,
-    head_dim=32,
-    intermediate_size=128,
-    swa_window=32,
-    batch_seqs=32,
+    block_scale=8,
     steps=1000,
-    curriculum=[],
-    lr=3e-3,
-    warmup=50,
-    weight_decay=0.1,
-    eval_seqs=64,
-    eval_chunk=32,
     ppl_seqs=0,
-    log_every=50,
     corpus_chars=200_000,
+    log_every=50,
 )
 
 

@@ -201,6 +201,20 @@ def _kconv_table(groups) -> list[str]:
     return lines
 
 
+def _save(fig, ax, path, xlabel: str, ylabel: str, title: str, log2: bool = False) -> None:
+    """Label, grid and legend the axes (a base-2 log x axis with ``log2``), then write and close the figure."""
+    if log2:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _plot_recall_vs_block(groups, path):
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     colors = {"dense": "k", "dense_kconv3": "gray", "moba128_k8_kconv3": "C3"}
@@ -225,15 +239,15 @@ def _plot_recall_vs_block(groups, path):
                 if i == 0 and (r["kconv"] or variant == "moba128_k8")
                 else None,
             )
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("MoBA block size (topk x block size fixed; bands: dense)")
-    ax.set_ylabel("recall (Wilson 95 % per run)")
-    ax.set_title("associative recall vs block size (one point per seed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(
+        fig,
+        ax,
+        path,
+        "MoBA block size (topk x block size fixed; bands: dense)",
+        "recall (Wilson 95 % per run)",
+        "associative recall vs block size (one point per seed)",
+        log2=True,
+    )
 
 
 def _plot_switch_vs_block(switch, runs, path):
@@ -264,15 +278,15 @@ def _plot_switch_vs_block(switch, runs, path):
             label=f"{source} seed {seed} (trained {100 * trained[(source, seed)]['recall']:.0f} %)",
         )
         ax.axhline(trained[(source, seed)]["recall"], color=color, lw=0.8, ls="--")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("MoBA block size of the switched model (topk x block size fixed)")
-    ax.set_ylabel("recall (Wilson 95 %)")
-    ax.set_title("trained weights run with MoBA, no retraining (dashed: as trained)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(
+        fig,
+        ax,
+        path,
+        "MoBA block size of the switched model (topk x block size fixed)",
+        "recall (Wilson 95 %)",
+        "trained weights run with MoBA, no retraining (dashed: as trained)",
+        log2=True,
+    )
 
 
 def _plot_router_vs_snr(groups, switch, path):
@@ -290,14 +304,14 @@ def _plot_router_vs_snr(groups, switch, path):
             xs = [i / 20 for i in range(-10, 81)]
             ax.plot(xs, [retrieval_probability(x, blocks, topk - 1) for x in xs], "-", color=color, lw=0.8)
         ax.plot([], [], "-o", color=color, label=f"{bs}/k{topk} (theory: top {topk - 1} of {blocks} past blocks)")
-    ax.set_xlabel("measured router SNR at the answer queries")
-    ax.set_ylabel("router recall")
-    ax.set_title("router recall vs SNR (o trained, x training-free switch; lines: theory)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(
+        fig,
+        ax,
+        path,
+        "measured router SNR at the answer queries",
+        "router recall",
+        "router recall vs SNR (o trained, x training-free switch; lines: theory)",
+    )
 
 
 def _typical_past_blocks(record) -> int | None:
@@ -318,14 +332,14 @@ def _plot_curves(pilot, setups, path):
         ax.plot(xs, [p["recall"] for p in r["curve"]], "-o", ms=3, color=f"C{i}", label=label)
         ax.plot(xs, [p.get("multi") for p in r["curve"]], ":", color=f"C{i}")
     ax.axhline(0.9, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("recall (solid: all keys; dotted: multi-token keys)")
-    ax.set_title("pilot: recall during training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(
+        fig,
+        ax,
+        path,
+        "training tokens (M)",
+        "recall (solid: all keys; dotted: multi-token keys)",
+        "pilot: recall during training",
+    )
 
 
 def _pilot_lines(pilot, setups) -> list[str]:
