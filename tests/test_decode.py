@@ -468,12 +468,18 @@ def test_decode_steps_read_nothing_back_from_the_device(decode_host_reads):
     prompt = torch.randn(B, 37, hkv, d, device=DEVICE)
     cache.append(prompt, prompt + 1, torch.tensor([37, 20], dtype=torch.int32, device=DEVICE))  # ragged: reads
     decode_host_reads.clear()
-    for _ in range(3):
-        kv = torch.randn(B, 1, hkv, d, device=DEVICE)
-        cache.append(kv, kv)
-        q = torch.randn(B, 1, hq, d, device=DEVICE)
-        flashmoba.moba_decode(q, cache, topk=2, backend="triton")
-        dense_decode(q, cache, window=8)
+    steps = [torch.randn(B, 1, hkv + hq, d, device=DEVICE) for _ in range(3)]
+    if DEVICE == "cuda":  # on a GPU, also no synchronisation of any kind
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in steps:
+            kv, q = step[:, :, :hkv], step[:, :, hkv:]
+            cache.append(kv, kv)
+            flashmoba.moba_decode(q, cache, topk=2, backend="triton")
+            dense_decode(q, cache, window=8)
+    finally:
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
     assert decode_host_reads == []
     assert cache.host_lengths() == ([40, 23], [0, 0]) == (cache.seqlens.tolist(), cache.starts.tolist())
     assert cache.max_rows == 40
