@@ -29,6 +29,7 @@ __all__ = [
     "TileConfig",
     "TopkConfig",
     "arch",
+    "arch_of_capability",
     "attn_bwd",
     "attn_fwd",
     "centroids",
@@ -72,6 +73,11 @@ def arch(device: torch.device) -> str:
     if device.type != "cuda":
         return "interpreter"
     major, _ = torch.cuda.get_device_capability(device)
+    return arch_of_capability(major)
+
+
+def arch_of_capability(major: int) -> str:
+    """The table (``"sm90"`` or ``"default"``) of a CUDA GPU of compute capability ``major.x``."""
     return "sm90" if major == 9 else "default"
 
 
