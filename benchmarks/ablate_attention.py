@@ -11,7 +11,11 @@ kernels). The variants compute wrong outputs on purpose; only their time means s
   which break the row sums that the rescue checks);
 * ``no-merge``: the accumulator and row-sum atomics masked off (a mask the compiler cannot prove false);
 * ``l2-merge``: the atomics go to 4096 tokens' rows (32 MB at 16 heads x 128, which the 50 MB L2 holds);
-* ``store-merge``: plain stores instead of atomics, to the real rows.
+* ``store-merge``: plain stores instead of atomics, to the real rows;
+* ``head-programs``: a design candidate, correct (``tests/test_ablate_attention.py`` runs it against the
+  reference): one program per query head instead of per KV head, so that with GQA a program walks one
+  head's queries (its K and V tile read once per query head) instead of its group's one after the other
+  (``--kv-heads`` below 16 times it; with one KV head the shipped kernel spills, ``compile_stats.py``).
 
     python benchmarks/ablate_attention.py --T 65536 --configs 128:8 64:16 32:32 --out runs/ablate.json
 
@@ -53,10 +57,21 @@ VARIANTS = {
         (_ACC, "tl.store(Acc + row[:, None] * HEAD_DIM + d[None, :], acc, mask=io_mask)"),
         (_SUM, "tl.store(RowSum + row, row_sum, mask=row_ok)"),
     ],
+    "head-programs": [
+        (
+            "    g = tl.program_id(0)\n    kvh = tl.program_id(1)\n",
+            "    g = tl.program_id(0)\n    kvh = tl.program_id(1) // GROUP\n",
+        ),
+        (
+            "        for hh in range(GROUP):\n            h = kvh * GROUP + hh\n            seg_start, seg_end",
+            "        for hh in range(1):\n            h = tl.program_id(1)\n            seg_start, seg_end",
+        ),
+        ("_attn_fwd_kernel[(num_blocks_max, HKV, key_splits)](", "_attn_fwd_kernel[(num_blocks_max, HQ, key_splits)]("),
+    ],
 }
 
 
-def time_forward(T: int, configs: list[str], batch: int, heads: int, dim: int) -> dict[str, float]:
+def time_forward(T: int, configs: list[str], batch: int, heads: int, kv_heads: int, dim: int) -> dict[str, float]:
     """Median ms of ``attn_fwd`` per ``block:topk`` config (runs in the variant's process)."""
     import torch
     import triton
@@ -69,7 +84,8 @@ def time_forward(T: int, configs: list[str], batch: int, heads: int, dim: int) -
     for config in configs:
         block, topk = (int(x) for x in config.split(":"))
         torch.manual_seed(0)
-        q, k, v = (torch.randn(batch * T, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        q = torch.randn(batch * T, heads, dim, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(batch * T, kv_heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * T
         layout = block_layout(cu, q.shape[0], block)
         _, index = route_triton(q, k, cu, block, topk, True, layout)
@@ -83,13 +99,16 @@ def main(argv=None):
     p.add_argument("--T", type=int, default=65536, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=16)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--configs", nargs="+", default=["128:8", "64:16", "32:32"], help="block:topk")
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     p.add_argument("--out", type=Path, default=None, help="JSON path")
     p.add_argument("--time-in-this-process", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    shape = (args.T, args.configs, args.batch, args.heads, args.dim)
+    if args.heads % args.kv_heads:
+        p.error("--heads must be a multiple of --kv-heads")
+    shape = (args.T, args.configs, args.batch, args.heads, args.kv_heads, args.dim)
     if args.time_in_this_process:  # a variant's child process
         print(json.dumps(time_forward(*shape)))
         return None
