@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,12 @@ from flashmoba.routing.topk import route_triton
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 103: 232448, 120: 101376}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+_PTXAS_FIELDS = {  # what ``ptxas -v`` says of one kernel
+    "regs": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+}
 
 
 @contextlib.contextmanager
@@ -115,19 +122,7 @@ def ptxas_usage(ptx: str, capability: int) -> dict[str, int]:
             text=True,
             check=True,
         ).stderr
-    usage = {}
-    for line in log.splitlines():
-        words = line.replace(",", " ").split()
-        for i, word in enumerate(words[1:], 1):
-            if word == "registers" and words[i - 1].isdigit():
-                usage["regs"] = int(words[i - 1])
-            elif word == "bytes" and words[i - 1].isdigit() and i + 1 < len(words):
-                key = {"spill": "spill_" + (words[i + 2] if i + 2 < len(words) else ""), "stack": "stack"}.get(
-                    words[i + 1]
-                )
-                if key in ("spill_stores", "spill_loads", "stack"):
-                    usage[key] = int(words[i - 1])
-    return usage
+    return {key: int(m.group(1)) for key, pattern in _PTXAS_FIELDS.items() if (m := pattern.search(log))}
 
 
 def _constants(kernel: JITFunction, args, kwargs) -> dict:
